@@ -1,0 +1,22 @@
+"""Refinery: quality-first SDXL base + refiner image generation."""
+
+from .errors import Cancelled, GenerationFailed, InvalidRequest, ModelLoadError, RefineryError, StorageError
+from .request import CancelToken, GenerationRequest, GenerationResult, Mode, Precision, Progress
+from .service import ImageService
+
+__all__ = [
+    "Cancelled",
+    "CancelToken",
+    "GenerationFailed",
+    "GenerationRequest",
+    "GenerationResult",
+    "ImageService",
+    "InvalidRequest",
+    "Mode",
+    "ModelLoadError",
+    "Precision",
+    "Progress",
+    "RefineryError",
+    "StorageError",
+]
+__version__ = "0.1.0"

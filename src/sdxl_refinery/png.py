@@ -1,0 +1,138 @@
+"""PNG files with their own recipe: atomic writes, A1111 `parameters`, JSON metadata.
+
+A file is written to a temporary name in its destination folder and renamed
+into place, so a crash, a full disk or a cancellation never leaves a partial
+PNG under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from .errors import StorageError
+
+PARAMETERS_KEY = "parameters"  # what A1111, ComfyUI and Civitai read
+METADATA_KEY = "refinery"  # our JSON: the whole request and result
+
+
+def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
+    """Format one image's metadata as A1111's `parameters` text.
+
+    Args:
+        metadata: `GenerationResult.metadata()` output.
+        index: which image of the batch the text describes (picks its seed).
+    """
+    request = metadata["request"]
+    models = metadata.get("models", {})
+    fields: list[tuple[str, Any]] = [
+        ("Steps", metadata["base_steps"]),
+        ("Sampler", "Euler"),
+        ("CFG scale", request["guidance_scale"]),
+        ("Seed", metadata["seeds"][index]),
+        ("Size", f"{request['width']}x{request['height']}"),
+        ("Model hash", models.get("base_hash")),
+        ("Model", models.get("base")),
+    ]
+    if metadata["refined"]:
+        fields += [
+            ("Refiner", models.get("refiner")),
+            ("Refiner mode", request["mode"]),
+            ("Refiner steps", metadata["refiner_steps"]),
+        ]
+        if request["mode"] == "handoff":
+            fields.append(("Refiner switch at", request["switch_at"]))
+        else:
+            fields.append(("Refiner strength", request["refiner_strength"]))
+        fields.append(("Aesthetic score", request["aesthetic_score"]))
+    fields += [("Precision", metadata["precision"]), ("Device", metadata["device"])]
+    settings = ", ".join(f"{key}: {value}" for key, value in fields if value is not None)
+    lines = [request["prompt"]]
+    if request["negative_prompt"]:
+        lines.append(f"Negative prompt: {request['negative_prompt']}")
+    lines.append(settings)
+    return "\n".join(lines)
+
+
+def write_png(image: Image.Image, path: Path, metadata: dict[str, Any], index: int = 0) -> Path:
+    """Write `image` to `path` atomically with its metadata chunks.
+
+    Args:
+        image: the picture.
+        path: the final file name; parent folders are created.
+        metadata: `GenerationResult.metadata()` output.
+        index: the image's place in its batch.
+
+    Raises:
+        StorageError: the folder cannot be created or the file cannot be written;
+            no file is left under `path` or under a temporary name.
+    """
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, a1111_parameters(metadata, index))
+    info.add_text(METADATA_KEY, json.dumps({**metadata, "index": index}, sort_keys=True))
+    temporary: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format="PNG", pnginfo=info)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+        temporary = None
+    except OSError as error:
+        raise StorageError(f"could not write {path}: {error.strerror or error}") from error
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def check_writable_folder(path: Path) -> None:
+    """Make sure `path`'s folder exists (creating it) and accepts new files.
+
+    Raises:
+        StorageError: naming the folder and why it cannot be used.
+    """
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".refinery-probe-"):
+            pass
+    except OSError as error:
+        raise StorageError(f"output folder {folder} is not writable: {error.strerror or error}") from error
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Read the JSON metadata Refinery wrote into a PNG.
+
+    Raises:
+        StorageError: the file cannot be read or holds no Refinery metadata.
+    """
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(METADATA_KEY)
+            parameters = image.info.get(PARAMETERS_KEY)
+    except OSError as error:
+        raise StorageError(f"could not read {path}: {error}") from error
+    if text is None:
+        raise StorageError(f"{path} holds no Refinery metadata")
+    metadata: dict[str, Any] = json.loads(text)
+    metadata["parameters"] = parameters
+    return metadata
+
+
+def numbered_paths(output_path: Path, count: int) -> list[Path]:
+    """The files a batch of `count` images goes to.
+
+    One image goes to `output_path` itself; a batch goes to `stem-1.png`,
+    `stem-2.png`, ... beside it, so no name is ambiguous.
+    """
+    if count == 1:
+        return [output_path]
+    return [output_path.with_name(f"{output_path.stem}-{i}{output_path.suffix or '.png'}") for i in range(1, count + 1)]

@@ -1,0 +1,220 @@
+"""ImageService: the async door to the engine, keeping the documented call.
+
+Work runs on one engine thread per service (one device), so the caller's event
+loop never blocks and concurrent calls wait their turn instead of sharing a
+pipeline. Models load once, on first use or on `load()`, and stay in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_BASE_MODEL, DEFAULT_REFINER_MODEL, Settings
+from .engine import Engine
+from .errors import GenerationFailed, RefineryError
+from .png import check_writable_folder, numbered_paths, write_png
+from .request import (
+    MAX_SEED,
+    CancelToken,
+    GenerationRequest,
+    GenerationResult,
+    ProgressCallback,
+    validate_device,
+    validate_precision,
+)
+
+log = logging.getLogger("sdxl_refinery")
+
+HIGH_QUALITY_GUIDANCE = 8.0
+STANDARD_GUIDANCE = 7.5
+
+
+class ImageService:
+    """Turns prompts into refined SDXL images.
+
+    Args:
+        base_model: Hub id, diffusers folder or `tiny` (default SDXL base 1.0).
+        refiner_model: Hub id, diffusers folder or `tiny` (default SDXL refiner 1.0).
+        device: `auto`, `cpu`, `mps`, `cuda` or `cuda:N`.
+        precision: `auto`, `full`, `half` or `bf16`.
+
+    Raises:
+        InvalidRequest: unknown device or precision name.
+    """
+
+    def __init__(
+        self,
+        base_model: str | None = None,
+        refiner_model: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+    ) -> None:
+        self.base_model = base_model or DEFAULT_BASE_MODEL
+        self.refiner_model = refiner_model or DEFAULT_REFINER_MODEL
+        self.device = validate_device(device)
+        self.precision = validate_precision(precision).value
+        self._engine: Engine | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinery-engine")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageService:
+        """Build a service from a `Settings` object (the faces' way)."""
+        return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision)
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _engine_sync(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine.load(self.base_model, self.refiner_model, self.device, self.precision)
+        return self._engine
+
+    async def load(self) -> None:
+        """Load the models now instead of on the first request.
+
+        Raises:
+            ModelLoadError: a model cannot be resolved or loaded.
+            InvalidRequest: the device is not present on this machine.
+        """
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine_sync)
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def describe(self) -> dict[str, Any]:
+        """Device, precision and models of the loaded engine (empty before loading)."""
+        if self._engine is None:
+            return {}
+        placement = self._engine.placement
+        return {"device": placement.device, "precision": placement.precision_name, "reason": placement.reason,
+                **self._engine.models}
+
+    # -- generation ------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        output_path: str | Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        preview_every: int = 0,
+    ) -> GenerationResult:
+        """Render `request`, waiting for earlier calls on this service to finish first.
+
+        Args:
+            request: what to render (already validated on construction).
+            output_path: where to write the PNG; a batch writes `stem-1.png`, ...
+            on_progress: called from the engine thread after every step.
+            cancel: a token; cancelling it stops the run within one step.
+            preview_every: attach a preview image to every this-many-th progress report.
+
+        Raises:
+            InvalidRequest: a rule spanning fields, the device, or the output folder.
+            Cancelled: the token was cancelled or the awaiting task was cancelled.
+            StorageError: the PNG could not be written (nothing partial is left).
+            ModelLoadError, GenerationFailed: the models could not load or run.
+        """
+        if output_path is not None:
+            check_writable_folder(Path(output_path))
+        token = cancel or CancelToken()
+        seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(
+            self._executor, self._generate_sync, request, seeds, output_path, on_progress, token, preview_every
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            token.cancel()  # the engine thread stops at its next step
+            raise
+
+    def _generate_sync(
+        self,
+        request: GenerationRequest,
+        seeds: list[int],
+        output_path: str | Path | None,
+        on_progress: ProgressCallback | None,
+        cancel: CancelToken,
+        preview_every: int,
+    ) -> GenerationResult:
+        cancel.raise_if_cancelled()
+        engine = self._engine_sync()
+        self._log_plan(request, engine)
+        try:
+            output = engine.run(request, seeds, on_progress, cancel, preview_every)
+        except RefineryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - wrapped with its cause, never swallowed
+            raise GenerationFailed(f"{type(error).__name__}: {error}") from error
+        result = GenerationResult(
+            images=output.images,
+            seeds=seeds,
+            base_steps=output.base_steps,
+            refiner_steps=output.refiner_steps,
+            refined=output.refined,
+            refinement_error=output.refinement_error,
+            device=engine.placement.device,
+            precision=engine.placement.precision_name,
+            timings=output.timings,
+            request=request,
+            models=engine.models,
+        )
+        if output_path is not None:
+            cancel.raise_if_cancelled()
+            metadata = result.metadata()
+            for index, (image, path) in enumerate(zip(result.images, numbered_paths(Path(output_path), request.n))):
+                write_png(image, path, metadata, index)
+                result.paths.append(str(path))
+                log.info("Image saved to %s", path)
+        return result
+
+    def _log_plan(self, request: GenerationRequest, engine: Engine) -> None:
+        quality = "HIGH QUALITY" if request.guidance_scale >= HIGH_QUALITY_GUIDANCE else "STANDARD"
+        log.info("Generating image for prompt: %r", request.prompt[:200])
+        log.info("   Mode: %s (base steps=%d, guidance=%s)", quality, request.num_inference_steps, request.guidance_scale)
+        if request.use_refinement:
+            log.info("   Refinement: ENABLED (%s, refiner steps=%d)", request.mode.value, request.refiner_steps)
+        else:
+            log.info("   Refinement: DISABLED (use_refinement=False)")
+        device = engine.placement.device
+        note = " - Note: CPU refinement will take longer" if device == "cpu" else ""
+        log.info("   Device: %s (%s)%s", device.upper(), engine.placement.precision_name, note)
+
+    async def generate_image(
+        self,
+        prompt: str,
+        output_path: str | Path,
+        num_inference_steps: int = 50,
+        high_quality: bool = True,
+        use_refinement: bool = True,
+        **fields: Any,
+    ) -> bool:
+        """The documented call: render `prompt` to `output_path`; True on success.
+
+        `high_quality=True` means guidance 8.0, False means 7.5; an explicit
+        `guidance_scale` wins. Every other `GenerationRequest` field may be passed
+        by keyword. Failures (bad input included) are logged and return False.
+        """
+        fields.setdefault("guidance_scale", HIGH_QUALITY_GUIDANCE if high_quality else STANDARD_GUIDANCE)
+        try:
+            request = GenerationRequest(
+                prompt=prompt, num_inference_steps=num_inference_steps, use_refinement=use_refinement, **fields
+            )
+            await self.generate(request, output_path=output_path)
+        except RefineryError as error:
+            log.error("Image generation failed: %s", error)
+            return False
+        except Exception:  # noqa: BLE001 - the documented contract is a bool; the traceback is logged
+            log.exception("Image generation failed unexpectedly")
+            return False
+        return True
+
+    def close(self) -> None:
+        """Stop the engine thread after the run in progress, if any."""
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,32 @@
+"""Shared fixtures: the tiny pair is built once per test session and saved as diffusers folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from sdxl_refinery import ImageService  # noqa: E402
+from sdxl_refinery.engine.tiny import save_tiny_pair  # noqa: E402
+
+SMALL = {"width": 256, "height": 256}
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny base and refiner as local diffusers folders."""
+    return save_tiny_pair(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def service(tiny_pair: tuple[Path, Path]) -> Iterator[ImageService]:
+    """One fp32 CPU service over the tiny folders, loaded once for the session."""
+    base, refiner = tiny_pair
+    svc = ImageService(str(base), str(refiner), device="cpu", precision="full")
+    yield svc
+    svc.close()
