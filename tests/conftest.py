@@ -11,8 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from sdxl_refinery import ImageService  # noqa: E402
-from sdxl_refinery.engine.tiny import save_tiny_pair  # noqa: E402
+from sdxl_refinery import ImageService
+from sdxl_refinery.engine.tiny import save_tiny_pair
 
 SMALL = {"width": 256, "height": 256}
 

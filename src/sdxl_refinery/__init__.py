@@ -5,8 +5,8 @@ from .request import CancelToken, GenerationRequest, GenerationResult, Mode, Pre
 from .service import ImageService
 
 __all__ = [
-    "Cancelled",
     "CancelToken",
+    "Cancelled",
     "GenerationFailed",
     "GenerationRequest",
     "GenerationResult",

@@ -12,10 +12,9 @@ import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_BASE_MODEL, DEFAULT_REFINER_MODEL, Settings
-from .engine import Engine
 from .errors import GenerationFailed, RefineryError
 from .png import check_writable_folder, numbered_paths, write_png
 from .request import (
@@ -27,6 +26,9 @@ from .request import (
     validate_device,
     validate_precision,
 )
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("sdxl_refinery")
 
@@ -70,6 +72,9 @@ class ImageService:
 
     def _engine_sync(self) -> Engine:
         if self._engine is None:
+            # Imported here so that faces start fast and torch loads only when a model does.
+            from .engine import Engine
+
             self._engine = Engine.load(self.base_model, self.refiner_model, self.device, self.precision)
         return self._engine
 
@@ -91,8 +96,12 @@ class ImageService:
         if self._engine is None:
             return {}
         placement = self._engine.placement
-        return {"device": placement.device, "precision": placement.precision_name, "reason": placement.reason,
-                **self._engine.models}
+        return {
+            "device": placement.device,
+            "precision": placement.precision_name,
+            "reason": placement.reason,
+            **self._engine.models,
+        }
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -150,7 +159,7 @@ class ImageService:
             output = engine.run(request, seeds, on_progress, cancel, preview_every)
         except RefineryError:
             raise
-        except Exception as error:  # noqa: BLE001 - wrapped with its cause, never swallowed
+        except Exception as error:
             raise GenerationFailed(f"{type(error).__name__}: {error}") from error
         result = GenerationResult(
             images=output.images,
@@ -168,7 +177,8 @@ class ImageService:
         if output_path is not None:
             cancel.raise_if_cancelled()
             metadata = result.metadata()
-            for index, (image, path) in enumerate(zip(result.images, numbered_paths(Path(output_path), request.n))):
+            paths = numbered_paths(Path(output_path), request.n)
+            for index, (image, path) in enumerate(zip(result.images, paths, strict=True)):
                 write_png(image, path, metadata, index)
                 result.paths.append(str(path))
                 log.info("Image saved to %s", path)
@@ -177,7 +187,9 @@ class ImageService:
     def _log_plan(self, request: GenerationRequest, engine: Engine) -> None:
         quality = "HIGH QUALITY" if request.guidance_scale >= HIGH_QUALITY_GUIDANCE else "STANDARD"
         log.info("Generating image for prompt: %r", request.prompt[:200])
-        log.info("   Mode: %s (base steps=%d, guidance=%s)", quality, request.num_inference_steps, request.guidance_scale)
+        log.info(
+            "   Mode: %s (base steps=%d, guidance=%s)", quality, request.num_inference_steps, request.guidance_scale
+        )
         if request.use_refinement:
             log.info("   Refinement: ENABLED (%s, refiner steps=%d)", request.mode.value, request.refiner_steps)
         else:
@@ -210,7 +222,7 @@ class ImageService:
         except RefineryError as error:
             log.error("Image generation failed: %s", error)
             return False
-        except Exception:  # noqa: BLE001 - the documented contract is a bool; the traceback is logged
+        except Exception:
             log.exception("Image generation failed unexpectedly")
             return False
         return True

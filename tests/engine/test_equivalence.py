@@ -24,15 +24,39 @@ def _reference(base_dir: Path, refiner_dir: Path, mode: str, seeds: list[int]) -
     common = {"guidance_scale": 8.0, "generator": generators}
     batch = {"prompt": [PROMPT] * len(seeds)}  # the refiner gets one prompt per latent
     if mode == "sequential":
-        latents = base(**common, prompt=PROMPT, width=256, height=256, num_inference_steps=12, num_images_per_prompt=len(seeds),
-                       output_type="latent").images
-        images = refiner(**common, **batch, image=latents, strength=0.3, num_inference_steps=round(6 / 0.3),
-                         aesthetic_score=6.0, negative_aesthetic_score=2.5, output_type="np").images
+        latents = base(
+            **common,
+            prompt=PROMPT,
+            width=256,
+            height=256,
+            num_inference_steps=12,
+            num_images_per_prompt=len(seeds),
+            output_type="latent",
+        ).images
+        images = refiner(
+            **common,
+            **batch,
+            image=latents,
+            strength=0.3,
+            num_inference_steps=round(6 / 0.3),
+            aesthetic_score=6.0,
+            negative_aesthetic_score=2.5,
+            output_type="np",
+        ).images
     else:
-        latents = base(**common, prompt=PROMPT, width=256, height=256, num_inference_steps=12, num_images_per_prompt=len(seeds),
-                       denoising_end=0.8, output_type="latent").images
-        images = refiner(**common, **batch, image=latents, num_inference_steps=12, denoising_start=0.8,
-                         output_type="np").images
+        latents = base(
+            **common,
+            prompt=PROMPT,
+            width=256,
+            height=256,
+            num_inference_steps=12,
+            num_images_per_prompt=len(seeds),
+            denoising_end=0.8,
+            output_type="latent",
+        ).images
+        images = refiner(
+            **common, **batch, image=latents, num_inference_steps=12, denoising_start=0.8, output_type="np"
+        ).images
     return (np.asarray(images) * 255).round()
 
 
@@ -40,8 +64,9 @@ def _reference(base_dir: Path, refiner_dir: Path, mode: str, seeds: list[int]) -
 async def test_images_match_hand_driven_diffusers(
     service: ImageService, tiny_pair: tuple[Path, Path], mode: str, n: int
 ) -> None:
-    request = GenerationRequest(prompt=PROMPT, width=256, height=256, num_inference_steps=12, refiner_steps=6,
-                                mode=mode, seed=1234, n=n)
+    request = GenerationRequest(
+        prompt=PROMPT, width=256, height=256, num_inference_steps=12, refiner_steps=6, mode=mode, seed=1234, n=n
+    )
     result = await service.generate(request)
     ours = np.stack([np.asarray(image, dtype=np.float64) for image in result.images])
     expected = _reference(*tiny_pair, mode, result.seeds)

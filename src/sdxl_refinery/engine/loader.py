@@ -81,6 +81,11 @@ def load_pair(base_source: ModelSource, refiner_source: ModelSource, placement: 
     base.vae.to(placement.device, placement.vae_dtype)
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
-    log.info("Loaded base %s and refiner %s on %s (%s)", base_source.describe(), refiner_source.describe(),
-             placement.device, placement.precision_name)
+    log.info(
+        "Loaded base %s and refiner %s on %s (%s)",
+        base_source.describe(),
+        refiner_source.describe(),
+        placement.device,
+        placement.precision_name,
+    )
     return LoadedPair(base, refiner, base_source, refiner_source)

@@ -56,7 +56,8 @@ def _handoff_split(pair: LoadedPair, steps: int, switch_at: float) -> int:
     """Steps the base runs before `switch_at`, by diffusers' own cutoff rule."""
     scheduler = type(pair.base.scheduler).from_config(pair.base.scheduler.config)
     scheduler.set_timesteps(steps)
-    cutoff = int(round(scheduler.config.num_train_timesteps * (1 - switch_at)))
+    total = scheduler.config.num_train_timesteps
+    cutoff = round(total - switch_at * total)  # the same float expression as diffusers
     return int((scheduler.timesteps >= cutoff).sum().item())
 
 
@@ -89,7 +90,8 @@ def plan_stages(pair: LoadedPair, request: GenerationRequest) -> StagePlan:
     base_steps = _handoff_split(pair, steps, request.switch_at)
     if base_steps in (0, steps):
         raise InvalidRequest(
-            "switch_at", f"{request.switch_at} leaves the {'base' if base_steps == 0 else 'refiner'} no step "
+            "switch_at",
+            f"{request.switch_at} leaves the {'base' if base_steps == 0 else 'refiner'} no step "
             f"out of num_inference_steps={steps}",
         )
     return StagePlan(base_steps, steps - base_steps, steps, None)

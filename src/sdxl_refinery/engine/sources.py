@@ -56,12 +56,12 @@ def resolve(reference: str, role: str) -> ModelSource:
     path = Path(reference).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"{role} model {reference}: folder has no model_index.json, so it is no diffusers folder")
+            raise ModelLoadError(
+                f"{role} model {reference}: folder has no model_index.json, so it is no diffusers folder"
+            )
         return ModelSource(SourceKind.FOLDER, str(path.resolve()), path.resolve().name)
     if path.exists():
-        raise ModelLoadError(
-            f"{role} model {reference}: is a file; give a diffusers folder, a Hub id or `tiny`"
-        )
+        raise ModelLoadError(f"{role} model {reference}: is a file; give a diffusers folder, a Hub id or `tiny`")
     if _HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
         return ModelSource(SourceKind.HUB, reference, reference.split("/")[-1])
     raise ModelLoadError(f"{role} model {reference!r}: no such folder, and not a Hub id of the form owner/name")

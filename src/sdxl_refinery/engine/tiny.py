@@ -53,7 +53,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(code) for code in codes)))
+    return dict(zip(printable, (chr(code) for code in codes), strict=True))
 
 
 def write_tiny_tokenizer(folder: Path) -> CLIPTokenizer:

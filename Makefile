@@ -1,0 +1,44 @@
+# Two commands a newcomer needs: `make generate PROMPT="..."` and `make test`.
+# Each creates the virtual environment and installs what it needs on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The PyTorch build to install. The default is the CPU build on this project's machines;
+# GPU users pass their CUDA build, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= A beautiful landscape with mountains
+OUTPUT ?= outputs/
+MODEL ?=
+SYSTEM_PACKAGES ?=
+
+.PHONY: generate test lint install system-deps clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Render PROMPT with SDXL base + refiner (MODEL=tiny for the offline tiny pair).
+generate: install
+	$(VENV)/bin/refinery generate "$(PROMPT)" -o "$(OUTPUT)" $(if $(MODEL),--base $(MODEL) --refiner $(MODEL))
+
+## Debian packages the tests drive for real (browser, Redis); installed only when missing.
+system-deps:
+	@bash scripts/system-deps.sh $(SYSTEM_PACKAGES)
+
+## The whole suite: lint, types, tests. CI runs exactly this (.ci/run).
+test: install system-deps lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-output

@@ -1,0 +1,5 @@
+"""`python -m sdxl_refinery` runs the `refinery` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,208 @@
+"""The `refinery` command line: generate, info, doctor (and later serve, worker, models, export).
+
+A face: it parses flags into `Settings` and a `GenerationRequest`, talks to
+`ImageService`, and maps errors to exit codes: 0 success, 1 failure,
+2 bad input (the message names the field), 130 cancelled with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .config import Settings
+from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
+from .png import read_metadata
+from .request import MAX_SEED, CancelToken, GenerationRequest
+from .request import Progress as StepProgress
+from .service import ImageService
+
+app = typer.Typer(help="Refinery: SDXL base + refiner, every image, CPU and GPU.", no_args_is_help=True)
+console = Console(stderr=True)
+EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
+
+_PRECISION_FROM_METADATA = {"fp32": "full", "bf16": "bf16", "fp16": "half", "fp16+fp32-vae": "half"}
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
+    if not match:
+        raise InvalidRequest("size", f"must be WIDTHxHEIGHT, e.g. 1024x1024, not {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def _output_file(output: Path, pattern: str, prompt: str, seed: int) -> Path:
+    """A `.png` path is used as it is; anything else is a folder filled by `pattern`."""
+    if output.suffix.lower() == ".png":
+        return output
+    name = pattern.format(seed=seed, prompt=_slug(prompt), timestamp=time.strftime("%Y%m%d-%H%M%S"))
+    return output / (name if name.lower().endswith(".png") else f"{name}.png")
+
+
+def _request_fields(source: Path | None, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Request fields and recorded run settings: the PNG's metadata first, given options on top."""
+    fields: dict[str, Any] = {}
+    recorded: dict[str, Any] = {}
+    if source is not None:
+        metadata = read_metadata(source)
+        fields = dict(metadata["request"])
+        fields["seed"] = metadata["seeds"][metadata.get("index", 0)]
+        fields["n"] = 1
+        recorded = {
+            "precision": _PRECISION_FROM_METADATA.get(metadata.get("precision", ""), None),
+            "device": metadata.get("device"),
+            "base": metadata.get("models", {}).get("base_source", "").partition(":")[2] or None,
+            "refiner": metadata.get("models", {}).get("refiner_source", "").partition(":")[2] or None,
+        }
+    fields.update({key: value for key, value in options.items() if value is not None})
+    return fields, recorded
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Our stage lines with -v; the libraries' load-time chatter only when it is an error."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    for noisy in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+class _ProgressBar:
+    """A rich progress bar fed from the engine thread: stage, step, it/s, ETA."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._tasks: dict[int, Any] = {}
+        self._stage_start: dict[int, float] = {}
+
+    def __call__(self, progress: StepProgress) -> None:
+        if progress.stage not in self._tasks:
+            label = "Stage 1/2 base" if progress.stage == 1 else "Stage 2/2 refiner"
+            self._tasks[progress.stage] = self.bar.add_task(label, total=progress.total, rate="")
+            self._stage_start[progress.stage] = time.perf_counter() - progress.elapsed / max(progress.step, 1)
+        elapsed = time.perf_counter() - self._stage_start[progress.stage]
+        rate = f"{progress.step / elapsed:.2f} it/s" if elapsed > 0 else ""
+        self.bar.update(self._tasks[progress.stage], completed=progress.step, rate=rate)
+
+
+async def _run_with_interrupt(service: ImageService, request: GenerationRequest, output: Path) -> Any:
+    token = CancelToken()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, token.cancel)
+    bar = _ProgressBar()
+    try:
+        with bar.bar:
+            return await service.generate(request, output_path=output, on_progress=bar, cancel=token)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", "-N")] = None,
+    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT, e.g. 1024x1024.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Base steps (default 50).")] = None,
+    refiner_steps: Annotated[int | None, typer.Option("--refiner-steps", help="Refiner steps (default 30).")] = None,
+    refiner_strength: Annotated[float | None, typer.Option("--refiner-strength")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="sequential or handoff.")] = None,
+    switch_at: Annotated[float | None, typer.Option("--switch-at", help="Handoff point (0..1).")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale (default 8.0).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    n: Annotated[int | None, typer.Option("-n", help="Number of images.")] = None,
+    no_refine: Annotated[bool, typer.Option("--no-refine", help="Skip the refiner.")] = False,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="auto, full, half or bf16.")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model: Hub id, folder or tiny.")] = None,
+    refiner: Annotated[str | None, typer.Option("--refiner", help="Refiner model: Hub id, folder or tiny.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="A .png file, or a folder.")] = Path("outputs"),
+    pattern: Annotated[str, typer.Option("--name", help="File name in a folder: {seed} {prompt} {timestamp}.")] = (
+        "{timestamp}-{seed}-{prompt}"
+    ),
+    from_png: Annotated[Path | None, typer.Option("--from", help="Reproduce this PNG from its metadata.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the stage log lines.")] = False,
+) -> None:
+    """Render PROMPT with the SDXL base and then the refiner, and write PNGs with their recipe."""
+    _configure_logging(verbose)
+    try:
+        width, height = _parse_size(size) if size else (None, None)
+        options = {
+            "prompt": prompt, "negative_prompt": negative_prompt, "width": width, "height": height,
+            "num_inference_steps": steps, "refiner_steps": refiner_steps, "refiner_strength": refiner_strength,
+            "mode": mode, "switch_at": switch_at, "guidance_scale": guidance, "seed": seed, "n": n,
+            "use_refinement": False if no_refine else None,
+        }  # fmt: skip
+        fields, recorded = _request_fields(from_png, options)
+        if "prompt" not in fields:
+            raise InvalidRequest("prompt", "is required (or give --from image.png)")
+        if fields.get("seed") is None:
+            fields["seed"] = secrets.randbelow(MAX_SEED + 1)
+        request = GenerationRequest(**fields)
+        settings = Settings()
+        service = ImageService(
+            base or recorded.get("base") or settings.base_model,
+            refiner or recorded.get("refiner") or settings.refiner_model,
+            device or (recorded.get("device") if recorded.get("device") == "cpu" else None) or settings.device,
+            precision or recorded.get("precision") or settings.precision,
+        )
+        target = _output_file(output, pattern, request.prompt, request.seed or 0)
+        result = asyncio.run(_run_with_interrupt(service, request, target))
+    except InvalidRequest as error:
+        raise _fail(str(error), EXIT_BAD_INPUT) from None
+    except Cancelled:
+        raise _fail("cancelled; no image was written", EXIT_CANCELLED) from None
+    except StorageError as error:
+        raise _fail(str(error), EXIT_BAD_INPUT if from_png and not from_png.exists() else EXIT_FAILURE) from None
+    except RefineryError as error:
+        raise _fail(str(error), EXIT_FAILURE) from None
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    refined = "refined" if result.refined else f"NOT refined ({result.refinement_error or 'disabled'})"
+    for path, image_seed in zip(result.paths, result.seeds, strict=True):
+        typer.echo(f"{path}  seed={image_seed}")
+    typer.echo(f"{len(result.paths)} image(s), {refined}, {result.device} {result.precision}; {timings}")
+
+
+@app.command()
+def info(image: Annotated[Path, typer.Argument(help="A PNG written by Refinery.")]) -> None:
+    """Print an image's recipe: the A1111 parameters and the full metadata."""
+    import json
+
+    try:
+        metadata = read_metadata(image)
+    except StorageError as error:
+        raise _fail(str(error), EXIT_BAD_INPUT) from None
+    parameters = metadata.pop("parameters", None)
+    if parameters:
+        typer.echo(parameters)
+        typer.echo("")
+    typer.echo(json.dumps(metadata, indent=2, sort_keys=True))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,98 @@
+"""The `refinery` command, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sdxl_refinery.png import read_metadata
+
+REFINERY = [sys.executable, "-m", "sdxl_refinery"]
+
+
+def _run(args: list[str], tiny_pair: tuple[Path, Path], **env: str) -> subprocess.CompletedProcess[str]:
+    base, refiner = tiny_pair
+    environment = {**os.environ, "REFINERY_BASE_MODEL": str(base), "REFINERY_REFINER_MODEL": str(refiner),
+                   "REFINERY_PRECISION": "full", "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([*REFINERY, *args], capture_output=True, text=True, env=environment, timeout=300)
+
+
+def test_generate_writes_png_and_prints_paths_seeds_timings(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    done = _run(["generate", "a red barn", "--size", "256x256", "--steps", "6", "--refiner-steps", "3",
+                 "--seed", "11", "-n", "2", "-o", str(tmp_path / "barn.png")], tiny_pair)
+    assert done.returncode == 0, done.stderr
+    assert f"{tmp_path / 'barn-1.png'}  seed=11" in done.stdout
+    assert f"{tmp_path / 'barn-2.png'}  seed=12" in done.stdout
+    assert "2 image(s), refined, cpu fp32; base" in done.stdout and "total" in done.stdout
+    assert "Stage 2/2 refiner" in done.stderr  # the progress bar
+    assert read_metadata(tmp_path / "barn-2.png")["seeds"] == [11, 12]
+
+
+def test_output_folder_uses_the_name_pattern(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    done = _run(["generate", "Misty Forest!", "--size", "256x256", "--steps", "2", "--refiner-steps", "1",
+                 "--seed", "3", "-o", str(tmp_path), "--name", "{prompt}-{seed}"], tiny_pair)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "misty-forest-3.png").is_file()
+
+
+def test_from_reproduces_the_same_pixels(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    original = tmp_path / "a.png"
+    assert _run(["generate", "a boat", "--size", "256x256", "--steps", "5", "--refiner-steps", "2", "--mode",
+                 "handoff", "--switch-at", "0.6", "-N", "fog", "-o", str(original)], tiny_pair).returncode == 0
+    again = tmp_path / "b.png"
+    done = _run(["generate", "--from", str(original), "-o", str(again)], tiny_pair,
+                REFINERY_PRECISION="auto", REFINERY_BASE_MODEL="elsewhere/none")
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(again)))
+    changed = tmp_path / "c.png"
+    assert _run(["generate", "--from", str(original), "--seed", "99", "-o", str(changed)], tiny_pair).returncode == 0
+    assert read_metadata(changed)["seeds"] == [99]
+    assert read_metadata(changed)["request"]["negative_prompt"] == "fog"
+
+
+def test_bad_input_exits_2_naming_the_field(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    for args, field in ([["x", "--size", "1000x1001"], "height"], [["x", "--steps", "0"], "num_inference_steps"],
+                        [["x", "--size", "big"], "size"], [["x", "--mode", "fast"], "mode"],
+                        [["x", "--device", "gpu"], "device"], [["  "], "prompt"]):
+        done = _run(["generate", *args, "-o", str(tmp_path)], tiny_pair)
+        assert done.returncode == 2, (args, done.stderr)
+        assert f"error: {field}:" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_exits_1(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    done = _run(["generate", "x", "--base", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.png")], tiny_pair)
+    assert done.returncode == 1 and "base model" in done.stderr
+
+
+def test_ctrl_c_cancels_and_leaves_no_file(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    base, refiner = tiny_pair
+    environment = {**os.environ, "REFINERY_BASE_MODEL": str(base), "REFINERY_REFINER_MODEL": str(refiner),
+                   "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*REFINERY, "generate", "x", "--size", "512x512", "--steps", "500", "-v", "-o",
+                                str(tmp_path / "x.png")], stderr=subprocess.PIPE, text=True, env=environment)
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "Stage 1/2" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "cancelled" in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_info_prints_parameters_and_metadata(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    assert _run(["generate", "an owl", "--size", "256x256", "--steps", "2", "--refiner-steps", "1", "--seed", "4",
+                 "-o", str(tmp_path / "owl.png")], tiny_pair).returncode == 0
+    done = _run(["info", str(tmp_path / "owl.png")], tiny_pair)
+    assert done.returncode == 0
+    assert done.stdout.startswith("an owl\nSteps: 2, Sampler: Euler, CFG scale: 8.0, Seed: 4, Size: 256x256")
+    assert '"refined": true' in done.stdout
+    assert _run(["info", str(tmp_path / "none.png")], tiny_pair).returncode == 2
