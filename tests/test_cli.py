@@ -18,14 +18,37 @@ REFINERY = [sys.executable, "-m", "sdxl_refinery"]
 
 def _run(args: list[str], tiny_pair: tuple[Path, Path], **env: str) -> subprocess.CompletedProcess[str]:
     base, refiner = tiny_pair
-    environment = {**os.environ, "REFINERY_BASE_MODEL": str(base), "REFINERY_REFINER_MODEL": str(refiner),
-                   "REFINERY_PRECISION": "full", "HF_HUB_OFFLINE": "1", **env}
+    environment = {
+        **os.environ,
+        "REFINERY_BASE_MODEL": str(base),
+        "REFINERY_REFINER_MODEL": str(refiner),
+        "REFINERY_PRECISION": "full",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
     return subprocess.run([*REFINERY, *args], capture_output=True, text=True, env=environment, timeout=300)
 
 
 def test_generate_writes_png_and_prints_paths_seeds_timings(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    done = _run(["generate", "a red barn", "--size", "256x256", "--steps", "6", "--refiner-steps", "3",
-                 "--seed", "11", "-n", "2", "-o", str(tmp_path / "barn.png")], tiny_pair)
+    done = _run(
+        [
+            "generate",
+            "a red barn",
+            "--size",
+            "256x256",
+            "--steps",
+            "6",
+            "--refiner-steps",
+            "3",
+            "--seed",
+            "11",
+            "-n",
+            "2",
+            "-o",
+            str(tmp_path / "barn.png"),
+        ],
+        tiny_pair,
+    )
     assert done.returncode == 0, done.stderr
     assert f"{tmp_path / 'barn-1.png'}  seed=11" in done.stdout
     assert f"{tmp_path / 'barn-2.png'}  seed=12" in done.stdout
@@ -35,19 +58,62 @@ def test_generate_writes_png_and_prints_paths_seeds_timings(tiny_pair: tuple[Pat
 
 
 def test_output_folder_uses_the_name_pattern(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    done = _run(["generate", "Misty Forest!", "--size", "256x256", "--steps", "2", "--refiner-steps", "1",
-                 "--seed", "3", "-o", str(tmp_path), "--name", "{prompt}-{seed}"], tiny_pair)
+    done = _run(
+        [
+            "generate",
+            "Misty Forest!",
+            "--size",
+            "256x256",
+            "--steps",
+            "2",
+            "--refiner-steps",
+            "1",
+            "--seed",
+            "3",
+            "-o",
+            str(tmp_path),
+            "--name",
+            "{prompt}-{seed}",
+        ],
+        tiny_pair,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "misty-forest-3.png").is_file()
 
 
 def test_from_reproduces_the_same_pixels(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
     original = tmp_path / "a.png"
-    assert _run(["generate", "a boat", "--size", "256x256", "--steps", "5", "--refiner-steps", "2", "--mode",
-                 "handoff", "--switch-at", "0.6", "-N", "fog", "-o", str(original)], tiny_pair).returncode == 0
+    assert (
+        _run(
+            [
+                "generate",
+                "a boat",
+                "--size",
+                "256x256",
+                "--steps",
+                "5",
+                "--refiner-steps",
+                "2",
+                "--mode",
+                "handoff",
+                "--switch-at",
+                "0.6",
+                "-N",
+                "fog",
+                "-o",
+                str(original),
+            ],
+            tiny_pair,
+        ).returncode
+        == 0
+    )
     again = tmp_path / "b.png"
-    done = _run(["generate", "--from", str(original), "-o", str(again)], tiny_pair,
-                REFINERY_PRECISION="auto", REFINERY_BASE_MODEL="elsewhere/none")
+    done = _run(
+        ["generate", "--from", str(original), "-o", str(again)],
+        tiny_pair,
+        REFINERY_PRECISION="auto",
+        REFINERY_BASE_MODEL="elsewhere/none",
+    )
     assert done.returncode == 0, done.stderr
     assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(again)))
     changed = tmp_path / "c.png"
@@ -57,9 +123,14 @@ def test_from_reproduces_the_same_pixels(tiny_pair: tuple[Path, Path], tmp_path:
 
 
 def test_bad_input_exits_2_naming_the_field(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    for args, field in ([["x", "--size", "1000x1001"], "height"], [["x", "--steps", "0"], "num_inference_steps"],
-                        [["x", "--size", "big"], "size"], [["x", "--mode", "fast"], "mode"],
-                        [["x", "--device", "gpu"], "device"], [["  "], "prompt"]):
+    for args, field in (
+        [["x", "--size", "1000x1001"], "height"],
+        [["x", "--steps", "0"], "num_inference_steps"],
+        [["x", "--size", "big"], "size"],
+        [["x", "--mode", "fast"], "mode"],
+        [["x", "--device", "gpu"], "device"],
+        [["  "], "prompt"],
+    ):
         done = _run(["generate", *args, "-o", str(tmp_path)], tiny_pair)
         assert done.returncode == 2, (args, done.stderr)
         assert f"error: {field}:" in done.stderr
@@ -73,10 +144,18 @@ def test_missing_model_exits_1(tiny_pair: tuple[Path, Path], tmp_path: Path) -> 
 
 def test_ctrl_c_cancels_and_leaves_no_file(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
     base, refiner = tiny_pair
-    environment = {**os.environ, "REFINERY_BASE_MODEL": str(base), "REFINERY_REFINER_MODEL": str(refiner),
-                   "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([*REFINERY, "generate", "x", "--size", "512x512", "--steps", "500", "-v", "-o",
-                                str(tmp_path / "x.png")], stderr=subprocess.PIPE, text=True, env=environment)
+    environment = {
+        **os.environ,
+        "REFINERY_BASE_MODEL": str(base),
+        "REFINERY_REFINER_MODEL": str(refiner),
+        "HF_HUB_OFFLINE": "1",
+    }
+    process = subprocess.Popen(
+        [*REFINERY, "generate", "x", "--size", "512x512", "--steps", "500", "-v", "-o", str(tmp_path / "x.png")],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
     assert process.stderr is not None
     for line in process.stderr:
         if "Stage 1/2" in line:
@@ -89,8 +168,26 @@ def test_ctrl_c_cancels_and_leaves_no_file(tiny_pair: tuple[Path, Path], tmp_pat
 
 
 def test_info_prints_parameters_and_metadata(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    assert _run(["generate", "an owl", "--size", "256x256", "--steps", "2", "--refiner-steps", "1", "--seed", "4",
-                 "-o", str(tmp_path / "owl.png")], tiny_pair).returncode == 0
+    assert (
+        _run(
+            [
+                "generate",
+                "an owl",
+                "--size",
+                "256x256",
+                "--steps",
+                "2",
+                "--refiner-steps",
+                "1",
+                "--seed",
+                "4",
+                "-o",
+                str(tmp_path / "owl.png"),
+            ],
+            tiny_pair,
+        ).returncode
+        == 0
+    )
     done = _run(["info", str(tmp_path / "owl.png")], tiny_pair)
     assert done.returncode == 0
     assert done.stdout.startswith("an owl\nSteps: 2, Sampler: Euler, CFG scale: 8.0, Seed: 4, Size: 256x256")

@@ -68,7 +68,7 @@ def _request_fields(source: Path | None, options: dict[str, Any]) -> tuple[dict[
         fields["seed"] = metadata["seeds"][metadata.get("index", 0)]
         fields["n"] = 1
         recorded = {
-            "precision": _PRECISION_FROM_METADATA.get(metadata.get("precision", ""), None),
+            "precision": _PRECISION_FROM_METADATA.get(metadata.get("precision", "")),
             "device": metadata.get("device"),
             "base": metadata.get("models", {}).get("base_source", "").partition(":")[2] or None,
             "refiner": metadata.get("models", {}).get("refiner_source", "").partition(":")[2] or None,
