@@ -55,6 +55,7 @@ class Engine:
             "base_source": self.pair.base_source.describe(),
             "refiner": self.pair.refiner_source.name,
             "refiner_source": self.pair.refiner_source.describe(),
+            **{f"{role}_hash": value for role, value in self.pair.hashes.items()},
         }
 
     def run(

@@ -10,57 +10,96 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from ..errors import ModelLoadError
 from .device import Placement
-from .sources import ModelSource, SourceKind
+from .single_file import inspect_checkpoint, materialize_config
+from .sources import ModelSource, SourceKind, short_hash, weights_file
 from .tiny import build_tiny_pair
 
 log = logging.getLogger(__name__)
 
+_EXPECTED_KIND = {"base": "sdxl-base", "refiner": "sdxl-refiner"}
+
 
 @dataclass
 class LoadedPair:
-    """The two pipelines, on their device, sharing text_encoder_2 and VAE."""
+    """The two pipelines, on their device, sharing text_encoder_2 and VAE.
+
+    Attributes:
+        hashes: short SHA-256 of each role's weights (`base`, `refiner`), when known.
+    """
 
     base: StableDiffusionXLPipeline
     refiner: StableDiffusionXLImg2ImgPipeline
     base_source: ModelSource
     refiner_source: ModelSource
+    hashes: dict[str, str]
 
 
-def _load_tiny(placement: Placement) -> tuple[StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline]:
-    with tempfile.TemporaryDirectory(prefix="refinery-tiny-") as workdir:
-        return build_tiny_pair(Path(workdir))
-
-
-def _load_base(source: ModelSource, placement: Placement) -> StableDiffusionXLPipeline:
-    try:
-        pipe: StableDiffusionXLPipeline = StableDiffusionXLPipeline.from_pretrained(
-            source.location, torch_dtype=placement.dtype, use_safetensors=True
+def _from_single_file(pipeline_class: Any, source: ModelSource, role: str, placement: Placement, **shared: Any) -> Any:
+    """Load an SGM single file with configs shipped in the package: no network."""
+    path = Path(source.location)
+    info = inspect_checkpoint(path)
+    if info.kind != _EXPECTED_KIND[role]:
+        raise ModelLoadError(f"{role} model {path}: is an {info.kind} checkpoint, expected {_EXPECTED_KIND[role]}")
+    with tempfile.TemporaryDirectory(prefix="refinery-config-") as scratch:
+        config_folder = materialize_config(info.config, Path(scratch))
+        return pipeline_class.from_single_file(
+            str(path), config=str(config_folder), local_files_only=True, torch_dtype=placement.dtype, **shared
         )
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(f"base model {source.location}: could not be loaded: {error}") from error
-    return pipe
 
 
-def _load_refiner(
-    source: ModelSource, placement: Placement, base: StableDiffusionXLPipeline
-) -> StableDiffusionXLImg2ImgPipeline:
+def _variant(source: ModelSource, placement: Placement) -> str | None:
+    """Use fp16 weight files when they exist and the precision is fp16 (half the download and load)."""
+    if placement.precision_name.startswith("fp16") and source.kind is SourceKind.FOLDER:
+        unet = Path(source.location) / "unet"
+        return "fp16" if any(unet.glob("*.fp16.safetensors")) else None
+    return None
+
+
+def _load(pipeline_class: Any, source: ModelSource, role: str, placement: Placement, **shared: Any) -> Any:
+    """Load one pipeline from a folder, the Hub or a single file.
+
+    Raises:
+        ModelLoadError: naming the role, the reference and the cause.
+    """
     try:
-        pipe: StableDiffusionXLImg2ImgPipeline = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        if source.kind is SourceKind.SINGLE_FILE:
+            return _from_single_file(pipeline_class, source, role, placement, **shared)
+        return pipeline_class.from_pretrained(
             source.location,
-            text_encoder_2=base.text_encoder_2,
-            tokenizer_2=base.tokenizer_2,
-            vae=base.vae,
             torch_dtype=placement.dtype,
             use_safetensors=True,
+            variant=_variant(source, placement),
+            **shared,
         )
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(f"refiner model {source.location}: could not be loaded: {error}") from error
-    return pipe
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        hint = " (safetensors only: .bin/pickle weights are refused)" if "safetensors" in str(error) else ""
+        raise ModelLoadError(f"{role} model {source.location}: could not be loaded{hint}: {error}") from error
+
+
+def _hash(source: ModelSource) -> str | None:
+    if source.kind is SourceKind.SINGLE_FILE:
+        return short_hash(Path(source.location))
+    if source.kind is SourceKind.FOLDER:
+        weights = weights_file(Path(source.location))
+        return short_hash(weights) if weights else None
+    if source.kind is SourceKind.HUB:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(source.location, local_files_only=True, allow_patterns=["unet/*"]))
+        except OSError:
+            return None
+        weights = weights_file(folder)
+        return short_hash(weights) if weights else None
+    return None
 
 
 def load_pair(base_source: ModelSource, refiner_source: ModelSource, placement: Placement) -> LoadedPair:
@@ -72,15 +111,18 @@ def load_pair(base_source: ModelSource, refiner_source: ModelSource, placement: 
     if (base_source.kind is SourceKind.TINY) != (refiner_source.kind is SourceKind.TINY):
         raise ModelLoadError("the tiny model comes as a pair: set both base and refiner to `tiny`")
     if base_source.kind is SourceKind.TINY:
-        base, refiner = _load_tiny(placement)
+        with tempfile.TemporaryDirectory(prefix="refinery-tiny-") as workdir:
+            base, refiner = build_tiny_pair(Path(workdir))
     else:
-        base = _load_base(base_source, placement)
-        refiner = _load_refiner(refiner_source, placement, base)
+        base = _load(StableDiffusionXLPipeline, base_source, "base", placement)
+        shared = {"text_encoder_2": base.text_encoder_2, "tokenizer_2": base.tokenizer_2, "vae": base.vae}
+        refiner = _load(StableDiffusionXLImg2ImgPipeline, refiner_source, "refiner", placement, **shared)
     base.to(placement.device, placement.dtype)
     refiner.unet.to(placement.device, placement.dtype)
     base.vae.to(placement.device, placement.vae_dtype)
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
+    hashes = {role: h for role, source in (("base", base_source), ("refiner", refiner_source)) if (h := _hash(source))}
     log.info(
         "Loaded base %s and refiner %s on %s (%s)",
         base_source.describe(),
@@ -88,4 +130,4 @@ def load_pair(base_source: ModelSource, refiner_source: ModelSource, placement: 
         placement.device,
         placement.precision_name,
     )
-    return LoadedPair(base, refiner, base_source, refiner_source)
+    return LoadedPair(base, refiner, base_source, refiner_source, hashes)

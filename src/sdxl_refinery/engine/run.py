@@ -20,6 +20,7 @@ from ..errors import Cancelled, InvalidRequest
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
 from .device import Placement
 from .loader import LoadedPair
+from .prompts import Conditioning, PromptEncoder
 from .tracking import StepTracker
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,14 @@ class TwoStageRunner:
         self.pair = pair
         self.placement = placement
         self._base_as_img2img: StableDiffusionXLImg2ImgPipeline | None = None
+        base, refiner = pair.base, pair.refiner
+        self.base_prompts = PromptEncoder([base.tokenizer, base.tokenizer_2], [base.text_encoder, base.text_encoder_2])
+        self.refiner_prompts = PromptEncoder([refiner.tokenizer_2], [refiner.text_encoder_2])
+
+    def _condition(self, encoder: PromptEncoder, pipe: object, request: GenerationRequest) -> Conditioning:
+        zero_negative = bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt", False))
+        dtype = self.pair.base.text_encoder_2.dtype
+        return encoder.encode(request.prompt, request.negative_prompt, zero_negative, dtype)
 
     def run(
         self,
@@ -171,9 +180,9 @@ class TwoStageRunner:
         log.info("   Stage 1/2: Base generation (%d steps)...", plan.base_steps)
         tracker.begin_stage(1)
         stage_started = time.perf_counter()
+        conditioning = self._condition(self.base_prompts, self.pair.base, request)
         latents: torch.Tensor = self.pair.base(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
+            **conditioning.as_kwargs(),
             width=request.width,
             height=request.height,
             num_inference_steps=request.num_inference_steps,
@@ -201,10 +210,10 @@ class TwoStageRunner:
         tracker.begin_stage(2)
         stage_started = time.perf_counter()
         handoff = request.mode is Mode.HANDOFF
-        # The latents already hold the batch: one prompt per latent, not num_images_per_prompt.
+        conditioning = self._condition(self.refiner_prompts, self.pair.refiner, request)
         refined: torch.Tensor = self.pair.refiner(
-            prompt=[request.prompt] * request.n,
-            negative_prompt=[request.negative_prompt] * request.n if request.negative_prompt else None,
+            **conditioning.as_kwargs(),
+            num_images_per_prompt=request.n,
             image=latents,
             strength=plan.refiner_strength if plan.refiner_strength is not None else 0.3,
             num_inference_steps=plan.refiner_schedule,
@@ -237,9 +246,10 @@ class TwoStageRunner:
             )
             self._base_as_img2img.set_progress_bar_config(disable=True)
         tracker.begin_stage(2)
+        conditioning = self._condition(self.base_prompts, self.pair.base, request)
         finished: torch.Tensor = self._base_as_img2img(
-            prompt=[request.prompt] * request.n,
-            negative_prompt=[request.negative_prompt] * request.n if request.negative_prompt else None,
+            **conditioning.as_kwargs(),
+            num_images_per_prompt=request.n,
             image=latents,
             num_inference_steps=request.num_inference_steps,
             denoising_start=request.switch_at,

@@ -25,7 +25,9 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_NAME = "tiny"
+# Different widths for the two encoders, as in SDXL (768 and 1280), so nothing can confuse one for the other.
 _TEXT_HIDDEN = 32
+_TEXT_HIDDEN_2 = 48
 _TIME_EMBED = 8
 
 # SDXL 1.0's scheduler settings (scheduler/scheduler_config.json of both repos).
@@ -67,19 +69,19 @@ def write_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def _text_config(tokenizer: CLIPTokenizer, hidden: int) -> CLIPTextConfig:
     return CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_size=_TEXT_HIDDEN,
+        hidden_size=hidden,
         intermediate_size=37,
         layer_norm_eps=1e-05,
         num_attention_heads=4,
         num_hidden_layers=3,
         vocab_size=len(tokenizer),
         hidden_act="gelu",
-        projection_dim=_TEXT_HIDDEN,
+        projection_dim=hidden,
         max_position_embeddings=77,
     )
 
@@ -98,7 +100,7 @@ def _unet(cross_attention_dim: int, time_ids: int) -> UNet2DConditionModel:
         addition_embed_type="text_time",
         addition_time_embed_dim=_TIME_EMBED,
         transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=time_ids * _TIME_EMBED + _TEXT_HIDDEN,
+        projection_class_embeddings_input_dim=time_ids * _TIME_EMBED + _TEXT_HIDDEN_2,
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=32,
     )
@@ -128,15 +130,14 @@ def build_tiny_pair(workdir: Path) -> tuple[StableDiffusionXLPipeline, StableDif
         workdir: a folder for the tokenizer files the builder writes.
     """
     tokenizer = write_tiny_tokenizer(workdir / "tokenizer")
-    config = _text_config(tokenizer)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(config)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, _TEXT_HIDDEN))
     torch.manual_seed(1)
-    text_encoder_2 = CLIPTextModelWithProjection(config)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, _TEXT_HIDDEN_2))
     torch.manual_seed(2)
-    base_unet = _unet(cross_attention_dim=2 * _TEXT_HIDDEN, time_ids=6)
+    base_unet = _unet(cross_attention_dim=_TEXT_HIDDEN + _TEXT_HIDDEN_2, time_ids=6)
     torch.manual_seed(3)
-    refiner_unet = _unet(cross_attention_dim=_TEXT_HIDDEN, time_ids=5)
+    refiner_unet = _unet(cross_attention_dim=_TEXT_HIDDEN_2, time_ids=5)
     torch.manual_seed(4)
     vae = _vae()
     base = StableDiffusionXLPipeline(

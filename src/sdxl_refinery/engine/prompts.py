@@ -1,0 +1,173 @@
+"""Prompt conditioning: A1111-style weights and prompts longer than CLIP's 77 tokens.
+
+Syntax (A1111's): `(words)` multiplies attention by 1.1, `[words]` divides by
+1.1, `(words:1.3)` sets 1.3; they nest and multiply. `\\(` `\\)` `\\[` `\\]`
+are literal brackets. Tokens are encoded in chunks of 75 (plus BOS and EOS,
+padded to 77) whose hidden states are concatenated, as A1111 and ComfyUI do,
+so nothing past token 77 is cut. Weighted hidden states are rescaled to keep
+their original mean (A1111's rule). A plain prompt of up to 75 tokens gives
+exactly what diffusers' own `encode_prompt` gives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+UP, DOWN = 1.1, 1 / 1.1
+CHUNK = 75
+
+
+def parse_weighted(text: str) -> list[tuple[str, float]]:
+    """Split `text` into (fragment, weight) pieces by A1111's attention syntax.
+
+    Unbalanced brackets are closed at the end of the text, as A1111 does.
+    """
+    pieces: list[tuple[str, float]] = []
+    stack: list[tuple[str, int]] = []  # bracket kind and index of the first piece it covers
+    buffer: list[str] = []
+
+    def flush() -> None:
+        if buffer:
+            pieces.append(("".join(buffer), 1.0))
+            buffer.clear()
+
+    def close(kind: str, weight: float) -> None:
+        flush()
+        _, start = stack.pop()
+        for i in range(start, len(pieces)):
+            pieces[i] = (pieces[i][0], pieces[i][1] * weight)
+
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text) and text[i + 1] in "()[]\\":
+            buffer.append(text[i + 1])
+            i += 2
+            continue
+        if char in "([":
+            flush()
+            stack.append((char, len(pieces)))
+        elif char == ")" and stack and stack[-1][0] == "(":
+            fragment = "".join(buffer)
+            head, sep, tail = fragment.rpartition(":")
+            weight = UP
+            if sep:
+                try:
+                    weight = float(tail)
+                    buffer[:] = list(head)
+                except ValueError:
+                    pass
+            close("(", weight)
+        elif char == "]" and stack and stack[-1][0] == "[":
+            close("[", DOWN)
+        else:
+            buffer.append(char)
+        i += 1
+    flush()
+    while stack:
+        close(stack[-1][0], UP if stack[-1][0] == "(" else DOWN)
+    merged: list[tuple[str, float]] = []
+    for fragment, weight in pieces:
+        if merged and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + fragment, weight)
+        elif fragment:
+            merged.append((fragment, weight))
+    return merged or [("", 1.0)]
+
+
+def tokenize_weighted(tokenizer: Any, text: str) -> tuple[list[int], list[float]]:
+    """Token ids (no BOS/EOS) and one weight per token."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for fragment, weight in parse_weighted(text):
+        fragment_ids = tokenizer(fragment, add_special_tokens=False, truncation=False).input_ids
+        ids += fragment_ids
+        weights += [weight] * len(fragment_ids)
+    return ids, weights
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, for the prompt and the negative prompt."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    negative_embeds: torch.Tensor
+    negative_pooled: torch.Tensor
+
+    def as_kwargs(self) -> dict[str, torch.Tensor]:
+        return {
+            "prompt_embeds": self.embeds,
+            "pooled_prompt_embeds": self.pooled,
+            "negative_prompt_embeds": self.negative_embeds,
+            "negative_pooled_prompt_embeds": self.negative_pooled,
+        }
+
+
+class PromptEncoder:
+    """Encodes prompts with one or two CLIP encoders the way SDXL expects.
+
+    Args:
+        tokenizers: one tokenizer per encoder.
+        encoders: CLIP text encoders; the last one gives the pooled embedding.
+    """
+
+    def __init__(self, tokenizers: list[Any], encoders: list[Any]) -> None:
+        self.tokenizers = tokenizers
+        self.encoders = encoders
+
+    def _chunks(self, tokenizer: Any, ids: list[int], weights: list[float], count: int) -> list[tuple[list, list]]:
+        chunks = []
+        for index in range(count):
+            part = ids[index * CHUNK : (index + 1) * CHUNK]
+            part_weights = weights[index * CHUNK : (index + 1) * CHUNK]
+            padding = CHUNK - len(part)
+            chunk_ids = [tokenizer.bos_token_id, *part, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding
+            chunks.append((chunk_ids, [1.0, *part_weights, 1.0] + [1.0] * padding))
+        return chunks
+
+    @torch.no_grad()
+    def _encode_one(self, text: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (1, 77*count, sum of widths) and pooled embedding of the last encoder."""
+        per_encoder = []
+        pooled = torch.empty(0)
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
+            ids, weights = tokenize_weighted(tokenizer, text)
+            states = []
+            for chunk_index, (chunk_ids, chunk_weights) in enumerate(self._chunks(tokenizer, ids, weights, count)):
+                output = encoder(torch.tensor([chunk_ids], device=encoder.device), output_hidden_states=True)
+                hidden = output.hidden_states[-2]
+                if any(w != 1.0 for w in chunk_weights):
+                    scale = torch.tensor(chunk_weights, device=hidden.device, dtype=hidden.dtype)
+                    original_mean = hidden.mean()
+                    hidden = hidden * scale[None, :, None]
+                    hidden = hidden * (original_mean / hidden.mean())
+                states.append(hidden)
+                if chunk_index == 0:
+                    pooled = output[0]
+            per_encoder.append(torch.cat(states, dim=1))
+        return torch.cat(per_encoder, dim=-1), pooled
+
+    def chunk_count(self, text: str) -> int:
+        """Chunks of 75 tokens the longest tokenization of `text` needs (at least 1)."""
+        longest = max(len(tokenize_weighted(tokenizer, text)[0]) for tokenizer in self.tokenizers)
+        return max(1, math.ceil(longest / CHUNK))
+
+    def encode(self, prompt: str, negative_prompt: str, zero_empty_negative: bool, dtype: torch.dtype) -> Conditioning:
+        """Encode a prompt pair; both sides get the same number of chunks.
+
+        Args:
+            zero_empty_negative: an empty negative prompt becomes zeros (SDXL base's
+                `force_zeros_for_empty_prompt`) instead of the encoding of "".
+        """
+        count = max(self.chunk_count(prompt), self.chunk_count(negative_prompt))
+        embeds, pooled = self._encode_one(prompt, count)
+        if zero_empty_negative and not negative_prompt:
+            negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            negative_embeds, negative_pooled = self._encode_one(negative_prompt, count)
+        return Conditioning(embeds.to(dtype), pooled.to(dtype), negative_embeds.to(dtype), negative_pooled.to(dtype))
