@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import secrets
 import signal
@@ -20,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .cli_admin import doctor, export, models_app
 from .config import Settings
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .png import read_metadata
@@ -79,9 +81,17 @@ def _request_fields(source: Path | None, options: dict[str, Any]) -> tuple[dict[
 
 def _configure_logging(verbose: bool) -> None:
     """Our stage lines with -v; the libraries' load-time chatter only when it is an error."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", force=True)
     for noisy in ("diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+        # transformers and diffusers reset their loggers' levels when first imported, from these variables.
+        os.environ.setdefault(f"{noisy.upper()}_VERBOSITY", "error")
+
+
+@app.callback()
+def _main(ctx: typer.Context) -> None:
+    """Refinery: SDXL base + refiner, every image, CPU and GPU."""
+    _configure_logging(verbose=False)
 
 
 class _ProgressBar:
@@ -202,6 +212,11 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by Refinery."
         typer.echo(parameters)
         typer.echo("")
     typer.echo(json.dumps(metadata, indent=2, sort_keys=True))
+
+
+app.add_typer(models_app, name="models")
+app.command()(doctor)
+app.command()(export)
 
 
 def main() -> None:

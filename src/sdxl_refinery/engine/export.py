@@ -33,6 +33,10 @@ def _component(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[s
     raise ModelLoadError(f"{folder}: component {name} has no safetensors weights ({', '.join(_WEIGHT_FILES)})")
 
 
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _tokenizer_settings(folder: Path, name: str) -> dict[str, Any]:
     """pad token and length, plus the vocabulary itself when it is not CLIP's standard one."""
     target = folder / name

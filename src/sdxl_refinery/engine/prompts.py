@@ -84,7 +84,7 @@ def tokenize_weighted(tokenizer: Any, text: str) -> tuple[list[int], list[float]
     ids: list[int] = []
     weights: list[float] = []
     for fragment, weight in parse_weighted(text):
-        fragment_ids = tokenizer(fragment, add_special_tokens=False, truncation=False).input_ids
+        fragment_ids = tokenizer(fragment, add_special_tokens=False, truncation=False, verbose=False).input_ids
         ids += fragment_ids
         weights += [weight] * len(fragment_ids)
     return ids, weights
@@ -120,7 +120,9 @@ class PromptEncoder:
         self.tokenizers = tokenizers
         self.encoders = encoders
 
-    def _chunks(self, tokenizer: Any, ids: list[int], weights: list[float], count: int) -> list[tuple[list, list]]:
+    def _chunks(
+        self, tokenizer: Any, ids: list[int], weights: list[float], count: int
+    ) -> list[tuple[list[int], list[float]]]:
         chunks = []
         for index in range(count):
             part = ids[index * CHUNK : (index + 1) * CHUNK]

@@ -65,8 +65,8 @@ def resolve(reference: str, role: str) -> ModelSource:
                 f"{role} model {reference}: folder has no model_index.json, so it is no diffusers folder"
             )
         return ModelSource(SourceKind.FOLDER, str(path.resolve()), path.resolve().name)
-    if path.exists():
-        raise ModelLoadError(f"{role} model {reference}: is a file; give a diffusers folder, a Hub id or `tiny`")
+    if path.is_file():
+        return ModelSource(SourceKind.SINGLE_FILE, str(path.resolve()), path.stem)
     if _HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
         return ModelSource(SourceKind.HUB, reference, reference.split("/")[-1])
     raise ModelLoadError(f"{role} model {reference!r}: no such folder, and not a Hub id of the form owner/name")

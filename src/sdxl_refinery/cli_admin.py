@@ -1,0 +1,96 @@
+"""`refinery doctor`, `refinery models pull|list|verify` and `refinery export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import admin
+from .config import Settings
+from .errors import InvalidRequest, RefineryError
+
+models_app = typer.Typer(help="Download, list and check models.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _gib(value: int | None) -> str:
+    return "unknown" if value is None else f"{value / 2**30:.1f} GiB"
+
+
+def doctor(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Device, precision and why, memory against what SDXL needs, models present, offline readiness."""
+    try:
+        report = admin.doctor_report(Settings())
+    except InvalidRequest as error:
+        raise _fail(str(error), 2) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    fits = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "unknown"}[report["fits"]]
+    out.print(f"Device:     {report['device']}")
+    out.print(f"Precision:  {report['precision']}  ({report['why']})")
+    params = sum(report["parameters"].values())
+    out.print(f"Weights:    {params / 1e9:.2f} B parameters (base + refiner UNet, shared encoder 2 and VAE) "
+              f"= {_gib(report['weights_bytes_needed'])} in {report['precision'].split('+')[0]}")  # fmt: skip
+    out.print(f"Memory:     {report['memory_label']} {_gib(report['memory_available_bytes'])}: {fits}")
+    for role, reference in report["models"].items():
+        state = "[green]present[/]" if report["models_present"][role] else "[yellow]not downloaded[/]"
+        out.print(f"{role.capitalize():<11} {reference}  {state}")
+    ready = "[green]yes[/]" if report["offline_ready"] else "[yellow]no[/] (run `refinery models pull`)"
+    out.print(f"Offline:    HF_HUB_OFFLINE={'on' if report['offline'] else 'off'}; ready to run offline: {ready}")
+
+
+@models_app.command("pull")
+def pull(fp16: Annotated[bool, typer.Option("--fp16", help="Fetch the fp16 weight files (for GPUs).")] = False) -> None:
+    """Download the configured base and refiner into the Hugging Face cache (resumable)."""
+    try:
+        for folder in admin.pull_models(Settings(), fp16):
+            typer.echo(folder)
+    except RefineryError as error:
+        raise _fail(str(error), 1) from None
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """The configured pair and the SDXL models in the Hugging Face cache."""
+    table = Table("role", "reference", "local")
+    for row in admin.list_models(Settings()):
+        table.add_row(row["role"], row["reference"], row["local"])
+    out.print(table)
+
+
+@models_app.command("verify")
+def verify(path: Annotated[Path, typer.Argument(help="A .safetensors file or diffusers folder.")]) -> None:
+    """Kind, A1111 model hash and a check that every component tensor is there with its shape."""
+    try:
+        result = admin.verify_model(path)
+    except RefineryError as error:
+        raise _fail(str(error), 1) from None
+    typer.echo(f"{result.path}\nkind: {result.kind}\nhash: {result.hash}")
+    for problem in result.problems:
+        typer.echo(f"problem: {problem}")
+    typer.echo("components: complete" if result.ok else "components: INCOMPLETE")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def export(
+    source: Annotated[Path, typer.Argument(help="A diffusers folder, or a single .safetensors file.")],
+    target: Annotated[Path, typer.Argument(help="The single file, or the diffusers folder, to write.")],
+) -> None:
+    """Convert between a diffusers folder and one SGM-layout .safetensors file (either way)."""
+    try:
+        typer.echo(f"wrote {admin.export_model(source, target)}")
+    except RefineryError as error:
+        raise _fail(str(error), 1) from None

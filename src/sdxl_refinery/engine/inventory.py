@@ -1,0 +1,97 @@
+"""What models are where, how big they are, and whether a file holds every component.
+
+Used by `refinery doctor`, `refinery models list` and `refinery models verify`.
+Parameter counts come from the component configs built on PyTorch's meta
+device: no weights are allocated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from . import sgm_keys
+from .single_file import _read_header, inspect_checkpoint, shipped_config
+from .sources import short_hash, weights_file
+
+
+def _meta_components(config: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    with init_empty_weights():
+        parts: dict[str, torch.nn.Module] = {
+            "unet": UNet2DConditionModel.from_config(config["unet"]),
+            "vae": AutoencoderKL.from_config(config["vae"]),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
+        }
+        if "text_encoder" in config:
+            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+    return parts
+
+
+def parameter_counts(kind: str) -> dict[str, int]:
+    """Parameters of each component of shipped SDXL `kind` (`sdxl-base` or `sdxl-refiner`)."""
+    return {
+        name: sum(p.numel() for p in part.parameters()) for name, part in _meta_components(shipped_config(kind)).items()
+    }
+
+
+def expected_sgm_shapes(config: dict[str, Any], kind: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape a complete single file of this config holds."""
+    parts = _meta_components(config)
+    state = {name: part.state_dict() for name, part in parts.items()}
+    prefix = sgm_keys.OPEN_CLIP_REFINER_PREFIX if kind == "sdxl-refiner" else sgm_keys.OPEN_CLIP_BASE_PREFIX
+    tensors = {
+        **sgm_keys.unet_to_sgm(state["unet"], config["unet"]),
+        **sgm_keys.vae_to_sgm(state["vae"], config["vae"]),
+    }
+    tensors.update(sgm_keys.open_clip_to_sgm(state["text_encoder_2"], prefix))
+    if "text_encoder" in state:
+        tensors.update(sgm_keys.clip_l_to_sgm(state["text_encoder"]))
+    return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+
+
+@dataclass
+class Verification:
+    """The outcome of `verify`: what the model is and what, if anything, is wrong with it."""
+
+    path: str
+    kind: str
+    hash: str | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: Path) -> Verification:
+    """Check a single file or diffusers folder holds a complete SDXL base or refiner.
+
+    Raises:
+        ModelLoadError: the path is missing, or not an SDXL checkpoint at all.
+    """
+    if path.is_dir():
+        index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+        kind = "sdxl-refiner" if index.get("_class_name") == "StableDiffusionXLImg2ImgPipeline" else "sdxl-base"
+        problems = []
+        for part in ("unet", "vae", "text_encoder_2", "scheduler", "tokenizer_2") + (
+            ("text_encoder", "tokenizer") if kind == "sdxl-base" else ()
+        ):
+            if not (path / part).is_dir():
+                problems.append(f"component {part} is missing")
+        unet = weights_file(path)
+        return Verification(str(path), f"{kind} (diffusers folder)", short_hash(unet) if unet else None, problems)
+    info = inspect_checkpoint(path)
+    header = _read_header(path)
+    expected = expected_sgm_shapes(info.config, info.kind)
+    found = {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
+    problems = [f"missing tensor {key}" for key in sorted(set(expected) - set(found))][:20]
+    problems += [f"tensor {key} has shape {found[key]}, expected {shape}" for key, shape in expected.items()
+                 if key in found and found[key] != shape][:20]  # fmt: skip
+    return Verification(str(path), f"{info.kind} (single file, {info.tensors} tensors)", short_hash(path), problems)
