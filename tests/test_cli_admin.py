@@ -1,0 +1,86 @@
+"""`refinery doctor`, `models verify|list|pull` and `export`, run in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REFINERY = [sys.executable, "-m", "sdxl_refinery"]
+
+
+def _run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([*REFINERY, *args], capture_output=True, text=True, env=environment, timeout=300)
+
+
+def test_doctor_reports_policy_memory_models_and_offline_readiness(tiny_pair: tuple[Path, Path]) -> None:
+    done = _run(["doctor", "--json"], REFINERY_DEVICE="cpu", REFINERY_PRECISION="full",
+                REFINERY_BASE_MODEL=str(tiny_pair[0]), REFINERY_REFINER_MODEL="stabilityai/not-cached")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["device"], report["precision"]) == ("cpu", "fp32")
+    assert report["why"] == "precision=full forces fp32"
+    # base 2,567,463,684 + encoders + VAE + refiner UNet, at 4 bytes each
+    assert report["parameters"]["unet"] == 2_567_463_684
+    assert report["weights_bytes_needed"] == 4 * sum(report["parameters"].values())
+    assert report["memory_available_bytes"] > 0 and isinstance(report["fits"], bool)
+    assert report["models_present"] == {"base": True, "refiner": False}
+    assert report["offline"] is True and report["offline_ready"] is False
+    human = _run(["doctor"], REFINERY_DEVICE="cpu", REFINERY_PRECISION="full")
+    assert "Precision:  fp32  (precision=full forces fp32)" in human.stdout
+
+
+def test_doctor_bad_precision_exits_2() -> None:
+    done = _run(["doctor"], REFINERY_PRECISION="fp8")
+    assert done.returncode == 2 and "precision: must be one of" in done.stderr
+
+
+def test_export_round_trip_and_verify(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    single = tmp_path / "base.safetensors"
+    done = _run(["export", str(tiny_pair[0]), str(single)])
+    assert done.returncode == 0, done.stderr
+    assert f"wrote sdxl-base single file {single}" in done.stdout
+    verified = _run(["models", "verify", str(single)])
+    assert verified.returncode == 0, verified.stderr
+    assert "kind: sdxl-base (single file" in verified.stdout and "components: complete" in verified.stdout
+    assert len(verified.stdout.split("hash: ")[1].split()[0]) == 10
+    back = tmp_path / "back"
+    assert _run(["export", str(single), str(back)]).returncode == 0
+    original = load_file(tiny_pair[0] / "unet" / "diffusion_pytorch_model.safetensors")
+    restored = load_file(back / "unet" / "diffusion_pytorch_model.safetensors")
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
+
+
+def test_verify_reports_a_missing_component(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    single = tmp_path / "refiner.safetensors"
+    assert _run(["export", str(tiny_pair[1]), str(single)]).returncode == 0
+    tensors = load_file(single)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(single), "pt") as handle:
+        metadata = handle.metadata()
+    dropped = next(key for key in tensors if key.startswith("first_stage_model.decoder"))
+    del tensors[dropped]
+    save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=metadata)
+    done = _run(["models", "verify", str(tmp_path / "broken.safetensors")])
+    assert done.returncode == 1
+    assert f"problem: missing tensor {dropped}" in done.stdout and "components: INCOMPLETE" in done.stdout
+
+
+def test_pull_offline_fails_clearly(tmp_path: Path) -> None:
+    done = _run(["models", "pull"], HF_HOME=str(tmp_path))
+    assert done.returncode == 1
+    assert "base model stabilityai/stable-diffusion-xl-base-1.0: download failed" in " ".join(done.stderr.split())
+
+
+def test_models_list_shows_the_configured_pair(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    done = _run(["models", "list"], REFINERY_BASE_MODEL=str(tiny_pair[0]), HF_HOME=str(tmp_path), COLUMNS="300")
+    assert done.returncode == 0
+    assert "base" in done.stdout and str(tiny_pair[0]) in done.stdout
