@@ -214,6 +214,40 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by Refinery."
     typer.echo(json.dumps(metadata, indent=2, sort_keys=True))
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on (REFINERY_HOST).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (REFINERY_PORT).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Jobs and images (REFINERY_DATA_DIR).")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="embedded (SQLite) or celery.")] = None,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", help="Redis for the celery backend.")] = None,
+) -> None:
+    """Serve the native, OpenAI and A1111 APIs and the web page, with a durable job queue."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .server import create_app
+
+    overrides: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "data_dir": data_dir,
+        "backend": backend,
+        "redis_url": redis_url,
+    }
+    try:
+        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+        application = create_app(settings)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise _fail(f"{field}: {first['msg'].removeprefix('Value error, ')}", EXIT_BAD_INPUT) from None
+    except RefineryError as error:
+        raise _fail(str(error), EXIT_FAILURE) from None
+    console.print(f"Refinery serving on http://{settings.host}:{settings.port} (data in {settings.data_dir})")
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+
+
 app.add_typer(models_app, name="models")
 app.command()(doctor)
 app.command()(export)

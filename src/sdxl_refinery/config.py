@@ -7,25 +7,71 @@ arguments (flags) win over the environment.
 
 from __future__ import annotations
 
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     """Every knob of Refinery, read from `REFINERY_*` environment variables.
 
-    Attributes:
-        base_model: Hub id, local diffusers folder, or `tiny`.
-        refiner_model: Hub id, local diffusers folder, or `tiny`.
-        device: `auto`, `cuda`, `cuda:N`, `mps` or `cpu`.
-        precision: `auto`, `full`, `half` or `bf16`.
+    Raises:
+        pydantic.ValidationError: a value breaks its rule, e.g. serving on a
+            non-loopback address without an API key (set `allow_open=true` to insist).
     """
 
     model_config = SettingsConfigDict(env_prefix="REFINERY_", extra="ignore")
 
+    # models and device
     base_model: str = DEFAULT_BASE_MODEL
     refiner_model: str = DEFAULT_REFINER_MODEL
     device: str = "auto"
     precision: str = "auto"
+
+    # the HTTP service
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Path("refinery-data")
+    api_key: str | None = None
+    allow_open: bool = False
+    cors_origins: list[str] = Field(default_factory=list)
+    load_on_start: bool = True
+    preview_every: int = Field(5, ge=0, le=100)
+    openai_wait_seconds: float = Field(600.0, gt=0)
+
+    # limits
+    max_queue: int = Field(100, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_width: int = Field(2048, ge=256, le=4096)
+    max_height: int = Field(2048, ge=256, le=4096)
+    max_steps: int = Field(150, ge=1, le=500)
+    max_images: int = Field(8, ge=1, le=16)
+
+    # scale-out
+    backend: Literal["embedded", "celery"] = "embedded"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    visibility_timeout: int = Field(7200, ge=60)
+
+    @model_validator(mode="after")
+    def _refuse_open_server_without_key(self) -> Settings:
+        if not _is_loopback(self.host) and not self.api_key and not self.allow_open:
+            raise ValueError(
+                f"host {self.host} is reachable from other machines but no api_key is set: set REFINERY_API_KEY, "
+                "or REFINERY_ALLOW_OPEN=true to serve without one"
+            )
+        return self

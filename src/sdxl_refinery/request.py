@@ -129,6 +129,35 @@ def invalid_request_from(error: ValidationError) -> InvalidRequest:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """A server's own caps, tighter than the request's hard rules (settings `max_*`)."""
+
+    max_width: int = MAX_SIZE
+    max_height: int = MAX_SIZE
+    max_steps: int = MAX_STEPS
+    max_images: int = MAX_IMAGES
+
+
+def enforce_limits(request: GenerationRequest, limits: Limits) -> GenerationRequest:
+    """Return `request` if it fits `limits`.
+
+    Raises:
+        InvalidRequest: naming the first field over its cap.
+    """
+    checks = (
+        ("width", request.width, limits.max_width),
+        ("height", request.height, limits.max_height),
+        ("num_inference_steps", request.num_inference_steps, limits.max_steps),
+        ("refiner_steps", request.refiner_steps, limits.max_steps),
+        ("n", request.n, limits.max_images),
+    )
+    for name, value, cap in checks:
+        if value > cap:
+            raise InvalidRequest(name, f"must be at most {cap} on this server, not {value}")
+    return request
+
+
+@dataclass(frozen=True)
 class Progress:
     """One denoising step done.
 

@@ -1,0 +1,197 @@
+"""SQLite job store (WAL): the embedded default, durable across crashes.
+
+A job is committed (synchronous=FULL) before `create` returns, so a 202 answer
+always means the job survives a SIGKILL. Claiming is one UPDATE ... RETURNING
+on the oldest queued row, so two workers never take the same job.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..request import GenerationRequest
+from .models import Job, JobProgress, JobStatus
+from .store import JobNotFound, JobStore, QueueFull
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    queue_order REAL NOT NULL,
+    request TEXT NOT NULL,
+    client TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    progress TEXT,
+    result TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    worker TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, queue_order);
+"""
+_ACTIVE = ("queued", "running")
+
+
+class SQLiteJobStore(JobStore):
+    """Jobs in one SQLite file.
+
+    Args:
+        path: the database file; its folder is created.
+
+    Raises:
+        sqlite3.Error / OSError: the file cannot be opened or created.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _execute(self, sql: str, *args: Any) -> builtins.list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> Job:
+        progress = json.loads(row["progress"]) if row["progress"] else {}
+        return Job(
+            id=row["id"],
+            request=GenerationRequest(**json.loads(row["request"])),
+            status=JobStatus(row["status"]),
+            created=row["created"],
+            started=row["started"],
+            finished=row["finished"],
+            progress=JobProgress(**progress),
+            result=json.loads(row["result"]) if row["result"] else None,
+            error=row["error"],
+            attempts=row["attempts"],
+            cancel_requested=bool(row["cancel_requested"]),
+            worker=row["worker"],
+            client=row["client"],
+        )
+
+    # -- JobStore ------------------------------------------------------------------------------
+
+    def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
+        job = Job(id=Job.new_id(), request=request, client=client)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if max_depth is not None:
+                    (depth,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", _ACTIVE).fetchone()
+                    if depth >= max_depth:
+                        raise QueueFull(depth, retry_after=30)
+                self._db.execute(
+                    "INSERT INTO jobs (id, status, queue_order, request, client, created) VALUES (?, ?, "
+                    "(SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?)",
+                    (job.id, job.status.value, request.model_dump_json(), client, job.created),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return job
+
+    def get(self, job_id: str) -> Job:
+        rows = self._execute("SELECT * FROM jobs WHERE id = ?", job_id)
+        if not rows:
+            raise JobNotFound(job_id)
+        return self._job(rows[0])
+
+    def list(self, offset: int = 0, limit: int = 20, status: JobStatus | None = None) -> tuple[builtins.list[Job], int]:
+        where, args = ("WHERE status = ?", [status.value]) if status else ("", [])
+        rows = self._execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", *args, limit, offset)
+        (total,) = self._execute(f"SELECT COUNT(*) FROM jobs {where}", *args)[0]
+        return [self._job(row) for row in rows], total
+
+    def claim_next(self, worker: str) -> Job | None:
+        rows = self._execute(
+            "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, worker = ?, progress = NULL "
+            "WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY queue_order LIMIT 1) RETURNING *",
+            time.time(),
+            worker,
+        )
+        return self._job(rows[0]) if rows else None
+
+    def update_progress(self, job_id: str, progress: JobProgress) -> None:
+        self._execute(
+            "UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'", json.dumps(progress.__dict__), job_id
+        )
+
+    def succeed(self, job_id: str, result: dict[str, Any]) -> None:
+        self._finish(job_id, JobStatus.SUCCEEDED, result=json.dumps(result))
+
+    def fail(self, job_id: str, error: str) -> None:
+        self._finish(job_id, JobStatus.FAILED, error=error)
+
+    def mark_cancelled(self, job_id: str) -> None:
+        self._finish(job_id, JobStatus.CANCELLED, error="cancelled by request")
+
+    def _finish(self, job_id: str, status: JobStatus, result: str | None = None, error: str | None = None) -> None:
+        self._execute(
+            "UPDATE jobs SET status = ?, finished = ?, result = ?, error = ? WHERE id = ? AND status = 'running'",
+            status.value, time.time(), result, error, job_id,
+        )  # fmt: skip
+
+    def cancel(self, job_id: str) -> Job:
+        now = time.time()
+        self._execute(
+            "UPDATE jobs SET status = 'cancelled', finished = ?, error = 'cancelled by request', cancel_requested = 1 "
+            "WHERE id = ? AND status = 'queued'", now, job_id,
+        )  # fmt: skip
+        self._execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", job_id)
+        return self.get(job_id)
+
+    def _head_of_queue(self) -> float:
+        (lowest,) = self._execute("SELECT COALESCE(MIN(queue_order), 1) FROM jobs WHERE status = 'queued'")[0]
+        return float(lowest) - 1
+
+    def requeue(self, job_id: str) -> None:
+        self._execute(
+            "UPDATE jobs SET status = 'queued', queue_order = ?, progress = NULL, worker = NULL "
+            "WHERE id = ? AND status = 'running'", self._head_of_queue(), job_id,
+        )  # fmt: skip
+
+    def recover(self) -> builtins.list[str]:
+        rows = self._execute("SELECT id, cancel_requested FROM jobs WHERE status = 'running' ORDER BY queue_order")
+        for row in reversed(rows):
+            if row["cancel_requested"]:
+                self.mark_cancelled(row["id"])
+            else:
+                self.requeue(row["id"])
+        return [row["id"] for row in rows]
+
+    def position(self, job_id: str) -> int | None:
+        rows = self._execute(
+            "SELECT (SELECT COUNT(*) FROM jobs q WHERE q.status = 'queued' AND q.queue_order <= j.queue_order) "
+            "FROM jobs j WHERE j.id = ? AND j.status = 'queued'", job_id,
+        )  # fmt: skip
+        return int(rows[0][0]) if rows else None
+
+    def depth(self) -> int:
+        return int(self._execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", *_ACTIVE)[0][0])
+
+    def counts(self) -> dict[str, int]:
+        found = {row[0]: row[1] for row in self._execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
+        return {status.value: int(found.get(status.value, 0)) for status in JobStatus}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,97 @@
+"""The JobStore interface: where accepted jobs live until they are done.
+
+Two implementations: `SQLiteJobStore` (embedded, the default) and the Redis
+store of the Celery backend. Every method is safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import builtins
+from abc import ABC, abstractmethod
+from typing import Any
+
+from ..request import GenerationRequest
+from .models import Job, JobProgress, JobStatus
+
+
+class QueueFull(Exception):
+    """The queue holds its maximum number of waiting and running jobs."""
+
+    def __init__(self, depth: int, retry_after: int) -> None:
+        self.depth = depth
+        self.retry_after = retry_after
+        super().__init__(f"the queue is full ({depth} jobs); retry in {retry_after} s")
+
+
+class JobNotFound(KeyError):
+    """No job has this id."""
+
+
+class JobStore(ABC):
+    """Persistent jobs: create, claim, report, finish, list, cancel."""
+
+    @abstractmethod
+    def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
+        """Persist a new queued job before returning it.
+
+        Raises:
+            QueueFull: `max_depth` jobs are already queued or running.
+        """
+
+    @abstractmethod
+    def get(self, job_id: str) -> Job:
+        """Raises: JobNotFound."""
+
+    @abstractmethod
+    def list(self, offset: int = 0, limit: int = 20, status: JobStatus | None = None) -> tuple[builtins.list[Job], int]:
+        """Newest first; returns the page and the total count."""
+
+    @abstractmethod
+    def claim_next(self, worker: str) -> Job | None:
+        """Atomically move the oldest queued job to running for `worker`."""
+
+    @abstractmethod
+    def update_progress(self, job_id: str, progress: JobProgress) -> None: ...
+
+    @abstractmethod
+    def succeed(self, job_id: str, result: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def fail(self, job_id: str, error: str) -> None: ...
+
+    @abstractmethod
+    def mark_cancelled(self, job_id: str) -> None:
+        """A running job stopped because it was cancelled."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once, or flag a running one; terminal jobs are left as they are.
+
+        Raises:
+            JobNotFound.
+        """
+
+    @abstractmethod
+    def requeue(self, job_id: str) -> None:
+        """Put a running job back at the head of the queue (a draining worker)."""
+
+    @abstractmethod
+    def recover(self) -> builtins.list[str]:
+        """At start: jobs left running by a dead process go back to the queue (or to cancelled,
+        if a cancel was asked). Returns their ids."""
+
+    @abstractmethod
+    def position(self, job_id: str) -> int | None:
+        """1-based place among queued jobs, or None when not queued."""
+
+    @abstractmethod
+    def depth(self) -> int:
+        """Jobs queued or running."""
+
+    @abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Jobs per status."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""

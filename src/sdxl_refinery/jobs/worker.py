@@ -1,0 +1,180 @@
+"""The worker loop: claim a job, run it on the service, record every step and the outcome.
+
+One worker per service (one device). Images go to `images/<job id>/`, under
+names fixed by the job, so a job re-run after a crash overwrites its own files
+and never leaves duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import Cancelled, RefineryError
+from ..request import CancelToken, Mode, Progress
+from ..service import ImageService
+from .events import JobEvents
+from .metrics import QueueMetrics
+from .models import Job, JobProgress, JobStatus
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress rows written to the store
+
+
+def planned_steps(job: Job) -> tuple[int, int]:
+    """Steps the base and the refiner will run, as the engine plans them (handoff split estimated)."""
+    request = job.request
+    if not request.use_refinement:
+        return request.num_inference_steps, 0
+    if request.mode is Mode.SEQUENTIAL:
+        return request.num_inference_steps, request.refiner_steps
+    base = round(request.num_inference_steps * request.switch_at)
+    return base, request.num_inference_steps - base
+
+
+class _JobReporter:
+    """Turns engine progress into store rows, events, previews and metrics for one job."""
+
+    def __init__(self, job: Job, store: JobStore, events: JobEvents, metrics: QueueMetrics | None) -> None:
+        self.job = job
+        self.store = store
+        self.events = events
+        self.metrics = metrics
+        self.totals = dict(zip((1, 2), planned_steps(job), strict=True))
+        self._last_write = 0.0
+        self._last_step = time.perf_counter()
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.step_seconds.labels(progress.stage_name).observe(now - self._last_step)
+        self._last_step = now
+        self.totals[progress.stage] = progress.total
+        done = progress.step + (self.totals[1] if progress.stage == 2 else 0)
+        overall = JobProgress(progress.stage, progress.step, progress.total,
+                              100.0 * done / max(sum(self.totals.values()), 1), progress.eta)  # fmt: skip
+        if now - self._last_write >= PROGRESS_WRITE_INTERVAL or progress.step == progress.total:
+            self.store.update_progress(self.job.id, overall)
+            self._last_write = now
+        self.events.publish(self.job.id, "progress", overall.as_dict())
+        if progress.preview is not None:
+            buffer = io.BytesIO()
+            progress.preview.save(buffer, format="PNG")
+            self.events.set_preview(self.job.id, buffer.getvalue())
+            self.events.publish(self.job.id, "preview", {"step": progress.step, "stage": progress.stage})
+
+
+class Worker:
+    """Runs queued jobs one at a time on one service.
+
+    Args:
+        store: where jobs are claimed and recorded.
+        service: the image service of this worker's device.
+        images_dir: root of the per-job image folders.
+        events: live event fan-out.
+        metrics: Prometheus metrics, or None.
+        preview_every: a live preview every this many steps (0: none).
+        name: this worker's name in job records.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        service: ImageService,
+        images_dir: Path,
+        events: JobEvents,
+        metrics: QueueMetrics | None = None,
+        preview_every: int = 5,
+        name: str = "worker-0",
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.images_dir = images_dir
+        self.events = events
+        self.metrics = metrics
+        self.preview_every = preview_every
+        self.name = name
+        self.current: tuple[str, CancelToken] | None = None
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """A job was queued: stop waiting."""
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop the job if it is the one running here; True if it was."""
+        if self.current is not None and self.current[0] == job_id:
+            self.current[1].cancel()
+            return True
+        return False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and run jobs until `stop` is set; a job still running then goes back to the queue."""
+        while not stop.is_set():
+            job = await asyncio.to_thread(self.store.claim_next, self.name)
+            if job is None:
+                self._wake.clear()
+                waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+                continue
+            await self.process(job, stop)
+
+    async def process(self, job: Job, stop: asyncio.Event | None = None) -> None:
+        """Run one claimed job to its end and record the outcome."""
+        token = CancelToken()
+        self.current = (job.id, token)
+        folder = self.images_dir / job.id
+        for stale in folder.glob(".*.part"):  # a previous attempt died while writing
+            stale.unlink()
+        reporter = _JobReporter(job, self.store, self.events, self.metrics)
+        self.events.publish(job.id, "started", {"attempt": job.attempts})
+        started = time.perf_counter()
+        status, outcome = await self._generate(job, folder, token, reporter, stop)
+        if self.metrics is not None:
+            self.metrics.finished.labels(status.value).inc()
+            self.metrics.job_seconds.labels(status.value).observe(time.perf_counter() - started)
+        self.current = None
+        self.events.drop_preview(job.id)
+        if status is not JobStatus.QUEUED:
+            self.events.publish(job.id, "done", {"status": status.value, **outcome})
+
+    async def _generate(
+        self, job: Job, folder: Path, token: CancelToken, reporter: _JobReporter, stop: asyncio.Event | None
+    ) -> tuple[JobStatus, dict[str, Any]]:
+        try:
+            result = await self.service.generate(
+                job.request, output_path=folder / "image.png", on_progress=reporter, cancel=token,
+                preview_every=self.preview_every,
+            )  # fmt: skip
+        except Cancelled:
+            if stop is not None and stop.is_set() and not self.store.get(job.id).cancel_requested:
+                await asyncio.to_thread(self.store.requeue, job.id)  # shutting down: run it again later
+                log.info("Job %s re-queued at shutdown", job.id)
+                return JobStatus.QUEUED, {}
+            await asyncio.to_thread(self.store.mark_cancelled, job.id)
+            return JobStatus.CANCELLED, {"error": "cancelled by request"}
+        except RefineryError as error:
+            await asyncio.to_thread(self.store.fail, job.id, str(error))
+            return JobStatus.FAILED, {"error": str(error)}
+        except Exception as error:
+            log.exception("Job %s failed", job.id)
+            message = f"internal error: {type(error).__name__}: {error}"
+            await asyncio.to_thread(self.store.fail, job.id, message)
+            return JobStatus.FAILED, {"error": message}
+        outcome = {"images": [Path(p).name for p in result.paths], "seeds": result.seeds,
+                   "metadata": result.metadata()}  # fmt: skip
+        await asyncio.to_thread(self.store.succeed, job.id, outcome)
+        return JobStatus.SUCCEEDED, {"result": outcome}
+
+    def stop_current(self) -> None:
+        """At shutdown: stop the running job within one step (it is re-queued, not cancelled)."""
+        if self.current is not None:
+            self.current[1].cancel()

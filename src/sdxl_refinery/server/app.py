@@ -1,0 +1,139 @@
+"""The FastAPI app factory: routers, auth, limits, the job store and the in-process worker.
+
+`create_app(settings)` builds everything from one `Settings`; nothing starts
+until the app's lifespan begins (models load then, or on the first job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from ..config import Settings
+from ..errors import InvalidRequest, RefineryError, StorageError
+from ..jobs.events import JobEvents
+from ..jobs.metrics import QueueMetrics
+from ..jobs.sqlite_store import SQLiteJobStore
+from ..jobs.store import JobStore, QueueFull
+from ..jobs.worker import Worker
+from ..png import check_writable_folder
+from ..service import ImageService
+from .routes import a1111, jobs, openai, ops
+from .security import BodySizeLimit
+from .state import AppState
+
+log = logging.getLogger(__name__)
+
+
+def _invalid(field: str, rule: str) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": ["body", field], "msg": rule, "type": "value_error"}]}, status_code=422)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InvalidRequest)
+    async def invalid_request(_: Request, error: InvalidRequest) -> JSONResponse:
+        return _invalid(error.field, error.rule)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
+        details = []
+        for item in error.errors():
+            cause = (item.get("ctx") or {}).get("error")
+            if isinstance(cause, InvalidRequest):  # our own rule, raised while pydantic built the request
+                details.append({"loc": [*item.get("loc", []), cause.field], "msg": cause.rule, "type": "value_error"})
+                continue
+            message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+            details.append({"loc": list(item.get("loc", [])), "msg": message, "type": item.get("type")})
+        return JSONResponse({"detail": details}, status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, error: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": str(error.retry_after)})
+
+
+def _open_store(settings: Settings) -> JobStore:
+    """The job store of the configured backend.
+
+    Raises:
+        StorageError: the data folder is not writable.
+    """
+    check_writable_folder(settings.data_dir / "images" / "probe")
+    if settings.backend == "celery":
+        from ..jobs.celery_store import CeleryJobStore
+
+        return CeleryJobStore(settings)
+    return SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: AppState = app.state.refinery
+    state.events.bind(asyncio.get_running_loop())
+    recovered = state.store.recover() if state.settings.backend == "embedded" else []
+    if recovered:
+        log.warning("Re-queued %d job(s) left running by a previous process: %s", len(recovered), recovered)
+    tasks: list[asyncio.Task[Any]] = []
+    if state.settings.backend == "embedded":
+        state.worker = Worker(state.store, state.service, state.images_dir, state.events, state.metrics,
+                              state.settings.preview_every)  # fmt: skip
+        if state.settings.load_on_start:
+            tasks.append(asyncio.create_task(_load(state)))
+        tasks.append(asyncio.create_task(state.worker.run(state.stop)))
+    try:
+        yield
+    finally:
+        state.stop.set()
+        if state.worker is not None:
+            state.worker.stop_current()  # the running job goes back to the queue, nothing is lost
+        await asyncio.gather(*tasks, return_exceptions=True)
+        state.store.close()
+
+
+async def _load(state: AppState) -> None:
+    try:
+        await state.service.load()
+    except RefineryError as error:
+        state.load_error = str(error)
+        log.error("Models did not load: %s", error)
+
+
+def create_app(settings: Settings, service: ImageService | None = None, store: JobStore | None = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings: everything configurable.
+        service: the image service (default: one built from `settings`).
+        store: the job store (default: the configured backend's).
+
+    Raises:
+        StorageError: the data folder cannot be written.
+    """
+    try:
+        job_store = store or _open_store(settings)
+    except OSError as error:
+        raise StorageError(f"data folder {settings.data_dir} cannot be used: {error}") from error
+    state = AppState(settings, job_store, service or ImageService.from_settings(settings), JobEvents(), QueueMetrics())
+    app = FastAPI(title="Refinery", version="0.1.0", lifespan=_lifespan,
+                  description="SDXL base + refiner, every image. Native, OpenAI and A1111 APIs.")  # fmt: skip
+    app.state.refinery = state
+    _install_error_handlers(app)
+    for router in (ops.router, jobs.router, openai.router, a1111.router):
+        app.include_router(router)
+    web = resources.files("sdxl_refinery.server").joinpath("web")
+    if web.joinpath("index.html").is_file():
+        app.mount("/", StaticFiles(directory=str(web), html=True), name="web")
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])  # fmt: skip
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    return app

@@ -1,0 +1,125 @@
+"""The native API: jobs you submit, watch, list and cancel, and the images they make."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse, JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from ...jobs.models import JobStatus
+from ...jobs.store import JobNotFound
+from ...request import GenerationRequest
+from ..security import Authorized
+from ..state import AppState, State
+
+router = APIRouter(tags=["jobs"])
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_IMAGE_NAME = re.compile(r"^image(-\d{1,2})?\.png$")
+
+
+def _job_or_404(state: AppState, job_id: str) -> Any:
+    if not _JOB_ID.match(job_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id!r}")
+    try:
+        return state.store.get(job_id)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id!r}") from None
+
+
+@router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED)
+def submit_job(body: GenerationRequest, state: State, request: Request, _: Authorized) -> JSONResponse:
+    """Queue a generation; answers once the job is stored, with its id and queue position."""
+    job = state.submit(body, client="native")
+    view: dict[str, Any] = {"id": job.id, "status": job.status.value, "position": state.store.position(job.id),
+            "url": str(request.url_for("get_job", job_id=job.id))}  # fmt: skip
+    return JSONResponse(view, status_code=202, headers={"Location": view["url"]})
+
+
+@router.get("/v1/jobs")
+def list_jobs(
+    state: State,
+    request: Request,
+    _: Authorized,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(20, ge=1, le=100),
+    job_status: JobStatus | None = Query(None, alias="status"),
+) -> dict[str, Any]:
+    """Jobs, newest first, a page at a time."""
+    jobs, total = state.store.list(offset, limit, job_status)
+    base = str(request.base_url)
+    return {"items": [state.job_view(job, base) for job in jobs], "total": total, "offset": offset, "limit": limit}
+
+
+@router.get("/v1/jobs/{job_id}")
+def get_job(job_id: str, state: State, request: Request, _: Authorized) -> dict[str, Any]:
+    """Status, progress (stage, step, total, percent, ETA), result or error."""
+    return state.job_view(_job_or_404(state, job_id), str(request.base_url))
+
+
+@router.post("/v1/jobs/{job_id}/cancel")
+def cancel_job(job_id: str, state: State, request: Request, _: Authorized) -> dict[str, Any]:
+    """Cancel a queued job at once, or a running one within one step; finished jobs are left as they are."""
+    _job_or_404(state, job_id)
+    return state.job_view(state.cancel(job_id), str(request.base_url))
+
+
+@router.get("/v1/jobs/{job_id}/events")
+async def job_events(job_id: str, state: State, request: Request, _: Authorized) -> EventSourceResponse:
+    """Server-Sent Events: `queued` (position), `started`, `progress`, `preview` (PNG, base64), `done`."""
+    _job_or_404(state, job_id)
+    base = str(request.base_url)
+    return EventSourceResponse(_event_stream(state, job_id, base, request), ping=15)
+
+
+async def _event_stream(state: AppState, job_id: str, base: str, request: Request) -> AsyncIterator[dict[str, str]]:
+    queue = state.events.subscribe(job_id)
+    try:
+        job = await asyncio.to_thread(state.store.get, job_id)
+        yield {"event": "state", "data": json.dumps(state.job_view(job, base))}
+        if job.status.terminal:
+            yield {"event": "done", "data": json.dumps({"status": job.status.value, "error": job.error})}
+            return
+        while not await request.is_disconnected():
+            try:
+                message = await asyncio.wait_for(queue.get(), timeout=5.0)
+            except TimeoutError:
+                job = await asyncio.to_thread(state.store.get, job_id)
+                if job.status.value == "queued":
+                    yield {"event": "queued", "data": json.dumps({"position": state.store.position(job_id)})}
+                if job.status.terminal:  # finished without us seeing it (another process did it)
+                    yield {"event": "done", "data": json.dumps({"status": job.status.value, "error": job.error})}
+                    return
+                continue
+            data = dict(message["data"])
+            if message["event"] == "preview":
+                png = state.events.preview(job_id)
+                if png is None:
+                    continue
+                data["image"] = "data:image/png;base64," + base64.b64encode(png).decode()
+            if message["event"] == "done":
+                job = await asyncio.to_thread(state.store.get, job_id)
+                data = {"status": job.status.value, "error": job.error, "job": state.job_view(job, base)}
+            yield {"event": message["event"], "data": json.dumps(data)}
+            if message["event"] == "done":
+                return
+    finally:
+        state.events.unsubscribe(job_id, queue)
+
+
+@router.get("/v1/images/{job_id}/{name}", response_class=FileResponse)
+def get_image(job_id: str, name: str, state: State, _: Authorized) -> FileResponse:
+    """A finished job's PNG. Names are fixed by the server; nothing outside the data folder is served."""
+    if not _JOB_ID.match(job_id) or not _IMAGE_NAME.match(name):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such image")
+    root = state.images_dir.resolve()
+    path = (root / job_id / name).resolve()
+    if root not in path.parents or not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such image")
+    return FileResponse(path, media_type="image/png")

@@ -1,0 +1,37 @@
+"""Operations: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from ..security import Authorized
+from ..state import State
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/health")
+def health() -> dict[str, str]:
+    """The process answers (no key needed)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+def ready(state: State, _: Authorized) -> JSONResponse:
+    """200 once the models are loaded, else 503; with device, precision and queue depth."""
+    described: dict[str, Any] = state.service.describe()
+    body = {"sdxl_available": state.service.loaded, "device": described.get("device"),
+            "precision": described.get("precision"), "queue_depth": state.store.depth(),
+            "models": {k: described.get(k) for k in ("base", "refiner", "base_hash", "refiner_hash")},
+            "error": state.load_error}  # fmt: skip
+    return JSONResponse(body, status_code=200 if state.service.loaded else 503)
+
+
+@router.get("/metrics")
+def metrics(state: State, _: Authorized) -> Response:
+    """Prometheus text format: jobs by status, queue depth, step seconds, job durations."""
+    state.metrics.observe_store(state.store.counts())
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

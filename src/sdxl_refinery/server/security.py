@@ -1,0 +1,87 @@
+"""API key checks (Bearer, or HTTP Basic for A1111 clients) and the request body cap."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def _presented_key(header: str) -> str | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2]  # A1111's --api-auth user:password: the password is the key
+    return None
+
+
+def require_api_key(request: Request) -> None:
+    """Refuse the request unless it carries the configured API key (when one is set).
+
+    Raises:
+        HTTPException: 401 with a WWW-Authenticate challenge.
+    """
+    expected: str | None = request.app.state.refinery.settings.api_key
+    if not expected:
+        return
+    presented = _presented_key(request.headers.get("authorization", ""))
+    if presented is None or not secrets.compare_digest(presented.encode(), expected.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail="a valid API key is required: Authorization: Bearer <key> (or HTTP Basic with the key as password)",
+            headers={"WWW-Authenticate": 'Bearer realm="refinery", Basic realm="refinery"'},
+        )
+
+
+Authorized = Annotated[None, Depends(require_api_key)]
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for bodies over `limit` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = f'{{"detail": "request body larger than {self.limit} bytes"}}'.encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass

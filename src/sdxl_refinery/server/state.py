@@ -1,0 +1,113 @@
+"""What the routes share: one object built by the app factory, reached through dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from ..config import Settings
+from ..jobs.events import JobEvents
+from ..jobs.metrics import QueueMetrics
+from ..jobs.models import Job
+from ..jobs.store import JobStore
+from ..jobs.worker import Worker
+from ..request import GenerationRequest, Limits, enforce_limits
+from ..service import ImageService
+
+
+@dataclass
+class AppState:
+    """The server's parts: settings, the job store, the service and its worker, events and metrics."""
+
+    settings: Settings
+    store: JobStore
+    service: ImageService
+    events: JobEvents
+    metrics: QueueMetrics
+    worker: Worker | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    load_error: str | None = None
+
+    @property
+    def images_dir(self) -> Path:
+        return self.settings.data_dir / "images"
+
+    @property
+    def limits(self) -> Limits:
+        s = self.settings
+        return Limits(s.max_width, s.max_height, s.max_steps, s.max_images)
+
+    def submit(self, request: GenerationRequest, client: str) -> Job:
+        """Check the server's limits, persist the job, wake the worker.
+
+        Raises:
+            InvalidRequest: a field over this server's caps.
+            QueueFull: the queue is at `max_queue`.
+        """
+        enforce_limits(request, self.limits)
+        job = self.store.create(request, client, self.settings.max_queue)
+        self.metrics.depth.set(self.store.depth())
+        self.events.publish(job.id, "queued", {"position": self.store.position(job.id)})
+        if self.worker is not None:
+            self.worker.wake()
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now, or a running one within one step.
+
+        Raises:
+            JobNotFound.
+        """
+        job = self.store.cancel(job_id)
+        if self.worker is not None:
+            self.worker.cancel(job_id)
+        if job.status.terminal:
+            self.events.publish(job_id, "done", {"status": job.status.value, "error": job.error})
+        return job
+
+    async def wait(self, job_id: str, timeout: float) -> Job:
+        """The job once it is terminal, or as it is when `timeout` seconds have passed."""
+        queue = self.events.subscribe(job_id)
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while True:
+                job = await asyncio.to_thread(self.store.get, job_id)
+                remaining = deadline - asyncio.get_running_loop().time()
+                if job.status.terminal or remaining <= 0:
+                    return job
+                try:  # wake on this job's events, and re-read the store at least every second
+                    while (await asyncio.wait_for(queue.get(), timeout=min(1.0, remaining)))["event"] != "done":
+                        pass
+                except TimeoutError:
+                    pass
+        finally:
+            self.events.unsubscribe(job_id, queue)
+
+    def image_url(self, base_url: str, job_id: str, name: str) -> str:
+        return f"{base_url.rstrip('/')}/v1/images/{job_id}/{name}"
+
+    def job_view(self, job: Job, base_url: str = "") -> dict[str, Any]:
+        """A job as the native API shows it."""
+        view: dict[str, Any] = {
+            "id": job.id, "status": job.status.value, "created": job.created, "started": job.started,
+            "finished": job.finished, "attempts": job.attempts, "client": job.client,
+            "request": job.request.model_dump(mode="json"), "progress": job.progress.as_dict(),
+            "position": self.store.position(job.id) if job.status.value == "queued" else None,
+            "error": job.error, "result": None,
+        }  # fmt: skip
+        if job.result is not None:
+            view["result"] = {**job.result,
+                              "urls": [self.image_url(base_url, job.id, n) for n in job.result["images"]]}  # fmt: skip
+        return view
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.refinery
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
