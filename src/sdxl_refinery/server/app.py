@@ -35,17 +35,27 @@ from .state import AppState
 log = logging.getLogger(__name__)
 
 
-def _invalid(field: str, rule: str) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": ["body", field], "msg": rule, "type": "value_error"}]}, status_code=422)
+_OPENAI_PATHS = ("/v1/images/",)
+
+
+def _unprocessable(request: Request, details: list[dict[str, Any]]) -> JSONResponse:
+    """422 with FastAPI's `detail` list; OpenAI routes also get OpenAI's `error` object, which its clients read."""
+    body: dict[str, Any] = {"detail": details}
+    if request.url.path.startswith(_OPENAI_PATHS) and details:
+        first = details[0]
+        param = str(first["loc"][-1]) if first.get("loc") else None
+        body["error"] = {"message": f"{param}: {first['msg']}" if param else first["msg"],
+                         "type": "invalid_request_error", "param": param, "code": "invalid_value"}  # fmt: skip
+    return JSONResponse(body, status_code=422)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequest)
-    async def invalid_request(_: Request, error: InvalidRequest) -> JSONResponse:
-        return _invalid(error.field, error.rule)
+    async def invalid_request(request: Request, error: InvalidRequest) -> JSONResponse:
+        return _unprocessable(request, [{"loc": ["body", error.field], "msg": error.rule, "type": "value_error"}])
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
         details = []
         for item in error.errors():
             cause = (item.get("ctx") or {}).get("error")
@@ -54,7 +64,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                 continue
             message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
             details.append({"loc": list(item.get("loc", [])), "msg": message, "type": item.get("type")})
-        return JSONResponse({"detail": details}, status_code=422)
+        return _unprocessable(request, details)
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, error: QueueFull) -> JSONResponse:
@@ -123,11 +133,13 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
     except OSError as error:
         raise StorageError(f"data folder {settings.data_dir} cannot be used: {error}") from error
     state = AppState(settings, job_store, service or ImageService.from_settings(settings), JobEvents(), QueueMetrics())
-    app = FastAPI(title="Refinery", version="0.1.0", lifespan=_lifespan,
-                  description="SDXL base + refiner, every image. Native, OpenAI and A1111 APIs.")  # fmt: skip
+    # The schema and docs routes are added by `ops.docs_router`, behind the API key like everything else.
+    description = "SDXL base + refiner, every image. Native, OpenAI and A1111 APIs."
+    app = FastAPI(title="Refinery", version="0.1.0", lifespan=_lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, description=description)  # fmt: skip
     app.state.refinery = state
     _install_error_handlers(app)
-    for router in (ops.router, jobs.router, openai.router, a1111.router):
+    for router in (ops.router, ops.docs_router, jobs.router, openai.router, a1111.router):
         app.include_router(router)
     web = resources.files("sdxl_refinery.server").joinpath("web")
     if web.joinpath("index.html").is_file():

@@ -79,9 +79,10 @@ class AppState:
                 remaining = deadline - asyncio.get_running_loop().time()
                 if job.status.terminal or remaining <= 0:
                     return job
-                try:  # wake on this job's events, and re-read the store at least every second
-                    while (await asyncio.wait_for(queue.get(), timeout=min(1.0, remaining)))["event"] != "done":
-                        pass
+                try:  # wake on this job's end, and re-read the store at least every second
+                    message = await asyncio.wait_for(queue.get(), timeout=min(1.0, remaining))
+                    while message["event"] != "done" and not queue.empty():
+                        message = queue.get_nowait()
                 except TimeoutError:
                     pass
         finally:

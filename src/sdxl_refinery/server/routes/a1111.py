@@ -139,3 +139,15 @@ def options(state: State, _: Authorized) -> dict[str, Any]:
     """The options A1111 clients read: which checkpoint and refiner are active."""
     return {"sd_model_checkpoint": state.settings.base_model, "sd_checkpoint_hash": state.service.describe().get(
         "base_hash"), "refiner_checkpoint": state.settings.refiner_model, "samples_format": "png"}  # fmt: skip
+
+
+@router.get("/sdapi/v1/samplers")
+def samplers(_: Authorized) -> list[dict[str, Any]]:
+    """The one sampler Refinery runs (SDXL's Euler schedule, for both stages)."""
+    return [{"name": SAMPLER, "aliases": ["euler"], "options": {}}]
+
+
+@router.get("/sdapi/v1/scripts")
+def scripts(_: Authorized) -> dict[str, list[str]]:
+    """No A1111 scripts or extensions run here; clients probe this to find out."""
+    return {"txt2img": [], "img2img": []}

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..security import Authorized
 from ..state import State
 
 router = APIRouter(tags=["ops"])
+docs_router = APIRouter(include_in_schema=False)
 
 
 @router.get("/health")
@@ -35,3 +37,15 @@ def metrics(state: State, _: Authorized) -> Response:
     """Prometheus text format: jobs by status, queue depth, step seconds, job durations."""
     state.metrics.observe_store(state.store.counts())
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@docs_router.get("/openapi.json")
+def openapi_schema(request: Request, _: Authorized) -> JSONResponse:
+    """The OpenAPI schema of every route."""
+    return JSONResponse(request.app.openapi())
+
+
+@docs_router.get("/docs")
+def docs(_: Authorized) -> HTMLResponse:
+    """Interactive API docs (Swagger UI)."""
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="Refinery API")

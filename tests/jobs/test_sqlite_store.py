@@ -1,0 +1,98 @@
+"""The SQLite job store: ordering, atomic claims, recovery, cancellation, limits."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from sdxl_refinery import GenerationRequest
+from sdxl_refinery.jobs.models import JobProgress, JobStatus
+from sdxl_refinery.jobs.sqlite_store import SQLiteJobStore
+from sdxl_refinery.jobs.store import JobNotFound, QueueFull
+
+REQUEST = GenerationRequest(prompt="x", width=256, height=256)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteJobStore:
+    return SQLiteJobStore(tmp_path / "jobs.sqlite3")
+
+
+def test_jobs_are_claimed_oldest_first_with_positions(store: SQLiteJobStore) -> None:
+    jobs = [store.create(REQUEST, "native") for _ in range(3)]
+    assert [store.position(job.id) for job in jobs] == [1, 2, 3]
+    claimed = store.claim_next("w")
+    assert claimed is not None and claimed.id == jobs[0].id and claimed.status is JobStatus.RUNNING
+    assert claimed.attempts == 1 and store.position(jobs[1].id) == 1 and store.position(claimed.id) is None
+    assert store.depth() == 3 and store.counts()["running"] == 1
+
+
+def test_two_workers_never_claim_the_same_job(store: SQLiteJobStore) -> None:
+    for _ in range(40):
+        store.create(REQUEST, "native")
+    claimed: list[str] = []
+
+    def worker(name: str) -> None:
+        while (job := store.claim_next(name)) is not None:
+            claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claimed) == 40 and len(set(claimed)) == 40
+
+
+def test_recovery_requeues_running_jobs_first_and_keeps_finished_ones(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    done, running, waiting = (store.create(REQUEST, "native") for _ in range(3))
+    assert store.claim_next("w") is not None
+    store.succeed(done.id, {"images": ["image.png"]})
+    assert store.claim_next("w") is not None  # `running`
+    store.update_progress(running.id, JobProgress(1, 5, 50, 6.0, 12.0))
+    store.close()  # the process dies here
+
+    reopened = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    assert reopened.recover() == [running.id]
+    assert reopened.get(running.id).status is JobStatus.QUEUED
+    assert reopened.get(done.id).result == {"images": ["image.png"]}
+    again = reopened.claim_next("w2")
+    assert again is not None and again.id == running.id and again.attempts == 2  # run again from the start
+    assert again.progress.step == 0
+    assert reopened.position(waiting.id) == 1
+
+
+def test_cancel_queued_now_and_running_by_flag(store: SQLiteJobStore) -> None:
+    running, queued = store.create(REQUEST, "native"), store.create(REQUEST, "native")
+    store.claim_next("w")
+    assert store.cancel(queued.id).status is JobStatus.CANCELLED
+    flagged = store.cancel(running.id)
+    assert flagged.status is JobStatus.RUNNING and flagged.cancel_requested
+    store.mark_cancelled(running.id)
+    assert store.get(running.id).status is JobStatus.CANCELLED
+    store.succeed(running.id, {})  # a finished job never changes again
+    assert store.get(running.id).status is JobStatus.CANCELLED
+
+
+def test_a_cancel_asked_before_a_crash_is_honoured_on_recovery(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    job = store.create(REQUEST, "native")
+    store.claim_next("w")
+    store.cancel(job.id)
+    assert store.recover() == [job.id]
+    assert store.get(job.id).status is JobStatus.CANCELLED
+
+
+def test_queue_limit_and_missing_jobs(store: SQLiteJobStore) -> None:
+    store.create(REQUEST, "native", max_depth=2)
+    store.create(REQUEST, "native", max_depth=2)
+    with pytest.raises(QueueFull) as caught:
+        store.create(REQUEST, "native", max_depth=2)
+    assert caught.value.depth == 2 and caught.value.retry_after > 0
+    with pytest.raises(JobNotFound):
+        store.get("0" * 32)
+    page, total = store.list(0, 1)
+    assert total == 2 and len(page) == 1

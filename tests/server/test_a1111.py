@@ -1,0 +1,82 @@
+"""The `webuiapi` package (what A1111 scripts use) against the A1111-compatible routes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from typing import Any
+
+import pytest
+import webuiapi
+from PIL import Image
+
+from .conftest import RunningServer, ServerFactory
+
+
+def _api(server: RunningServer, **auth: str) -> webuiapi.WebUIApi:
+    host, port = server.url.removeprefix("http://").split(":")
+    return webuiapi.WebUIApi(host=host, port=int(port), **auth)
+
+
+def test_txt2img_with_webuiapi(server: RunningServer) -> None:
+    result = _api(server).txt2img(prompt="a tram in the rain", negative_prompt="blur", steps=6, width=256,
+                                  height=256, seed=5, batch_size=2, cfg_scale=7.0)  # fmt: skip
+    assert len(result.images) == 2 and all(image.size == (256, 256) for image in result.images)
+    assert result.info["all_seeds"] == [5, 6] and result.info["refined"] is True
+    assert result.parameters["prompt"] == "a tram in the rain"
+    job = server.client.get("/v1/jobs").json()["items"][0]
+    assert job["request"]["num_inference_steps"] == 6 and job["request"]["guidance_scale"] == 7.0
+    assert job["request"]["mode"] == "sequential" and job["client"] == "a1111"
+
+
+def test_refiner_switch_at_selects_handoff_and_unknown_fields_are_ignored(server: RunningServer) -> None:
+    answer = server.client.post("/sdapi/v1/txt2img", json={
+        "prompt": "x", "steps": 10, "width": 256, "height": 256, "refiner_checkpoint": "sd_xl_refiner_1.0",
+        "refiner_switch_at": 0.7, "sampler_name": "DPM++ 2M", "alwayson_scripts": {}, "enable_hr": False,
+        "n_iter": 2, "send_images": False})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["images"] == []
+    job = server.client.get("/v1/jobs").json()["items"][0]
+    assert (job["request"]["mode"], job["request"]["switch_at"], job["request"]["n"]) == ("handoff", 0.7, 2)
+    assert job["result"]["metadata"]["base_steps"] == 7
+
+
+def test_progress_shows_step_and_preview_and_interrupt_stops(server_factory: ServerFactory) -> None:
+    with server_factory(preview_every=1) as server:
+        outcome: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: outcome.update(server.client.post("/sdapi/v1/txt2img", json={
+            "prompt": "x", "steps": 500, "width": 256, "height": 256}).json()))  # fmt: skip
+        worker.start()
+        progress: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            progress = server.client.get("/sdapi/v1/progress").json()
+            if progress["state"]["sampling_step"] > 2 and progress["current_image"]:
+                break
+            time.sleep(0.05)
+        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 500
+        assert progress["textinfo"].startswith("base step")
+        assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (32, 32)
+        assert server.client.post("/sdapi/v1/interrupt").json()["interrupted"]
+        worker.join(timeout=30)
+        assert '"status": "cancelled"' in outcome["info"]
+        idle = server.client.get("/sdapi/v1/progress").json()
+        assert idle["progress"] == 0.0 and idle["current_image"] is None
+
+
+def test_models_options_and_samplers(server: RunningServer) -> None:
+    api = _api(server)
+    models = api.get_sd_models()
+    assert [model["filename"] for model in models] == ["tiny", "tiny"]
+    assert api.get_options()["sd_model_checkpoint"] == "tiny"
+    assert [sampler["name"] for sampler in api.get_samplers()] == ["Euler"]
+
+
+def test_basic_auth_with_the_key_as_password(server_factory: ServerFactory) -> None:
+    with server_factory(api_key="s3cret") as server:
+        with pytest.raises(RuntimeError, match="401"):
+            _api(server).txt2img(prompt="x", steps=2, width=256, height=256)
+        result = _api(server, username="me", password="s3cret").txt2img(prompt="x", steps=2, width=256, height=256)
+        assert len(result.images) == 1

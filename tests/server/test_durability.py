@@ -1,0 +1,74 @@
+"""SIGKILL the server mid-job, restart it: every accepted job completes once, with no duplicate images."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .conftest import free_port
+
+
+def _start(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    environment = {**os.environ, "REFINERY_BASE_MODEL": "tiny", "REFINERY_REFINER_MODEL": "tiny",
+                   "REFINERY_PRECISION": "full", "REFINERY_MAX_STEPS": "500", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sdxl_refinery", "serve", "--port", str(port), "--data-dir", str(data)],
+            env=environment, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "server exited"
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server never became ready")
+
+
+def test_sigkill_mid_job_then_restart_completes_every_job_once(tmp_path: Path) -> None:
+    data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    process = _start(data, port, log)
+    try:
+        _wait_ready(url, process)
+        jobs = [httpx.post(url + "/v1/jobs", json={"prompt": f"job {i}", "width": 256, "height": 256,
+                                                   "num_inference_steps": 150, "refiner_steps": 5, "n": 2,
+                                                   "seed": 10 * i}).json()["id"] for i in range(3)]  # fmt: skip
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v1/jobs/{jobs[0]}").json()["progress"]["step"] < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+        process = _start(data, port, log)
+        _wait_ready(url, process)
+        finished: list[dict[str, Any]] = []
+        for job_id in jobs:
+            deadline = time.monotonic() + 120
+            while (job := httpx.get(f"{url}/v1/jobs/{job_id}").json())["status"] != "succeeded":
+                assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+                time.sleep(0.1)
+            finished.append(job)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert finished[0]["attempts"] == 2  # the job that was running ran again from the start
+    assert [job["attempts"] for job in finished[1:]] == [1, 1]
+    for job in finished:
+        folder = data / "images" / job["id"]
+        assert sorted(path.name for path in folder.iterdir()) == ["image-1.png", "image-2.png"]
+    assert sorted(path.name for path in (data / "images").iterdir() if path.is_dir()) == sorted(jobs)

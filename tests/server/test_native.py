@@ -1,0 +1,164 @@
+"""The native API on a real uvicorn server: submit, watch, list, cancel, images, limits."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from .conftest import SMALL_JOB, RunningServer, ServerFactory
+
+LONG_JOB = {**SMALL_JOB, "num_inference_steps": 500}
+
+
+def _submit(server: RunningServer, **fields: Any) -> dict[str, Any]:
+    answer = server.client.post("/v1/jobs", json={**SMALL_JOB, **fields})
+    assert answer.status_code == 202, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def _running_with_steps(server: RunningServer, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = server.client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] == "running" and job["progress"]["step"] > 0:
+            return job
+        time.sleep(0.05)
+    raise AssertionError("job never ran")
+
+
+def test_submit_poll_and_fetch_the_image(server: RunningServer) -> None:
+    accepted = _submit(server, seed=3, n=2)
+    assert accepted["status"] == "queued" and accepted["position"] >= 1
+    job = server.wait_for(accepted["id"], {"succeeded"})
+    assert job["result"]["seeds"] == [3, 4] and job["result"]["images"] == ["image-1.png", "image-2.png"]
+    assert job["progress"]["percent"] == 100.0 and job["attempts"] == 1
+    png = server.client.get(job["result"]["urls"][1])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(png.content))
+    assert image.size == (256, 256)
+    assert json.loads(image.info["refinery"])["seeds"] == [3, 4]
+
+
+def test_list_is_newest_first_and_paged(server: RunningServer) -> None:
+    ids = [_submit(server, seed=i)["id"] for i in range(3)]
+    for job_id in ids:
+        server.wait_for(job_id, {"succeeded"})
+    page = server.client.get("/v1/jobs", params={"limit": 2}).json()
+    assert page["total"] == 3 and [job["id"] for job in page["items"]] == ids[::-1][:2]
+    rest = server.client.get("/v1/jobs", params={"limit": 2, "offset": 2}).json()
+    assert [job["id"] for job in rest["items"]] == [ids[0]]
+    done = server.client.get("/v1/jobs", params={"status": "succeeded"}).json()
+    assert done["total"] == 3
+
+
+def test_events_stream_progress_previews_and_done(server_factory: ServerFactory) -> None:
+    with server_factory(preview_every=2) as server:
+        job_id = _submit(server, num_inference_steps=8, refiner_steps=4)["id"]
+        events: list[tuple[str, dict[str, Any]]] = []
+        with server.client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            event = ""
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    events.append((event, json.loads(line.split(":", 1)[1])))
+                    if event == "done":
+                        break
+    names = [name for name, _ in events]
+    assert names[0] == "state" and names[-1] == "done"
+    progress = [data for name, data in events if name == "progress"]
+    assert {p["stage_name"] for p in progress} == {"base", "refiner"}
+    assert progress[-1]["percent"] == 100.0 and progress[-1]["eta_seconds"] == 0.0
+    previews = [data for name, data in events if name == "preview"]
+    assert previews and previews[0]["image"].startswith("data:image/png;base64,")
+    assert events[-1][1]["status"] == "succeeded" and events[-1][1]["job"]["result"]["images"] == ["image.png"]
+
+
+def test_cancel_running_job_stops_it_and_writes_nothing(server: RunningServer) -> None:
+    job_id = _submit(server, **LONG_JOB)["id"]
+    running = _running_with_steps(server, job_id)
+    cancelled = server.client.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200
+    job = server.wait_for(job_id, {"cancelled"}, timeout=10)
+    assert job["progress"]["step"] < 500 and running["progress"]["step"] >= 1
+    assert not (server.settings.data_dir / "images" / job_id / "image.png").exists()
+
+
+def test_cancel_queued_job_is_immediate(server: RunningServer) -> None:
+    first = _submit(server, **LONG_JOB)["id"]
+    second = _submit(server)["id"]
+    assert server.client.get(f"/v1/jobs/{second}").json()["position"] == 1
+    answer = server.client.post(f"/v1/jobs/{second}/cancel").json()
+    assert answer["status"] == "cancelled"
+    server.client.post(f"/v1/jobs/{first}/cancel")
+    server.wait_for(first, {"cancelled"})
+    assert server.client.get(f"/v1/jobs/{second}").json()["status"] == "cancelled"
+
+
+def test_full_queue_answers_429_with_retry_after(server_factory: ServerFactory) -> None:
+    with server_factory(max_queue=2) as server:
+        ids = [_submit(server, **LONG_JOB)["id"] for _ in range(2)]
+        refused = server.client.post("/v1/jobs", json=SMALL_JOB)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+        assert "queue is full" in refused.json()["detail"]
+        for job_id in ids:
+            server.client.post(f"/v1/jobs/{job_id}/cancel")
+        for job_id in ids:
+            server.wait_for(job_id, {"cancelled"})
+
+
+BAD = [("prompt", " "), ("width", 1001), ("height", 100), ("num_inference_steps", 0), ("refiner_steps", 501),
+       ("refiner_strength", 0), ("switch_at", 1.0), ("guidance_scale", 31), ("n", 17), ("mode", "fast"),
+       ("seed", -5), ("colour", "red")]  # fmt: skip
+
+
+def test_each_bad_field_is_a_422_naming_it(server: RunningServer) -> None:
+    for field, value in BAD:
+        answer = server.client.post("/v1/jobs", json={**SMALL_JOB, field: value})
+        assert answer.status_code == 422, (field, answer.text)
+        assert answer.json()["detail"][0]["loc"][-1] == field, (field, answer.text)
+    over = server.client.post("/v1/jobs", json={**SMALL_JOB, "width": 4096})
+    assert over.status_code == 422 and over.json()["detail"][0] == {
+        "loc": ["body", "width"],
+        "msg": "must be at most 2048 on this server, not 4096",
+        "type": "value_error",
+    }
+    assert server.client.post("/v1/jobs", content=b"not json", headers={"content-type": "application/json"}
+                              ).status_code == 422  # fmt: skip
+    assert server.client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_image_route_refuses_paths_outside_the_data_folder(server: RunningServer) -> None:
+    job = server.wait_for(_submit(server)["id"], {"succeeded"})
+    assert server.client.get(f"/v1/images/{job['id']}/image.png").status_code == 200
+    for path in (f"/v1/images/{job['id']}/..%2F..%2Fjobs.sqlite3", "/v1/images/..%2F..%2F..%2Fetc/passwd",
+                 f"/v1/images/{job['id']}/../../jobs.sqlite3", f"/v1/images/{job['id']}/image.png%00.txt",
+                 "/v1/images/%2e%2e/%2e%2e/jobs.sqlite3", f"/v1/images/{job['id']}/.image.png.x.part"):  # fmt: skip
+        answer = httpx.get(server.url + path)
+        assert answer.status_code == 404, path
+        assert b"SQLite" not in answer.content and b"root:" not in answer.content
+
+
+def test_body_size_cap(server: RunningServer) -> None:
+    answer = server.client.post("/v1/jobs", json={**SMALL_JOB, "prompt": "x" * 2_000_000})
+    assert answer.status_code == 413
+
+
+def test_health_ready_and_metrics(server: RunningServer) -> None:
+    assert server.client.get("/health").json() == {"status": "ok"}
+    server.wait_for(_submit(server)["id"], {"succeeded"})
+    ready = server.client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["sdxl_available"] is True and ready.json()["device"] == "cpu"
+    assert ready.json()["precision"] == "fp32" and ready.json()["queue_depth"] == 0
+    metrics = server.client.get("/metrics").text
+    assert 'refinery_jobs{status="succeeded"} 1.0' in metrics
+    assert "refinery_queue_depth 0.0" in metrics
+    assert 'refinery_step_seconds_count{stage="refiner"} 3.0' in metrics
+    assert 'refinery_job_duration_seconds_count{status="succeeded"} 1.0' in metrics
