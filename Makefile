@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= A beautiful landscape with mountains
 OUTPUT ?= outputs/
 MODEL ?=
-SYSTEM_PACKAGES ?=
+SYSTEM_PACKAGES ?= chromium redis-server
 
 .PHONY: generate test lint install system-deps clean
 

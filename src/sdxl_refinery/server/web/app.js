@@ -1,0 +1,429 @@
+// Refinery's web page: a client of the server's public API (the same routes any client uses).
+"use strict";
+
+const KEY_STORAGE = "refinery.apiKey";
+const PAGE_SIZE = 12;
+const $ = (selector, root = document) => root.querySelector(selector);
+
+const state = {
+  apiKey: localStorage.getItem(KEY_STORAGE) || "",
+  galleryOffset: 0,
+  watching: new Map(), // job id -> {element, controller}
+  viewing: null, // {job, index}
+  blobUrls: [],
+};
+
+// ---------------------------------------------------------------- talking to the server
+
+class Unauthorized extends Error {}
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (state.apiKey) headers.set("Authorization", `Bearer ${state.apiKey}`);
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (error) {
+    showBanner("The server is unreachable. Is `refinery serve` running? Retrying…");
+    throw error;
+  }
+  if (response.status === 401) {
+    showKeyPanel(state.apiKey ? "That key was refused." : "");
+    throw new Unauthorized("API key required");
+  }
+  hideBanner("unreachable");
+  return response;
+}
+
+async function blobUrl(path) {
+  const response = await api(path);
+  if (!response.ok) throw new Error(`${path}: ${response.status}`);
+  const url = URL.createObjectURL(await response.blob());
+  state.blobUrls.push(url);
+  return url;
+}
+
+// Server-Sent Events over fetch, so the Authorization header travels (EventSource cannot send it).
+async function streamEvents(path, onEvent, signal) {
+  const response = await api(path, { signal, headers: { Accept: "text/event-stream" } });
+  if (!response.ok) throw new Error(`events: ${response.status}`);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let event = "message";
+  let data = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let newline;
+    while ((newline = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, newline).replace(/\r$/, "");
+      buffer = buffer.slice(newline + 1);
+      if (line === "") {
+        if (data.length) onEvent(event, JSON.parse(data.join("\n")));
+        event = "message";
+        data = [];
+      } else if (line.startsWith("event:")) {
+        event = line.slice(6).trim();
+      } else if (line.startsWith("data:")) {
+        data.push(line.slice(5).trimStart());
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- banners and the key prompt
+
+function showBanner(text, kind = "unreachable") {
+  const banner = $("#banner");
+  banner.textContent = text;
+  banner.dataset.kind = kind;
+  banner.hidden = false;
+}
+
+function hideBanner(kind) {
+  const banner = $("#banner");
+  if (!kind || banner.dataset.kind === kind) banner.hidden = true;
+}
+
+function showKeyPanel(message) {
+  $("#app").hidden = true;
+  $("#key-panel").hidden = false;
+  $("#key-error").textContent = message || "";
+  $("#api-key").focus();
+}
+
+async function start() {
+  let response;
+  try {
+    response = await api("/v1/jobs?limit=1");
+  } catch (error) {
+    if (!(error instanceof Unauthorized)) setTimeout(start, 3000);
+    return;
+  }
+  if (!response.ok) {
+    showBanner(`The server answered ${response.status}.`, "server");
+    return;
+  }
+  $("#key-panel").hidden = true;
+  $("#app").hidden = false;
+  await Promise.all([loadGallery(), resumeActiveJobs()]);
+}
+
+// ---------------------------------------------------------------- the form
+
+function formRequest() {
+  const form = $("#generate-form");
+  const number = (name) => Number(form.elements[name].value);
+  const request = {
+    prompt: form.elements.prompt.value,
+    negative_prompt: form.elements.negative_prompt.value,
+    num_inference_steps: number("num_inference_steps"),
+    refiner_steps: number("refiner_steps"),
+    guidance_scale: number("guidance_scale"),
+    mode: form.elements.mode.value,
+    n: number("n"),
+    use_refinement: form.elements.use_refinement.checked,
+  };
+  const size = form.elements.size.value;
+  if (size === "custom") {
+    request.width = number("width");
+    request.height = number("height");
+  } else {
+    [request.width, request.height] = size.split("x").map(Number);
+  }
+  if (request.mode === "handoff") request.switch_at = number("switch_at");
+  if (!$("#random-seed").checked && form.elements.seed.value !== "") request.seed = number("seed");
+  return request;
+}
+
+function clearFieldErrors() {
+  document.querySelectorAll("[data-error-for]").forEach((p) => (p.textContent = ""));
+  document.querySelectorAll(".invalid").forEach((el) => el.classList.remove("invalid"));
+}
+
+function showFieldErrors(details) {
+  for (const detail of details) {
+    const field = String((detail.loc || []).slice(-1)[0] || "request");
+    const target = $(`[data-error-for="${field}"]`) || $('[data-error-for="request"]');
+    const input = $(`#generate-form [name="${field}"]`);
+    if (field === "width" || field === "height") {
+      $("#size").value = "custom";
+      $("#custom-size").hidden = false;
+    }
+    if (input && input.closest("details")) input.closest("details").open = true;
+    target.textContent = `${field}: ${detail.msg}`;
+    if (input) input.classList.add("invalid");
+  }
+}
+
+async function submit(event) {
+  if (event) event.preventDefault();
+  clearFieldErrors();
+  const request = formRequest();
+  let response;
+  try {
+    response = await api("/v1/jobs", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(request),
+    });
+  } catch (error) {
+    return;
+  }
+  if (response.status === 422) {
+    showFieldErrors((await response.json()).detail || []);
+    return;
+  }
+  if (response.status === 429) {
+    const retry = response.headers.get("Retry-After") || "a few";
+    showBanner(`The queue is full. Try again in ${retry} seconds.`, "queue");
+    return;
+  }
+  if (!response.ok) {
+    showBanner(`The server refused the job (${response.status}).`, "server");
+    return;
+  }
+  hideBanner("queue");
+  const accepted = await response.json();
+  watchJob(accepted.id, request.prompt, `Queued, position ${accepted.position ?? "?"}`);
+}
+
+function fillForm(request, seed) {
+  const form = $("#generate-form");
+  for (const name of ["prompt", "negative_prompt", "num_inference_steps", "refiner_steps", "guidance_scale",
+                      "mode", "switch_at", "n", "width", "height"]) {
+    if (request[name] !== undefined && form.elements[name]) form.elements[name].value = request[name];
+  }
+  form.elements.use_refinement.checked = request.use_refinement !== false;
+  const preset = `${request.width}x${request.height}`;
+  const known = [...form.elements.size.options].some((option) => option.value === preset);
+  form.elements.size.value = known ? preset : "custom";
+  $("#custom-size").hidden = known;
+  $("#switch-row").hidden = request.mode !== "handoff";
+  form.elements.n.value = 1;
+  form.elements.seed.value = seed;
+  $("#random-seed").checked = false;
+  form.elements.prompt.focus();
+}
+
+// ---------------------------------------------------------------- jobs being watched
+
+function jobElement(id, prompt) {
+  const element = $("#job-template").content.firstElementChild.cloneNode(true);
+  element.dataset.job = id;
+  $(".job-prompt", element).textContent = prompt;
+  $(".cancel", element).addEventListener("click", async () => {
+    $(".cancel", element).disabled = true;
+    try {
+      await api(`/v1/jobs/${id}/cancel`, { method: "POST" });
+    } catch (error) {
+      $(".cancel", element).disabled = false;
+    }
+  });
+  $("#jobs").prepend(element);
+  $("#no-jobs").hidden = true;
+  return element;
+}
+
+function describeProgress(progress) {
+  const eta = progress.eta_seconds == null ? "" : `, about ${Math.ceil(progress.eta_seconds)} s left`;
+  return `${progress.stage_name} step ${progress.step} of ${progress.total}${eta}`;
+}
+
+function finishJob(id, status, error) {
+  const watched = state.watching.get(id);
+  if (!watched) return;
+  const element = watched.element;
+  state.watching.delete(id);
+  $(".cancel", element).hidden = true;
+  if (status === "succeeded") {
+    $("progress", element).value = 100;
+    $(".job-state", element).textContent = "Done";
+    element.classList.add("succeeded");
+    state.galleryOffset = 0;
+    loadGallery();
+    setTimeout(() => {
+      element.remove();
+      $("#no-jobs").hidden = state.watching.size > 0 || $("#jobs").children.length > 0;
+    }, 1500);
+  } else {
+    element.classList.add(status);
+    $(".job-state", element).textContent = status === "cancelled" ? "Cancelled" : `Failed: ${error || "unknown error"}`;
+  }
+}
+
+function applyJobView(element, job) {
+  if (job.status === "queued") {
+    $(".job-state", element).textContent = `Queued, position ${job.position ?? "?"}`;
+  } else if (job.status === "running") {
+    $(".job-state", element).textContent = job.progress.step ? describeProgress(job.progress) : "Starting…";
+    $("progress", element).value = job.progress.percent;
+  }
+}
+
+function watchJob(id, prompt, initialState) {
+  if (state.watching.has(id)) return;
+  const element = jobElement(id, prompt);
+  $(".job-state", element).textContent = initialState;
+  const controller = new AbortController();
+  state.watching.set(id, { element, controller });
+  const onEvent = (event, data) => {
+    if (event === "state") {
+      applyJobView(element, data);
+      if (["succeeded", "failed", "cancelled"].includes(data.status)) finishJob(id, data.status, data.error);
+    } else if (event === "queued") {
+      $(".job-state", element).textContent = `Queued, position ${data.position ?? "?"}`;
+    } else if (event === "started") {
+      $(".job-state", element).textContent = "Starting…";
+    } else if (event === "progress") {
+      $("progress", element).value = data.percent;
+      $(".job-state", element).textContent = describeProgress(data);
+    } else if (event === "preview") {
+      const preview = $(".preview", element);
+      preview.src = data.image;
+      preview.hidden = false;
+    } else if (event === "done") {
+      finishJob(id, data.status, data.error);
+    }
+  };
+  const follow = async () => {
+    while (state.watching.has(id)) {
+      try {
+        await streamEvents(`/v1/jobs/${id}/events`, onEvent, controller.signal);
+      } catch (error) {
+        if (error instanceof Unauthorized) return;
+      }
+      if (state.watching.has(id)) await new Promise((resolve) => setTimeout(resolve, 2000));
+    }
+  };
+  follow();
+}
+
+async function resumeActiveJobs() {
+  for (const status of ["running", "queued"]) {
+    const response = await api(`/v1/jobs?status=${status}&limit=50`);
+    if (!response.ok) continue;
+    for (const job of (await response.json()).items.reverse()) watchJob(job.id, job.request.prompt, "…");
+  }
+}
+
+// ---------------------------------------------------------------- gallery and viewer
+
+async function loadGallery() {
+  const response = await api(`/v1/jobs?status=succeeded&limit=${PAGE_SIZE}&offset=${state.galleryOffset}`);
+  if (!response.ok) return;
+  const page = await response.json();
+  const gallery = $("#gallery");
+  state.blobUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
+  gallery.replaceChildren();
+  for (const job of page.items) {
+    for (const [index, name] of job.result.images.entries()) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "thumb";
+      button.dataset.job = job.id;
+      const image = document.createElement("img");
+      image.alt = `${job.request.prompt} (seed ${job.result.seeds[index]})`;
+      button.append(image);
+      button.addEventListener("click", () => openViewer(job, index));
+      gallery.append(button);
+      blobUrl(`/v1/images/${job.id}/${name}`).then((url) => (image.src = url)).catch(() => {});
+    }
+  }
+  const pages = Math.max(1, Math.ceil(page.total / PAGE_SIZE));
+  $("#page-info").textContent = `Page ${Math.floor(state.galleryOffset / PAGE_SIZE) + 1} of ${pages}`;
+  $("#newer").disabled = state.galleryOffset === 0;
+  $("#older").disabled = state.galleryOffset + PAGE_SIZE >= page.total;
+}
+
+async function openViewer(job, index) {
+  state.viewing = { job, index };
+  const metadata = job.result.metadata;
+  const request = job.request;
+  const rows = [
+    ["Prompt", request.prompt],
+    ["Negative prompt", request.negative_prompt || "—"],
+    ["Seed", job.result.seeds[index]],
+    ["Size", `${request.width} × ${request.height}`],
+    ["Steps", `${metadata.base_steps} base + ${metadata.refiner_steps} refiner`],
+    ["Guidance", request.guidance_scale],
+    ["Mode", request.mode === "handoff" ? `handoff at ${request.switch_at}` : "sequential"],
+    ["Refined", metadata.refined ? "yes" : `no: ${metadata.refinement_error || "refinement was turned off"}`],
+    ["Device", `${metadata.device} (${metadata.precision})`],
+    ["Timings", Object.entries(metadata.timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(", ")],
+    ["Models", `${metadata.models.base} + ${metadata.models.refiner}`],
+  ];
+  const list = $("#viewer-meta");
+  list.replaceChildren();
+  for (const [term, value] of rows) {
+    const dt = document.createElement("dt");
+    dt.textContent = term;
+    const dd = document.createElement("dd");
+    dd.textContent = String(value);
+    list.append(dt, dd);
+  }
+  $("#viewer-title").textContent = request.prompt;
+  const url = await blobUrl(`/v1/images/${job.id}/${job.result.images[index]}`);
+  $("#viewer-image").src = url;
+  $("#viewer-image").alt = request.prompt;
+  $("#download").href = url;
+  $("#download").download = `refinery-${job.result.seeds[index]}.png`;
+  $("#viewer").showModal();
+}
+
+async function copySeed() {
+  const seed = String(state.viewing.job.result.seeds[state.viewing.index]);
+  try {
+    await navigator.clipboard.writeText(seed);
+  } catch (error) {
+    const field = document.createElement("textarea");
+    field.value = seed;
+    document.body.append(field);
+    field.select();
+    document.execCommand("copy");
+    field.remove();
+  }
+  $("#copy-seed").textContent = `Copied ${seed}`;
+  setTimeout(() => ($("#copy-seed").textContent = "Copy seed"), 1500);
+}
+
+// ---------------------------------------------------------------- wiring
+
+function wire() {
+  $("#generate-form").addEventListener("submit", submit);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !$("#app").hidden) submit(event);
+  });
+  $("#size").addEventListener("change", (event) => ($("#custom-size").hidden = event.target.value !== "custom"));
+  $("#mode").addEventListener("change", (event) => ($("#switch-row").hidden = event.target.value !== "handoff"));
+  $("#dice").addEventListener("click", () => {
+    $("#seed").value = Math.floor(Math.random() * 4294967295);
+    $("#random-seed").checked = false;
+  });
+  $("#newer").addEventListener("click", () => {
+    state.galleryOffset = Math.max(0, state.galleryOffset - PAGE_SIZE);
+    loadGallery();
+  });
+  $("#older").addEventListener("click", () => {
+    state.galleryOffset += PAGE_SIZE;
+    loadGallery();
+  });
+  $("#close-viewer").addEventListener("click", () => $("#viewer").close());
+  $("#copy-seed").addEventListener("click", copySeed);
+  $("#reuse").addEventListener("click", () => {
+    const { job, index } = state.viewing;
+    $("#viewer").close();
+    fillForm(job.request, job.result.seeds[index]);
+  });
+  $("#key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    state.apiKey = $("#api-key").value.trim();
+    localStorage.setItem(KEY_STORAGE, state.apiKey);
+    start();
+  });
+}
+
+wire();
+start();
