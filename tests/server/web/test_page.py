@@ -152,7 +152,8 @@ def test_narrow_screen_and_labels(web: RunningServer, browser: object) -> None:
     p.wait_for_selector("#app:not([hidden])")
     assert p.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     unlabeled = p.evaluate("""[...document.querySelectorAll('input, select, textarea, button')].filter(el =>
-        !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim()).map(el => el.id)""")
+        !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
+        .map(el => el.id)""")
     assert unlabeled == []
     shot(p, "08-phone")
     context.close()
