@@ -248,6 +248,53 @@ def serve(
     uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
 
 
+@app.command()
+def worker(
+    redis_url: Annotated[str | None, typer.Option("--redis-url", help="Redis broker (REFINERY_REDIS_URL).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Shared image folder (REFINERY_DATA_DIR).")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Worker name (default: host and device).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Device this worker owns.")] = None,
+) -> None:
+    """Run jobs from the Celery queue on this machine's device (one process per device)."""
+    import socket
+
+    from .jobs.celery_backend import run_worker
+
+    overrides: dict[str, Any] = {"redis_url": redis_url, "data_dir": data_dir, "device": device}
+    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    try:
+        run_worker(settings, name or f"{socket.gethostname()}-{settings.device}")
+    except RefineryError as error:
+        raise _fail(str(error), EXIT_FAILURE) from None
+
+
+@app.command()
+def status(
+    url: Annotated[str, typer.Option("--url", help="A Refinery server.")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="REFINERY_API_KEY")] = None,
+) -> None:
+    """Workers, their devices, what each runs, and the queue depth, as a server sees them."""
+    import httpx
+    from rich.table import Table
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        answer = httpx.get(f"{url.rstrip('/')}/v1/workers", headers=headers, timeout=10)
+        answer.raise_for_status()
+    except httpx.HTTPError as error:
+        raise _fail(f"{url}: {error}", EXIT_FAILURE) from None
+    report = answer.json()
+    table = Table("worker", "host", "device", "precision", "loaded", "running")
+    for row in report["workers"]:
+        table.add_row(row["name"], row.get("host") or "", str(row["device"]), str(row["precision"]),
+                      "yes" if row["loaded"] else "no", row["current_job"] or "-")  # fmt: skip
+    Console().print(table)
+    counts = ", ".join(f"{key} {value}" for key, value in report["counts"].items())
+    typer.echo(f"backend {report['backend']}; queue depth {report['queue_depth']} ({counts})")
+
+
 app.add_typer(models_app, name="models")
 app.command()(doctor)
 app.command()(export)

@@ -122,6 +122,7 @@ class SQLiteJobStore(JobStore):
         return [self._job(row) for row in rows], total
 
     def claim_next(self, worker: str) -> Job | None:
+        """Atomically move the oldest queued job to running for `worker`."""
         rows = self._execute(
             "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, worker = ?, progress = NULL "
             "WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY queue_order LIMIT 1) RETURNING *",
@@ -129,6 +130,17 @@ class SQLiteJobStore(JobStore):
             worker,
         )
         return self._job(rows[0]) if rows else None
+
+    def start(self, job_id: str, worker: str) -> Job | None:
+        rows = self._execute(
+            "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, worker = ?, progress = NULL "
+            "WHERE id = ? AND status IN ('queued', 'running') RETURNING *", time.time(), worker, job_id,
+        )  # fmt: skip
+        return self._job(rows[0]) if rows else None
+
+    def cancel_requested(self, job_id: str) -> bool:
+        rows = self._execute("SELECT cancel_requested FROM jobs WHERE id = ?", job_id)
+        return bool(rows and rows[0][0])
 
     def update_progress(self, job_id: str, progress: JobProgress) -> None:
         self._execute(
@@ -170,6 +182,8 @@ class SQLiteJobStore(JobStore):
         )  # fmt: skip
 
     def recover(self) -> builtins.list[str]:
+        """At start: jobs left running by a dead process go back to the head of the queue (or to
+        cancelled, if a cancel was asked). Returns their ids."""
         rows = self._execute("SELECT id, cancel_requested FROM jobs WHERE status = 'running' ORDER BY queue_order")
         for row in reversed(rows):
             if row["cancel_requested"]:

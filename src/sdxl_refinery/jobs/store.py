@@ -28,7 +28,11 @@ class JobNotFound(KeyError):
 
 
 class JobStore(ABC):
-    """Persistent jobs: create, claim, report, finish, list, cancel."""
+    """Persistent jobs: create, start, report, finish, list, cancel.
+
+    The embedded store also hands out work itself (`claim_next`, `recover`); with
+    Celery, the broker does that and workers call `start`.
+    """
 
     @abstractmethod
     def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
@@ -47,8 +51,16 @@ class JobStore(ABC):
         """Newest first; returns the page and the total count."""
 
     @abstractmethod
-    def claim_next(self, worker: str) -> Job | None:
-        """Atomically move the oldest queued job to running for `worker`."""
+    def start(self, job_id: str, worker: str) -> Job | None:
+        """Atomically mark a queued (or redelivered running) job as running for `worker`.
+
+        Returns None when the job is already finished or cancelled: a redelivered
+        task then does nothing, so no job runs twice to completion.
+        """
+
+    @abstractmethod
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether someone asked to cancel the job (checked by workers every step)."""
 
     @abstractmethod
     def update_progress(self, job_id: str, progress: JobProgress) -> None: ...
@@ -74,11 +86,6 @@ class JobStore(ABC):
     @abstractmethod
     def requeue(self, job_id: str) -> None:
         """Put a running job back at the head of the queue (a draining worker)."""
-
-    @abstractmethod
-    def recover(self) -> builtins.list[str]:
-        """At start: jobs left running by a dead process go back to the queue (or to cancelled,
-        if a cancel was asked). Returns their ids."""
 
     @abstractmethod
     def position(self, job_id: str) -> int | None:

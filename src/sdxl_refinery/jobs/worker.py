@@ -1,6 +1,6 @@
 """The worker loop: claim a job, run it on the service, record every step and the outcome.
 
-One worker per service (one device). Images go to `images/<job id>/`, under
+One worker per service (one device). Images go where the storage says, under
 names fixed by the job, so a job re-run after a crash overwrites its own files
 and never leaves duplicates.
 """
@@ -11,20 +11,32 @@ import asyncio
 import io
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import Cancelled, RefineryError
 from ..request import CancelToken, Mode, Progress
 from ..service import ImageService
-from .events import JobEvents
 from .metrics import QueueMetrics
 from .models import Job, JobProgress, JobStatus
+from .storage import ImageStorage
 from .store import JobStore
 
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress rows written to the store
+CANCEL_POLL_INTERVAL = 0.25  # seconds between checks of the store's cancel flag (other processes' cancels)
+
+
+class EventSink(Protocol):
+    """Where a worker sends live events: in-process (`JobEvents`) or Redis (`RedisEventSink`)."""
+
+    def publish(self, job_id: str, event: str, data: dict[str, Any]) -> None: ...
+
+    def set_preview(self, job_id: str, png: bytes) -> None: ...
+
+    def drop_preview(self, job_id: str) -> None: ...
 
 
 def planned_steps(job: Job) -> tuple[int, int]:
@@ -41,11 +53,22 @@ def planned_steps(job: Job) -> tuple[int, int]:
 class _JobReporter:
     """Turns engine progress into store rows, events, previews and metrics for one job."""
 
-    def __init__(self, job: Job, store: JobStore, events: JobEvents, metrics: QueueMetrics | None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        store: JobStore,
+        events: EventSink,
+        metrics: QueueMetrics | None,
+        token: CancelToken,
+        poll_cancel: bool,
+    ) -> None:
         self.job = job
         self.store = store
         self.events = events
         self.metrics = metrics
+        self.token = token
+        self.poll_cancel = poll_cancel
+        self._last_poll = 0.0
         self.totals = dict(zip((1, 2), planned_steps(job), strict=True))
         self._last_write = 0.0
         self._last_step = time.perf_counter()
@@ -68,6 +91,10 @@ class _JobReporter:
             progress.preview.save(buffer, format="PNG")
             self.events.set_preview(self.job.id, buffer.getvalue())
             self.events.publish(self.job.id, "preview", {"step": progress.step, "stage": progress.stage})
+        if self.poll_cancel and now - self._last_poll >= CANCEL_POLL_INTERVAL:
+            self._last_poll = now
+            if self.store.cancel_requested(self.job.id):
+                self.token.cancel()  # the engine stops at the end of this step
 
 
 class Worker:
@@ -76,30 +103,33 @@ class Worker:
     Args:
         store: where jobs are claimed and recorded.
         service: the image service of this worker's device.
-        images_dir: root of the per-job image folders.
+        storage: where images are written.
         events: live event fan-out.
         metrics: Prometheus metrics, or None.
         preview_every: a live preview every this many steps (0: none).
         name: this worker's name in job records.
+        poll_cancel: check the store's cancel flag every step (when cancels come from other processes).
     """
 
     def __init__(
         self,
         store: JobStore,
         service: ImageService,
-        images_dir: Path,
-        events: JobEvents,
+        storage: ImageStorage,
+        events: EventSink,
         metrics: QueueMetrics | None = None,
         preview_every: int = 5,
         name: str = "worker-0",
+        poll_cancel: bool = False,
     ) -> None:
         self.store = store
         self.service = service
-        self.images_dir = images_dir
+        self.storage = storage
         self.events = events
         self.metrics = metrics
         self.preview_every = preview_every
         self.name = name
+        self.poll_cancel = poll_cancel
         self.current: tuple[str, CancelToken] | None = None
         self._wake = asyncio.Event()
 
@@ -114,10 +144,10 @@ class Worker:
             return True
         return False
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, claim_next: Callable[[str], Job | None]) -> None:
         """Claim and run jobs until `stop` is set; a job still running then goes back to the queue."""
         while not stop.is_set():
-            job = await asyncio.to_thread(self.store.claim_next, self.name)
+            job = await asyncio.to_thread(claim_next, self.name)
             if job is None:
                 self._wake.clear()
                 waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
@@ -131,13 +161,13 @@ class Worker:
         """Run one claimed job to its end and record the outcome."""
         token = CancelToken()
         self.current = (job.id, token)
-        folder = self.images_dir / job.id
-        for stale in folder.glob(".*.part"):  # a previous attempt died while writing
+        output = self.storage.output_path(job.id)
+        for stale in output.parent.glob(".*.part"):  # a previous attempt died while writing
             stale.unlink()
-        reporter = _JobReporter(job, self.store, self.events, self.metrics)
+        reporter = _JobReporter(job, self.store, self.events, self.metrics, token, self.poll_cancel)
         self.events.publish(job.id, "started", {"attempt": job.attempts})
         started = time.perf_counter()
-        status, outcome = await self._generate(job, folder, token, reporter, stop)
+        status, outcome = await self._generate(job, output, token, reporter, stop)
         if self.metrics is not None:
             self.metrics.finished.labels(status.value).inc()
             self.metrics.job_seconds.labels(status.value).observe(time.perf_counter() - started)
@@ -147,11 +177,11 @@ class Worker:
             self.events.publish(job.id, "done", {"status": status.value, **outcome})
 
     async def _generate(
-        self, job: Job, folder: Path, token: CancelToken, reporter: _JobReporter, stop: asyncio.Event | None
+        self, job: Job, output: Path, token: CancelToken, reporter: _JobReporter, stop: asyncio.Event | None
     ) -> tuple[JobStatus, dict[str, Any]]:
         try:
             result = await self.service.generate(
-                job.request, output_path=folder / "image.png", on_progress=reporter, cancel=token,
+                job.request, output_path=output, on_progress=reporter, cancel=token,
                 preview_every=self.preview_every,
             )  # fmt: skip
         except Cancelled:

@@ -89,16 +89,20 @@ def _open_store(settings: Settings) -> JobStore:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.refinery
     state.events.bind(asyncio.get_running_loop())
-    recovered = state.store.recover() if state.settings.backend == "embedded" else []
-    if recovered:
-        log.warning("Re-queued %d job(s) left running by a previous process: %s", len(recovered), recovered)
     tasks: list[asyncio.Task[Any]] = []
-    if state.settings.backend == "embedded":
-        state.worker = Worker(state.store, state.service, state.images_dir, state.events, state.metrics,
+    if isinstance(state.store, SQLiteJobStore):  # embedded: this process runs the jobs
+        recovered = state.store.recover()
+        if recovered:
+            log.warning("Re-queued %d job(s) left running by a previous process: %s", len(recovered), recovered)
+        state.worker = Worker(state.store, state.service, state.storage, state.events, state.metrics,
                               state.settings.preview_every)  # fmt: skip
         if state.settings.load_on_start:
             tasks.append(asyncio.create_task(_load(state)))
-        tasks.append(asyncio.create_task(state.worker.run(state.stop)))
+        tasks.append(asyncio.create_task(state.worker.run(state.stop, state.store.claim_next)))
+    else:  # scale-out: workers elsewhere; their events arrive through Redis
+        from ..jobs.celery_backend import forward_events
+
+        tasks.append(asyncio.create_task(forward_events(state.settings, state.events, state.stop)))
     try:
         yield
     finally:

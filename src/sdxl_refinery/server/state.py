@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -13,6 +12,7 @@ from ..config import Settings
 from ..jobs.events import JobEvents
 from ..jobs.metrics import QueueMetrics
 from ..jobs.models import Job
+from ..jobs.storage import FolderStorage, ImageStorage
 from ..jobs.store import JobStore
 from ..jobs.worker import Worker
 from ..request import GenerationRequest, Limits, enforce_limits
@@ -33,8 +33,8 @@ class AppState:
     load_error: str | None = None
 
     @property
-    def images_dir(self) -> Path:
-        return self.settings.data_dir / "images"
+    def storage(self) -> ImageStorage:
+        return FolderStorage(self.settings.data_dir / "images")
 
     @property
     def limits(self) -> Limits:

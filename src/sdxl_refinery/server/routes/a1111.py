@@ -77,7 +77,7 @@ async def txt2img(body: Txt2ImgRequest, state: State, _: Authorized) -> dict[str
     job = await state.wait(job.id, state.settings.openai_wait_seconds)
     images: list[str] = []
     if job.status is JobStatus.SUCCEEDED and job.result is not None and body.send_images:
-        images = [base64.b64encode((state.images_dir / job.id / n).read_bytes()).decode() for n in job.result["images"]]
+        images = [base64.b64encode(state.storage.read(job.id, n)).decode() for n in job.result["images"]]
     parameters = body.model_dump()
     if job.status is JobStatus.SUCCEEDED:
         return {"images": images, "parameters": parameters, "info": _info(job)}

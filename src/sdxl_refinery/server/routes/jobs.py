@@ -21,7 +21,6 @@ from ..state import AppState, State
 
 router = APIRouter(tags=["jobs"])
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_IMAGE_NAME = re.compile(r"^image(-\d{1,2})?\.png$")
 
 
 def _job_or_404(state: AppState, job_id: str) -> Any:
@@ -116,10 +115,7 @@ async def _event_stream(state: AppState, job_id: str, base: str, request: Reques
 @router.get("/v1/images/{job_id}/{name}", response_class=FileResponse)
 def get_image(job_id: str, name: str, state: State, _: Authorized) -> FileResponse:
     """A finished job's PNG. Names are fixed by the server; nothing outside the data folder is served."""
-    if not _JOB_ID.match(job_id) or not _IMAGE_NAME.match(name):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such image")
-    root = state.images_dir.resolve()
-    path = (root / job_id / name).resolve()
-    if root not in path.parents or not path.is_file():
+    path = state.storage.path(job_id, name)
+    if path is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such image")
     return FileResponse(path, media_type="image/png")

@@ -72,7 +72,7 @@ async def generate(body: ImagesRequest, state: State, request: Request, _: Autho
                     {"url": state.image_url(str(request.base_url), job.id, name), "revised_prompt": body.prompt}
                 )
             else:
-                encoded = base64.b64encode((state.images_dir / job.id / name).read_bytes()).decode()
+                encoded = base64.b64encode(state.storage.read(job.id, name)).decode()
                 data.append({"b64_json": encoded, "revised_prompt": body.prompt})
         return JSONResponse({"created": int(job.finished or time.time()), "data": data})
     if job.status.terminal:

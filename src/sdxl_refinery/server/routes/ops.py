@@ -8,8 +8,9 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from ...jobs.celery_store import CeleryJobStore
 from ..security import Authorized
-from ..state import State
+from ..state import AppState, State
 
 router = APIRouter(tags=["ops"])
 docs_router = APIRouter(include_in_schema=False)
@@ -21,9 +22,33 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _workers(state: AppState) -> list[dict[str, Any]]:
+    """Embedded: this process's worker. Celery: every worker that reported to Redis lately."""
+    if isinstance(state.store, CeleryJobStore):
+        return state.store.workers()
+    described = state.service.describe()
+    current = state.worker.current[0] if state.worker and state.worker.current else None
+    name = state.worker.name if state.worker else "embedded"
+    return [{"name": name, "host": "local", "device": described.get("device"), "precision": described.get("precision"),
+             "loaded": state.service.loaded, "current_job": current}]  # fmt: skip
+
+
+@router.get("/v1/workers")
+def workers(state: State, _: Authorized) -> dict[str, Any]:
+    """Workers, their devices, what each runs, and the queue depth."""
+    return {"backend": state.settings.backend, "workers": _workers(state), "queue_depth": state.store.depth(),
+            "counts": state.store.counts()}  # fmt: skip
+
+
 @router.get("/ready")
 def ready(state: State, _: Authorized) -> JSONResponse:
-    """200 once the models are loaded, else 503; with device, precision and queue depth."""
+    """200 once models are loaded (embedded) or a loaded worker reports (celery), else 503."""
+    if isinstance(state.store, CeleryJobStore):
+        live = [worker for worker in state.store.workers() if worker["loaded"]]
+        body = {"sdxl_available": bool(live), "device": live[0]["device"] if live else None,
+                "precision": live[0]["precision"] if live else None, "queue_depth": state.store.depth(),
+                "workers": len(live), "error": None}  # fmt: skip
+        return JSONResponse(body, status_code=200 if live else 503)
     described: dict[str, Any] = state.service.describe()
     body = {"sdxl_available": state.service.loaded, "device": described.get("device"),
             "precision": described.get("precision"), "queue_depth": state.store.depth(),

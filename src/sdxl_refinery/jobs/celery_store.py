@@ -1,0 +1,175 @@
+"""Job records in Redis, shared by every API server and worker of a Celery deployment.
+
+One JSON record per job, sorted sets per status for listing, queue positions
+and counts, and status changes made atomic by a Lua script (a job finished by
+one process is never moved back by another). Creating a job stores the record
+first and then sends the Celery task named after the job id.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from typing import Any
+
+import redis
+
+from ..config import Settings
+from ..request import GenerationRequest
+from .models import Job, JobProgress, JobStatus
+from .store import JobNotFound, JobStore, QueueFull
+
+PREFIX = "refinery:"
+_TRANSITION = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+local job = cjson.decode(raw)
+local allowed = false
+for status in string.gmatch(ARGV[1], '[^,]+') do
+  if job.status == status then allowed = true end
+end
+if not allowed then return false end
+local patch = cjson.decode(ARGV[3])
+for key, value in pairs(patch) do job[key] = value end
+if ARGV[5] == '1' then job.attempts = job.attempts + 1 end
+redis.call('ZREM', ARGV[4] .. job.status, job.id)
+job.status = ARGV[2]
+redis.call('ZADD', ARGV[4] .. job.status, job.seq, job.id)
+local encoded = cjson.encode(job)
+redis.call('SET', KEYS[1], encoded)
+return encoded
+"""
+_ALL = ",".join(status.value for status in JobStatus)
+
+
+class CeleryJobStore(JobStore):
+    """Job records in Redis; `create` also enqueues the Celery task.
+
+    Args:
+        settings: `redis_url` for records and broker.
+        client: a Redis client (tests pass their own).
+    """
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis: redis.Redis = client or redis.Redis.from_url(settings.redis_url)
+        self._transition = self.redis.register_script(_TRANSITION)
+        self._celery: Any = None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _key(self, job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}"
+
+    @staticmethod
+    def _job(raw: bytes | str) -> Job:
+        record = json.loads(raw)
+        return Job(
+            id=record["id"],
+            request=GenerationRequest(**json.loads(record["request"])),
+            status=JobStatus(record["status"]),
+            created=record["created"],
+            started=record.get("started"),
+            finished=record.get("finished"),
+            progress=JobProgress(**json.loads(record["progress"])) if record.get("progress") else JobProgress(),
+            result=json.loads(record["result"]) if record.get("result") else None,
+            error=record.get("error"),
+            attempts=record.get("attempts", 0),
+            cancel_requested=bool(record.get("cancel_requested")),
+            worker=record.get("worker"),
+            client=record.get("client"),
+        )
+
+    def _move(
+        self, job_id: str, allowed: str, status: JobStatus, patch: dict[str, Any], count: bool = False
+    ) -> Job | None:
+        arguments = [allowed, status.value, json.dumps(patch), f"{PREFIX}status:", "1" if count else "0"]
+        raw = self._transition(keys=[self._key(job_id)], args=arguments)
+        return self._job(raw) if raw else None
+
+    def _send(self, job_id: str) -> None:
+        if self._celery is None:
+            from .celery_backend import make_celery
+
+            self._celery = make_celery(self.settings)
+        self._celery.send_task("refinery.run_job", args=[job_id], task_id=job_id)
+
+    # -- JobStore ------------------------------------------------------------------------------
+
+    def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
+        if max_depth is not None and (depth := self.depth()) >= max_depth:
+            raise QueueFull(depth, retry_after=30)
+        job = Job(id=Job.new_id(), request=request, client=client)
+        seq = int(self.redis.incr(f"{PREFIX}seq"))
+        record = {"id": job.id, "seq": seq, "status": job.status.value, "request": request.model_dump_json(),
+                  "client": client, "created": job.created, "attempts": 0, "cancel_requested": False}  # fmt: skip
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(job.id), json.dumps(record))
+            pipe.zadd(f"{PREFIX}all", {job.id: seq})
+            pipe.zadd(f"{PREFIX}status:queued", {job.id: seq})
+            pipe.execute()
+        self._send(job.id)  # after the record is stored: a worker always finds it
+        return job
+
+    def get(self, job_id: str) -> Job:
+        raw = self.redis.get(self._key(job_id))
+        if raw is None:
+            raise JobNotFound(job_id)
+        return self._job(raw)
+
+    def list(self, offset: int = 0, limit: int = 20, status: JobStatus | None = None) -> tuple[builtins.list[Job], int]:
+        index = f"{PREFIX}status:{status.value}" if status else f"{PREFIX}all"
+        ids = self.redis.zrevrange(index, offset, offset + limit - 1)
+        raws = self.redis.mget([self._key(i.decode() if isinstance(i, bytes) else str(i)) for i in ids]) if ids else []
+        return [self._job(raw) for raw in raws if raw is not None], int(self.redis.zcard(index))
+
+    def start(self, job_id: str, worker: str) -> Job | None:
+        patch = {"started": time.time(), "worker": worker, "progress": None}
+        return self._move(job_id, "queued,running", JobStatus.RUNNING, patch, count=True)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(f"{PREFIX}cancel:{job_id}"))
+
+    def update_progress(self, job_id: str, progress: JobProgress) -> None:
+        self._move(job_id, "running", JobStatus.RUNNING, {"progress": json.dumps(progress.__dict__)})
+
+    def succeed(self, job_id: str, result: dict[str, Any]) -> None:
+        self._move(job_id, "running", JobStatus.SUCCEEDED, {"finished": time.time(), "result": json.dumps(result)})
+
+    def fail(self, job_id: str, error: str) -> None:
+        self._move(job_id, "running", JobStatus.FAILED, {"finished": time.time(), "error": error})
+
+    def mark_cancelled(self, job_id: str) -> None:
+        self._move(job_id, "queued,running", JobStatus.CANCELLED,
+                   {"finished": time.time(), "error": "cancelled by request"})  # fmt: skip
+
+    def cancel(self, job_id: str) -> Job:
+        self.get(job_id)
+        self.redis.set(f"{PREFIX}cancel:{job_id}", 1, ex=7 * 24 * 3600)
+        self._move(job_id, "queued", JobStatus.CANCELLED, {"finished": time.time(), "error": "cancelled by request",
+                                                          "cancel_requested": True})  # fmt: skip
+        self._move(job_id, "running", JobStatus.RUNNING, {"cancel_requested": True})
+        return self.get(job_id)
+
+    def requeue(self, job_id: str) -> None:
+        self._move(job_id, "running", JobStatus.QUEUED, {"progress": None, "worker": None})
+
+    def position(self, job_id: str) -> int | None:
+        rank: Any = self.redis.zrank(f"{PREFIX}status:queued", job_id)
+        return None if rank is None else int(rank) + 1
+
+    def depth(self) -> int:
+        return int(self.redis.zcard(f"{PREFIX}status:queued")) + int(self.redis.zcard(f"{PREFIX}status:running"))
+
+    def counts(self) -> dict[str, int]:
+        return {status.value: int(self.redis.zcard(f"{PREFIX}status:{status.value}")) for status in JobStatus}
+
+    def workers(self) -> builtins.list[dict[str, Any]]:
+        """Workers that reported in the last 30 s: name, device, precision, running job."""
+        now = time.time()
+        rows = [json.loads(raw) for raw in self.redis.hvals(f"{PREFIX}workers")]
+        return sorted((row for row in rows if now - row["seen"] < 30), key=lambda row: row["name"])
+
+    def close(self) -> None:
+        self.redis.close()
