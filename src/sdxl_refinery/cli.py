@@ -214,6 +214,18 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by Refinery."
     typer.echo(json.dumps(metadata, indent=2, sort_keys=True))
 
 
+def _settings(**flags: Any) -> Settings:
+    """Settings from the environment with the given flags on top; a bad value exits 2 naming it."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{key: value for key, value in flags.items() if value is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise _fail(f"{field}: {first['msg'].removeprefix('Value error, ')}", EXIT_BAD_INPUT) from None
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on (REFINERY_HOST).")] = None,
@@ -224,24 +236,12 @@ def serve(
 ) -> None:
     """Serve the native, OpenAI and A1111 APIs and the web page, with a durable job queue."""
     import uvicorn
-    from pydantic import ValidationError
 
     from .server import create_app
 
-    overrides: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "data_dir": data_dir,
-        "backend": backend,
-        "redis_url": redis_url,
-    }
+    settings = _settings(host=host, port=port, data_dir=data_dir, backend=backend, redis_url=redis_url)
     try:
-        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
         application = create_app(settings)
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "settings"
-        raise _fail(f"{field}: {first['msg'].removeprefix('Value error, ')}", EXIT_BAD_INPUT) from None
     except RefineryError as error:
         raise _fail(str(error), EXIT_FAILURE) from None
     console.print(f"Refinery serving on http://{settings.host}:{settings.port} (data in {settings.data_dir})")
@@ -262,8 +262,7 @@ def worker(
 
     from .jobs.celery_backend import run_worker
 
-    overrides: dict[str, Any] = {"redis_url": redis_url, "data_dir": data_dir, "device": device}
-    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    settings = _settings(redis_url=redis_url, data_dir=data_dir, device=device)
     try:
         run_worker(settings, name or f"{socket.gethostname()}-{settings.device}")
     except RefineryError as error:

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     # scale-out
     backend: Literal["embedded", "celery"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    visibility_timeout: int = Field(7200, ge=60)
+    visibility_timeout: int = Field(7200, ge=5)  # seconds; must exceed the longest job (a CPU job can take an hour)
 
     @model_validator(mode="after")
     def _refuse_open_server_without_key(self) -> Settings:

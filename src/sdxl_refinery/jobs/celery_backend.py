@@ -36,6 +36,11 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 QUEUE = "refinery"
 HEARTBEAT_SECONDS = 5.0
+STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS  # a worker silent this long is taken for dead
+
+
+class RunningElsewhere(Exception):
+    """The job is running on another live worker (a redelivery that came too early)."""
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -46,7 +51,8 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Scan for unacknowledged messages of dead workers every 10 s (kombu's default is every 100 s).
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout, "unacked_restore_throttle": 1},
         result_expires=24 * 3600,
         task_serializer="json",
         accept_content=["json"],
@@ -112,7 +118,16 @@ class WorkerRuntime:
         self._stop = threading.Event()
 
     def run_job(self, job_id: str) -> str:
-        """The task body: start the job unless it is finished or cancelled, run it, record it."""
+        """The task body: start the job unless it is finished, cancelled or alive elsewhere; run it; record it.
+
+        Raises:
+            RunningElsewhere: another live worker holds it; the task is retried later.
+        """
+        current = self.store.get(job_id)
+        if current.status.value == "running" and current.worker not in (None, self.name):
+            alive = {worker["name"] for worker in self.store.workers(STALE_AFTER_SECONDS)}
+            if current.worker in alive:
+                raise RunningElsewhere(f"job {job_id} is running on {current.worker}")
         job = self.store.start(job_id, self.name)
         if job is None:
             log.info("Job %s is already finished or cancelled; nothing to do", job_id)
@@ -159,7 +174,16 @@ def run_worker(settings: Settings, name: str) -> None:
     runtime = WorkerRuntime(settings, name)
     asyncio.run(runtime.service.load())
     app = make_celery(settings)
-    app.task(name="refinery.run_job", acks_late=True, reject_on_worker_lost=True)(runtime.run_job)
+
+    @app.task(  # type: ignore[untyped-decorator]  # celery ships no type hints
+        name="refinery.run_job", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
+    )
+    def run_job(task: Any, job_id: str) -> str:
+        try:
+            return runtime.run_job(job_id)
+        except RunningElsewhere as error:
+            raise task.retry(countdown=STALE_AFTER_SECONDS, exc=error) from error
+
     runtime.start_heartbeat()
     try:
         app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1", "--without-gossip",

@@ -165,11 +165,11 @@ class CeleryJobStore(JobStore):
     def counts(self) -> dict[str, int]:
         return {status.value: int(self.redis.zcard(f"{PREFIX}status:{status.value}")) for status in JobStatus}
 
-    def workers(self) -> builtins.list[dict[str, Any]]:
-        """Workers that reported in the last 30 s: name, device, precision, running job."""
+    def workers(self, within: float = 30.0) -> builtins.list[dict[str, Any]]:
+        """Workers that reported in the last `within` seconds: name, device, precision, running job."""
         now = time.time()
         rows = [json.loads(raw) for raw in self.redis.hvals(f"{PREFIX}workers")]
-        return sorted((row for row in rows if now - row["seen"] < 30), key=lambda row: row["name"])
+        return sorted((row for row in rows if now - row["seen"] < within), key=lambda row: row["name"])
 
     def close(self) -> None:
         self.redis.close()

@@ -95,7 +95,7 @@ class AppState:
         """A job as the native API shows it."""
         view: dict[str, Any] = {
             "id": job.id, "status": job.status.value, "created": job.created, "started": job.started,
-            "finished": job.finished, "attempts": job.attempts, "client": job.client,
+            "finished": job.finished, "attempts": job.attempts, "client": job.client, "worker": job.worker,
             "request": job.request.model_dump(mode="json"), "progress": job.progress.as_dict(),
             "position": self.store.position(job.id) if job.status.value == "queued" else None,
             "error": job.error, "result": None,

@@ -1,0 +1,177 @@
+"""Scale-out with real components: redis-server, two `refinery worker` processes, a celery-backed API server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from sdxl_refinery import ImageService
+
+from ..server.conftest import RunningServer, free_port, run_server
+
+REDIS = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(REDIS is None, reason="Debian's redis-server is not installed")
+VISIBILITY_TIMEOUT = 10  # seconds; real deployments use hours (longer than the longest job)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a loopback port, stopped at the end."""
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen([str(REDIS), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 10
+    import redis
+
+    client = redis.Redis(port=port)
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+class Workers:
+    def __init__(self, redis_url: str, data_dir: Path, logs: Path) -> None:
+        self.redis_url, self.data_dir, self.logs = redis_url, data_dir, logs
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str) -> None:
+        environment = {**os.environ, "REFINERY_BASE_MODEL": "tiny", "REFINERY_REFINER_MODEL": "tiny",
+                       "REFINERY_PRECISION": "full", "REFINERY_REDIS_URL": self.redis_url,
+                       "REFINERY_DATA_DIR": str(self.data_dir), "REFINERY_PREVIEW_EVERY": "1",
+                       "REFINERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT), "HF_HUB_OFFLINE": "1",
+                       "OMP_NUM_THREADS": "1"}  # fmt: skip  # two workers share this machine's two cores
+        with (self.logs / f"{name}.log").open("ab") as sink:
+            self.processes[name] = subprocess.Popen([sys.executable, "-m", "sdxl_refinery", "worker", "--name", name],
+                                                    env=environment, stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    redis_url: str, service: ImageService, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningServer, Workers]]:
+    """One API server and two worker processes for the module (the SIGKILL test runs last)."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
+    data = tmp_path / "shared"
+    workers = Workers(redis_url, data, tmp_path)
+    workers.start("w1")
+    workers.start("w2")
+    try:
+        with run_server(service, data, backend="celery", redis_url=redis_url) as server:
+            deadline = time.monotonic() + 120
+            while len(server.client.get("/v1/workers").json()["workers"]) < 2:
+                assert time.monotonic() < deadline, "workers never reported"
+                time.sleep(0.2)
+            yield server, workers
+    finally:
+        workers.stop_all()
+
+
+def _submit(server: RunningServer, steps: int = 60, **fields: Any) -> str:
+    body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": steps, "refiner_steps": 5, **fields}
+    answer = server.client.post("/v1/jobs", json=body)
+    assert answer.status_code == 202, answer.text
+    job_id: str = answer.json()["id"]
+    return job_id
+
+
+def test_jobs_spread_across_both_workers(cluster: tuple[RunningServer, Workers]) -> None:
+    server, _ = cluster
+    ids = [_submit(server, seed=i) for i in range(6)]
+    jobs = [server.wait_for(job_id, {"succeeded"}, timeout=120) for job_id in ids]
+    assert {job["result"]["metadata"]["device"] for job in jobs} == {"cpu"}
+    assert {server.client.get(f"/v1/jobs/{j}").json()["attempts"] for j in ids} == {1}
+    workers_used = {server.client.get(f"/v1/jobs/{j}").json()["worker"] for j in ids}
+    assert workers_used == {"w1", "w2"}
+    status = server.client.get("/v1/workers").json()
+    assert status["backend"] == "celery" and status["queue_depth"] == 0
+    assert sorted(w["name"] for w in status["workers"]) == ["w1", "w2"]
+
+
+def test_cancel_across_processes(cluster: tuple[RunningServer, Workers]) -> None:
+    server, _ = cluster
+    job_id = _submit(server, steps=500)
+    deadline = time.monotonic() + 60
+    while server.client.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server.client.post(f"/v1/jobs/{job_id}/cancel")
+    job = server.wait_for(job_id, {"cancelled"}, timeout=30)
+    assert job["progress"]["step"] < 500
+    queued_behind = [_submit(server, steps=500) for _ in range(3)]
+    cancelled = server.client.post(f"/v1/jobs/{queued_behind[-1]}/cancel").json()
+    assert cancelled["status"] == "cancelled"  # a queued job is cancelled at once, its task will skip it
+    for other in queued_behind[:-1]:
+        server.client.post(f"/v1/jobs/{other}/cancel")
+    for other in queued_behind:
+        server.wait_for(other, {"cancelled"}, timeout=60)
+
+
+def test_sse_progress_and_previews_travel_through_redis(cluster: tuple[RunningServer, Workers]) -> None:
+    server, _ = cluster
+    job_id = _submit(server, steps=30)
+    seen: list[str] = []
+    with server.client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                seen.append(line.split(":", 1)[1].strip())
+                if seen[-1] == "done":
+                    break
+    assert {"progress", "preview", "done"} <= set(seen)
+
+
+def test_openai_client_and_api_restart(cluster: tuple[RunningServer, Workers], service: ImageService) -> None:
+    server, workers = cluster
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    answer = client.images.generate(prompt="a bridge", size="256x256", n=2)
+    assert len(answer.data) == 2 and all(item.b64_json for item in answer.data)
+    before = server.client.get("/v1/jobs").json()
+    with run_server(service, workers.data_dir, backend="celery", redis_url=workers.redis_url) as second:
+        after = second.client.get("/v1/jobs").json()  # another API server (or a restarted one) sees everything
+        assert after["total"] == before["total"] and after["items"][0]["id"] == before["items"][0]["id"]
+        image = after["items"][0]["result"]["urls"][0].replace(server.url, second.url)
+        assert second.client.get(image).status_code == 200
+
+
+def test_sigkill_worker_mid_job_redelivers_to_the_other(cluster: tuple[RunningServer, Workers]) -> None:
+    server, workers = cluster
+    job_id = _submit(server, steps=200, n=2, seed=7)
+    deadline = time.monotonic() + 60
+    while (job := server.client.get(f"/v1/jobs/{job_id}").json())["progress"]["step"] < 5:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    victim = job["worker"]
+    workers.processes[victim].send_signal(signal.SIGKILL)
+    workers.processes[victim].wait(timeout=10)
+    done = server.wait_for(job_id, {"succeeded"}, timeout=120)
+    survivor = server.client.get(f"/v1/jobs/{job_id}").json()
+    assert survivor["worker"] != victim and done["attempts"] == 2
+    folder = workers.data_dir / "images" / job_id
+    assert sorted(path.name for path in folder.iterdir()) == ["image-1.png", "image-2.png"]
