@@ -124,8 +124,9 @@ async def test_cancelling_the_awaiting_task_stops_the_run(service: ImageService)
 
 
 async def test_refiner_failure_keeps_the_base_image_with_the_reason(
-    service: ImageService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    service = ImageService("tiny", "tiny", device="cpu", precision="full")  # its memory plan will change
     await service.load()
     refiner_unet = service._engine.pair.refiner.unet  # type: ignore[union-attr]
 
@@ -143,6 +144,9 @@ async def test_refiner_failure_keeps_the_base_image_with_the_reason(
         assert "out of memory" in (result.refinement_error or "")
         assert len(result.images) == 1 and np.asarray(result.images[0]).std() > 1.0
         assert "Stage 2 failed" in caplog.text
+    # Lighter memory plans were tried first; the base image is kept only under the last one.
+    assert result.memory_plan == "tiled"
+    service.close()
 
 
 async def test_use_refinement_false_skips_stage_two(service: ImageService, caplog: pytest.LogCaptureFixture) -> None:

@@ -221,6 +221,8 @@ class GenerationResult:
         request: the request this result answers.
         models: the resolved base and refiner references.
         paths: files written for this result, if any.
+        memory_plan: how memory was used (`resident` unless an out-of-memory error forced a lighter plan).
+        recoveries: faults survived on the way (NaN retried in fp32, lighter memory plans), in words.
     """
 
     images: list[Image.Image]
@@ -235,6 +237,8 @@ class GenerationResult:
     request: GenerationRequest
     models: dict[str, str] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
+    memory_plan: str = "resident"
+    recoveries: list[str] = field(default_factory=list)
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the pixels, as plain JSON-able data."""
@@ -249,4 +253,6 @@ class GenerationResult:
             "precision": self.precision,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "models": dict(self.models),
+            "memory_plan": self.memory_plan,
+            "recoveries": list(self.recoveries),
         }

@@ -173,6 +173,8 @@ class ImageService:
             timings=output.timings,
             request=request,
             models=engine.models,
+            memory_plan=output.memory_plan,
+            recoveries=output.recoveries,
         )
         if output_path is not None:
             cancel.raise_if_cancelled()

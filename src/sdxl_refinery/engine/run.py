@@ -7,6 +7,7 @@ and then by the refiner stage, so a seed gives the same image on any device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -16,11 +17,12 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 
-from ..errors import Cancelled, InvalidRequest
+from ..errors import Cancelled, GenerationFailed, InvalidRequest
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
 from .device import Placement
 from .loader import LoadedPair
 from .prompts import Conditioning, PromptEncoder
+from .recovery import all_finite, apply_plan, free_memory, is_out_of_memory, plans_for, upcast
 from .tracking import StepTracker
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,12 @@ class EngineOutput:
     refined: bool
     refinement_error: str | None
     timings: dict[str, float] = field(default_factory=dict)
+    memory_plan: str = "resident"
+    recoveries: list[str] = field(default_factory=list)
+
+
+class NonFinite(Exception):
+    """NaN or Inf where a stage or the VAE should have produced numbers."""
 
 
 def _handoff_split(pair: LoadedPair, steps: int, switch_at: float) -> int:
@@ -105,6 +113,7 @@ class TwoStageRunner:
         self.pair = pair
         self.placement = placement
         self._base_as_img2img: StableDiffusionXLImg2ImgPipeline | None = None
+        self._plan_index = 0  # index into plans_for(device); only ever moves to lighter plans
         base, refiner = pair.base, pair.refiner
         self.base_prompts = PromptEncoder([base.tokenizer, base.tokenizer_2], [base.text_encoder, base.text_encoder_2])
         self.refiner_prompts = PromptEncoder([refiner.tokenizer_2], [refiner.text_encoder_2])
@@ -122,42 +131,123 @@ class TwoStageRunner:
         cancel: CancelToken | None = None,
         preview_every: int = 0,
     ) -> EngineOutput:
-        """Run base then refiner for `request`, one image per seed.
+        """Run base then refiner for `request`, one image per seed, recovering from faults.
 
         Raises:
             InvalidRequest: the request cannot be planned (before any work).
             Cancelled: `cancel` was set; raised within one step.
+            GenerationFailed: NaN/Inf survived the fp32 retries, or memory ran out under every plan.
         """
-        # 1. Plan both stages and seed one generator per image.
+        # 1. Plan both stages before any model work (bad switch points fail here).
         plan = plan_stages(self.pair, request)
+        recoveries: list[str] = []
+        plans = plans_for(self.placement.device)
+        # 2. Run under the current memory plan; on out-of-memory, free memory and step to a lighter plan.
+        while True:
+            memory_plan = plans[self._plan_index]
+            last_plan = self._plan_index == len(plans) - 1
+            try:
+                output = self._run_guarded(request, plan, seeds, on_progress, cancel, preview_every, last_plan,
+                                           recoveries)  # fmt: skip
+            except Cancelled:
+                raise
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                if last_plan:
+                    raise GenerationFailed(f"out of memory under every memory plan (last: {memory_plan.name}): "
+                                           f"{error}") from error  # fmt: skip
+                free_memory()
+                self._plan_index += 1  # kept for later jobs: the next one would run out of memory too
+                lighter = plans[self._plan_index]
+                recoveries.append(f"out of memory under plan {memory_plan.name}; retried under {lighter.name}")
+                log.warning("   Out of memory under plan %s (%s); retrying under %s", memory_plan.name, error,
+                            lighter.name)  # fmt: skip
+                apply_plan((self.pair.base, self.pair.refiner), lighter, self.placement.device)
+                continue
+            output.memory_plan = memory_plan.name
+            output.recoveries = recoveries
+            return output
+
+    def _run_guarded(
+        self,
+        request: GenerationRequest,
+        plan: StagePlan,
+        seeds: list[int],
+        on_progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+        preview_every: int,
+        last_plan: bool,
+        recoveries: list[str],
+    ) -> EngineOutput:
+        """One run; if NaN/Inf appears, the same run again with every stage in fp32."""
+        try:
+            return self._run_once(request, plan, seeds, on_progress, cancel, preview_every, last_plan, False,
+                                  recoveries)  # fmt: skip
+        except NonFinite as fault:
+            if self._all_fp32():
+                raise GenerationFailed(f"numerical fault: {fault}, with every model already in fp32") from fault
+            recoveries.append(f"{fault}; stages rerun in fp32")
+            log.warning("   %s: running the stages again in fp32", fault)
+        try:
+            return self._run_once(request, plan, seeds, on_progress, cancel, preview_every, last_plan, True,
+                                  recoveries)  # fmt: skip
+        except NonFinite as fault:
+            raise GenerationFailed(f"numerical fault: {fault}, even with every stage in fp32") from fault
+
+    def _all_fp32(self) -> bool:
+        return self.placement.dtype == torch.float32 and self.pair.base.vae.dtype == torch.float32
+
+    def _stage_modules(self) -> tuple[object, ...]:
+        base = self.pair.base
+        return (base.text_encoder, base.text_encoder_2, base.unet, self.pair.refiner.unet, base.vae)
+
+    def _run_once(
+        self,
+        request: GenerationRequest,
+        plan: StagePlan,
+        seeds: list[int],
+        on_progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+        preview_every: int,
+        last_plan: bool,
+        fp32: bool,
+        recoveries: list[str],
+    ) -> EngineOutput:
         tracker = StepTracker({1: plan.base_steps, 2: plan.refiner_steps}, on_progress, cancel, preview_every)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        with upcast(*self._stage_modules()) if fp32 else contextlib.nullcontext():
+            # 1. Stage 1: the base, into latents.
+            latents = self._run_base(request, plan, generators, tracker, timings)
+            if not all_finite(latents):
+                raise NonFinite("NaN/Inf in the base stage's latents")
 
-        # 2. Stage 1: the base, into latents.
-        latents = self._run_base(request, plan, generators, tracker, timings)
+            # 2. Stage 2: the refiner on those latents, or the documented fallback.
+            refined, refinement_error = False, None
+            if not request.use_refinement:
+                log.info("   Refinement: DISABLED (use_refinement=False): stage 2 skipped")
+            else:
+                try:
+                    latents_2 = self._run_refiner(request, plan, latents, generators, tracker, timings)
+                    if not all_finite(latents_2):
+                        raise NonFinite("NaN/Inf in the refiner stage's latents")
+                    latents, refined = latents_2, True
+                except Cancelled:
+                    raise
+                except Exception as error:  # refiner faults fall back to the base image, reported, never silent
+                    if (isinstance(error, NonFinite) and not fp32) or (is_out_of_memory(error) and not last_plan):
+                        raise  # a retry in fp32, or under a lighter memory plan, may still refine it
+                    refinement_error = f"{type(error).__name__}: {error}"
+                    log.warning("   Stage 2 failed, keeping the base image (refined=False): %s", refinement_error)
+                    latents = self._finish_without_refiner(request, latents, generators, tracker)
 
-        # 3. Stage 2: the refiner on those latents, or the documented fallback.
-        refined, refinement_error = False, None
-        if not request.use_refinement:
-            log.info("   Refinement: DISABLED (use_refinement=False): stage 2 skipped")
-        else:
-            try:
-                latents = self._run_refiner(request, plan, latents, generators, tracker, timings)
-                refined = True
-            except Cancelled:
-                raise
-            except Exception as error:  # noqa: BLE001 - any refiner fault falls back, reported, never silent
-                refinement_error = f"{type(error).__name__}: {error}"
-                log.warning("   Stage 2 failed, keeping the base image (refined=False): %s", refinement_error)
-                latents = self._finish_without_refiner(request, latents, generators, tracker)
-
-        # 4. One VAE decode for the batch.
-        tracker.check_cancelled()
-        decode_started = time.perf_counter()
-        images = self.decode(latents)
-        timings["decode"] = time.perf_counter() - decode_started
+            # 3. One VAE decode for the batch, again in fp32 if it gives NaN/Inf.
+            tracker.check_cancelled()
+            decode_started = time.perf_counter()
+            images = self._decode_checked(latents, recoveries)
+            timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
         return EngineOutput(
             images=images,
@@ -167,6 +257,19 @@ class TwoStageRunner:
             refinement_error=refinement_error,
             timings=timings,
         )
+
+    def _decode_checked(self, latents: torch.Tensor, recoveries: list[str]) -> list[Image.Image]:
+        pixels = self.decode_pixels(latents)
+        if not all_finite(pixels):
+            with upcast(self.pair.base.vae) as changed:
+                if changed:
+                    pixels = self.decode_pixels(latents)
+            if not all_finite(pixels):
+                raise NonFinite("NaN/Inf in the decoded pixels")
+            recoveries.append("NaN/Inf in the VAE decode; decoded again in fp32")
+            log.warning("   NaN/Inf in the VAE decode: decoded again in fp32")
+        images: list[Image.Image] = self.pair.base.image_processor.postprocess(pixels.float(), output_type="pil")
+        return images
 
     def _run_base(
         self,
@@ -261,10 +364,10 @@ class TwoStageRunner:
         return finished
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Decode latents with the VAE in its own dtype (fp32 on CUDA) into PIL images."""
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode latents with the VAE in its current dtype (fp32 on CUDA); pixels in [-1, 1], unclamped."""
         vae = self.pair.base.vae
-        latents = latents.to(self.placement.device, self.placement.vae_dtype)
+        latents = latents.to(self.placement.device, vae.dtype)
         mean = getattr(vae.config, "latents_mean", None)
         std = getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
@@ -273,9 +376,8 @@ class TwoStageRunner:
             latents = latents * std_t / vae.config.scaling_factor + mean_t
         else:
             latents = latents / vae.config.scaling_factor
-        pixels = vae.decode(latents, return_dict=False)[0]
-        images: list[Image.Image] = self.pair.base.image_processor.postprocess(pixels.float(), output_type="pil")
-        return images
+        pixels: torch.Tensor = vae.decode(latents, return_dict=False)[0]
+        return pixels
 
 
 _IMG2IMG_COMPONENTS = {"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"}
