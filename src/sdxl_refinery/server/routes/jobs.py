@@ -46,7 +46,7 @@ def list_jobs(
     state: State,
     request: Request,
     _: Authorized,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=1_000_000_000),
     limit: int = Query(20, ge=1, le=100),
     job_status: JobStatus | None = Query(None, alias="status"),
 ) -> dict[str, Any]:

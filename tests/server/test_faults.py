@@ -1,0 +1,78 @@
+"""Storage and process faults: a full disk, an unwritable data folder, SIGTERM while a job runs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import SMALL_JOB, ServerFactory, free_port
+from .test_durability import _start, _wait_ready
+
+
+def test_full_disk_fails_the_job_cleanly_and_the_next_one_runs(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with server_factory() as server:
+        real_fsync = os.fsync
+
+        def full_disk(descriptor: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full_disk)
+        job_id = server.client.post("/v1/jobs", json=SMALL_JOB).json()["id"]
+        failed = server.wait_for(job_id, {"failed", "succeeded"})
+        assert failed["status"] == "failed" and "No space left on device" in failed["error"]
+        folder = server.settings.data_dir / "images" / job_id
+        assert not folder.exists() or list(folder.iterdir()) == []  # no PNG, no temporary file
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        next_job = server.client.post("/v1/jobs", json=SMALL_JOB).json()["id"]
+        assert server.wait_for(next_job, {"succeeded", "failed"})["status"] == "succeeded"
+        assert server.client.get("/v1/jobs").json()["total"] == 2  # the database is intact
+
+
+def test_unwritable_data_folder_is_a_clear_startup_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "sdxl_refinery", "serve", "--data-dir", str(blocker / "data"), "--port",
+         str(free_port())], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "REFINERY_BASE_MODEL": "tiny", "REFINERY_REFINER_MODEL": "tiny"},
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "is not writable" in " ".join(done.stderr.split()) and str(blocker) in done.stderr.replace("\n", "")
+
+
+def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(tmp_path: Path) -> None:
+    data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    process = _start(data, port, log)
+    try:
+        _wait_ready(url, process)
+        job_id = httpx.post(url + "/v1/jobs", json={**SMALL_JOB, "num_inference_steps": 400}).json()["id"]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v1/jobs/{job_id}").json()["progress"]["step"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after shutting down
+        with sqlite3.connect(data / "jobs.sqlite3") as db:
+            assert db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone() == ("queued",)
+        process = _start(data, port, log)
+        _wait_ready(url, process)
+        deadline = time.monotonic() + 120
+        while (job := httpx.get(f"{url}/v1/jobs/{job_id}").json())["status"] != "succeeded":
+            assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+            time.sleep(0.1)
+        assert job["attempts"] == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
