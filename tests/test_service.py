@@ -245,3 +245,19 @@ async def test_result_records_device_precision_and_timings(service: ImageService
     assert (result.device, result.precision) == ("cpu", "fp32")
     assert set(result.timings) >= {"base", "refiner", "decode", "total"}
     assert result.models["base_source"].startswith("folder:")
+
+
+def test_models_come_from_arguments_then_environment_then_sdxl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REFINERY_BASE_MODEL", raising=False)
+    monkeypatch.delenv("REFINERY_REFINER_MODEL", raising=False)
+    default = ImageService()
+    assert (default.base_model, default.refiner_model) == (
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        "stabilityai/stable-diffusion-xl-refiner-1.0",
+    )
+    monkeypatch.setenv("REFINERY_BASE_MODEL", "tiny")
+    monkeypatch.setenv("REFINERY_REFINER_MODEL", "tiny")
+    assert (ImageService().base_model, ImageService().refiner_model) == ("tiny", "tiny")
+    assert ImageService("my/base", "my/refiner").base_model == "my/base"
+    for service in (default,):
+        service.close()

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_BASE_MODEL, DEFAULT_REFINER_MODEL, Settings
+from .config import Settings
 from .errors import GenerationFailed, RefineryError
 from .png import check_writable_folder, numbered_paths, write_png
 from .request import (
@@ -40,8 +40,9 @@ class ImageService:
     """Turns prompts into refined SDXL images.
 
     Args:
-        base_model: Hub id, diffusers folder or `tiny` (default SDXL base 1.0).
-        refiner_model: Hub id, diffusers folder or `tiny` (default SDXL refiner 1.0).
+        base_model: Hub id, diffusers folder, single .safetensors file or `tiny`; default
+            `REFINERY_BASE_MODEL`, else SDXL base 1.0.
+        refiner_model: likewise; default `REFINERY_REFINER_MODEL`, else SDXL refiner 1.0.
         device: `auto`, `cpu`, `mps`, `cuda` or `cuda:N`.
         precision: `auto`, `full`, `half` or `bf16`.
 
@@ -56,8 +57,13 @@ class ImageService:
         device: str = "auto",
         precision: str = "auto",
     ) -> None:
-        self.base_model = base_model or DEFAULT_BASE_MODEL
-        self.refiner_model = refiner_model or DEFAULT_REFINER_MODEL
+        if base_model is None or refiner_model is None:
+            # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
+            settings = Settings()
+            base_model = base_model or settings.base_model
+            refiner_model = refiner_model or settings.refiner_model
+        self.base_model = base_model
+        self.refiner_model = refiner_model
         self.device = validate_device(device)
         self.precision = validate_precision(precision).value
         self._engine: Engine | None = None

@@ -6,7 +6,7 @@ import asyncio
 
 from bench.load import run_load
 
-from ..server.conftest import ServerFactory, server_factory  # noqa: F401 - the fixture itself
+from ..server.conftest import ServerFactory
 
 
 def test_short_load_run_has_no_errors_and_loses_no_job(server_factory: ServerFactory) -> None:

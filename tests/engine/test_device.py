@@ -54,3 +54,16 @@ def test_bf16_flag_detection(tmp_path: Path) -> None:
     info.write_text("flags\t\t: fpu sse avx2\n")
     assert not cpu_has_native_bf16(info)
     assert not cpu_has_native_bf16(tmp_path / "missing")
+
+
+def test_fp16_variant_files_are_used_when_present_and_precision_allows(tmp_path: Path) -> None:
+    from sdxl_refinery.engine.loader import _variant
+    from sdxl_refinery.engine.sources import ModelSource, SourceKind
+
+    (tmp_path / "unet").mkdir()
+    source = ModelSource(SourceKind.FOLDER, str(tmp_path), "x")
+    half = choose_placement("cpu", "half")
+    assert _variant(source, half) is None
+    (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
+    assert _variant(source, half) == "fp16"
+    assert _variant(source, choose_placement("cpu", "full")) is None

@@ -55,9 +55,16 @@ def _from_single_file(pipeline_class: Any, source: ModelSource, role: str, place
 
 def _variant(source: ModelSource, placement: Placement) -> str | None:
     """Use fp16 weight files when they exist and the precision is fp16 (half the download and load)."""
-    if placement.precision_name.startswith("fp16") and source.kind is SourceKind.FOLDER:
+    if not placement.precision_name.startswith("fp16"):
+        return None
+    if source.kind is SourceKind.FOLDER:
         unet = Path(source.location) / "unet"
         return "fp16" if any(unet.glob("*.fp16.safetensors")) else None
+    if source.kind is SourceKind.HUB:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, "unet/diffusion_pytorch_model.fp16.safetensors")
+        return "fp16" if isinstance(cached, str) else None
     return None
 
 
