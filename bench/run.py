@@ -56,17 +56,25 @@ def _components(kind: str, quick: bool, dtype: Any, device: str) -> dict[str, An
     from sdxl_refinery.engine.single_file import shipped_config
 
     config = shipped_config(kind)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate in the target dtype at once: peak memory is the side's own
     with init_empty_weights():
         parts = {"unet": UNet2DConditionModel.from_config(config["unet"]),
                  "vae": AutoencoderKL.from_config(config["vae"]),
                  "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))}  # fmt: skip
         if "text_encoder" in config:
             parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+    torch.set_default_dtype(default_dtype)
     for part in parts.values():
         part.to_empty(device=device)
         with torch.no_grad():
             for parameter in part.parameters():
                 parameter.normal_(0.0, 0.02)
+            for name, buffer in part.named_buffers():  # to_empty leaves buffers uninitialised
+                if name.endswith("position_ids"):
+                    buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+                else:
+                    buffer.zero_()
         part.to(dtype).eval()
     return parts
 
