@@ -61,6 +61,19 @@ class NonFinite(Exception):
     """NaN or Inf where a stage or the VAE should have produced numbers."""
 
 
+@dataclass
+class _Run:
+    """One request's run: what every attempt (fp32 retry, lighter memory plan) needs again."""
+
+    request: GenerationRequest
+    plan: StagePlan
+    seeds: list[int]
+    on_progress: ProgressCallback | None
+    cancel: CancelToken | None
+    preview_every: int
+    recoveries: list[str] = field(default_factory=list)
+
+
 def _handoff_split(pair: LoadedPair, steps: int, switch_at: float) -> int:
     """Steps the base runs before `switch_at`, by diffusers' own cutoff rule."""
     scheduler = type(pair.base.scheduler).from_config(pair.base.scheduler.config)
@@ -139,16 +152,14 @@ class TwoStageRunner:
             GenerationFailed: NaN/Inf survived the fp32 retries, or memory ran out under every plan.
         """
         # 1. Plan both stages before any model work (bad switch points fail here).
-        plan = plan_stages(self.pair, request)
-        recoveries: list[str] = []
+        run = _Run(request, plan_stages(self.pair, request), seeds, on_progress, cancel, preview_every)
         plans = plans_for(self.placement.device)
         # 2. Run under the current memory plan; on out-of-memory, free memory and step to a lighter plan.
         while True:
             memory_plan = plans[self._plan_index]
             last_plan = self._plan_index == len(plans) - 1
             try:
-                output = self._run_guarded(request, plan, seeds, on_progress, cancel, preview_every, last_plan,
-                                           recoveries)  # fmt: skip
+                output = self._run_guarded(run, last_plan)
             except Cancelled:
                 raise
             except Exception as error:
@@ -160,38 +171,26 @@ class TwoStageRunner:
                 free_memory()
                 self._plan_index += 1  # kept for later jobs: the next one would run out of memory too
                 lighter = plans[self._plan_index]
-                recoveries.append(f"out of memory under plan {memory_plan.name}; retried under {lighter.name}")
+                run.recoveries.append(f"out of memory under plan {memory_plan.name}; retried under {lighter.name}")
                 log.warning("   Out of memory under plan %s (%s); retrying under %s", memory_plan.name, error,
                             lighter.name)  # fmt: skip
                 apply_plan((self.pair.base, self.pair.refiner), lighter, self.placement.device)
                 continue
             output.memory_plan = memory_plan.name
-            output.recoveries = recoveries
+            output.recoveries = run.recoveries
             return output
 
-    def _run_guarded(
-        self,
-        request: GenerationRequest,
-        plan: StagePlan,
-        seeds: list[int],
-        on_progress: ProgressCallback | None,
-        cancel: CancelToken | None,
-        preview_every: int,
-        last_plan: bool,
-        recoveries: list[str],
-    ) -> EngineOutput:
+    def _run_guarded(self, run: _Run, last_plan: bool) -> EngineOutput:
         """One run; if NaN/Inf appears, the same run again with every stage in fp32."""
         try:
-            return self._run_once(request, plan, seeds, on_progress, cancel, preview_every, last_plan, False,
-                                  recoveries)  # fmt: skip
+            return self._run_once(run, last_plan, fp32=False)
         except NonFinite as fault:
             if self._all_fp32():
                 raise GenerationFailed(f"numerical fault: {fault}, with every model already in fp32") from fault
-            recoveries.append(f"{fault}; stages rerun in fp32")
+            run.recoveries.append(f"{fault}; stages rerun in fp32")
             log.warning("   %s: running the stages again in fp32", fault)
         try:
-            return self._run_once(request, plan, seeds, on_progress, cancel, preview_every, last_plan, True,
-                                  recoveries)  # fmt: skip
+            return self._run_once(run, last_plan, fp32=True)
         except NonFinite as fault:
             raise GenerationFailed(f"numerical fault: {fault}, even with every stage in fp32") from fault
 
@@ -202,19 +201,10 @@ class TwoStageRunner:
         base = self.pair.base
         return (base.text_encoder, base.text_encoder_2, base.unet, self.pair.refiner.unet, base.vae)
 
-    def _run_once(
-        self,
-        request: GenerationRequest,
-        plan: StagePlan,
-        seeds: list[int],
-        on_progress: ProgressCallback | None,
-        cancel: CancelToken | None,
-        preview_every: int,
-        last_plan: bool,
-        fp32: bool,
-        recoveries: list[str],
-    ) -> EngineOutput:
-        tracker = StepTracker({1: plan.base_steps, 2: plan.refiner_steps}, on_progress, cancel, preview_every)
+    def _run_once(self, run: _Run, last_plan: bool, fp32: bool) -> EngineOutput:
+        request, plan, seeds = run.request, run.plan, run.seeds
+        tracker = StepTracker({1: plan.base_steps, 2: plan.refiner_steps}, run.on_progress, run.cancel,
+                              run.preview_every)  # fmt: skip
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -246,7 +236,7 @@ class TwoStageRunner:
             # 3. One VAE decode for the batch, again in fp32 if it gives NaN/Inf.
             tracker.check_cancelled()
             decode_started = time.perf_counter()
-            images = self._decode_checked(latents, recoveries)
+            images = self._decode_checked(latents, run.recoveries)
             timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
         return EngineOutput(
