@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Any
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import Cancelled, InvalidRequest
 
@@ -109,11 +109,35 @@ class GenerationRequest(BaseModel):
             raise ValueError("must not be empty or blank")
         return value
 
+    @model_validator(mode="after")
+    def _handoff_leaves_both_stages_a_step(self) -> GenerationRequest:
+        if self.use_refinement and self.mode is Mode.HANDOFF:
+            base = handoff_base_steps(self.num_inference_steps, self.switch_at)
+            if base in (0, self.num_inference_steps):
+                stage = "base" if base == 0 else "refiner"
+                raise ValueError(
+                    f"switch_at: {self.switch_at} leaves the {stage} no step out of "
+                    f"num_inference_steps={self.num_inference_steps}"
+                )
+        return self
+
     def seeds_or_none(self) -> list[int] | None:
         """The seeds of all `n` images, or None when the seed is left random."""
         if self.seed is None:
             return None
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.n)]
+
+
+def handoff_base_steps(steps: int, switch_at: float, train_steps: int = 1000) -> int:
+    """Base steps before `switch_at` under SDXL's Euler schedule ("leading" spacing, offset 1).
+
+    The engine recomputes this from the loaded scheduler; this copy lets a bad switch point be refused
+    when the request is made, before it is queued.
+    """
+    ratio = train_steps // steps
+    timesteps = [i * ratio + 1 for i in range(steps)]
+    cutoff = round(train_steps - switch_at * train_steps)
+    return sum(1 for t in timesteps if t >= cutoff)
 
 
 def invalid_request_from(error: ValidationError) -> InvalidRequest:
@@ -123,6 +147,8 @@ def invalid_request_from(error: ValidationError) -> InvalidRequest:
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if not first["loc"] and ": " in message:  # a rule across fields names its field in the message
+        name, message = message.split(": ", 1)
     if first["type"] == "extra_forbidden":
         message = "is not a known field"
     return InvalidRequest(name, message)

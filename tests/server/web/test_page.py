@@ -5,6 +5,8 @@ Screenshots of the main states go to test-output/screenshots/ for a person to lo
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +171,44 @@ def test_unreachable_server_banner(server_factory: ServerFactory, page: object) 
     banner = p.wait_for_selector("#banner:not([hidden])")  # type: ignore[attr-defined]
     assert "unreachable" in banner.inner_text()
     shot(p, "09-unreachable")
+
+
+def test_bad_handoff_point_is_refused_at_submit(web: RunningServer, page: object) -> None:
+    p = page
+    p.goto(web.url + "/")  # type: ignore[attr-defined]
+    fill_small_job(p, steps=2, refiner_steps=1)
+    p.select_option("#mode", "handoff")  # type: ignore[attr-defined]
+    p.fill("#switch_at", "0.3")  # type: ignore[attr-defined]
+    p.click("#submit")  # type: ignore[attr-defined]
+    error = p.wait_for_selector('[data-error-for="switch_at"]:not(:empty)')  # type: ignore[attr-defined]
+    assert error.inner_text() == "switch_at: 0.3 leaves the base no step out of num_inference_steps=2"
+    assert web.client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_full_queue_banner_and_failed_job_reason(
+    server_factory: ServerFactory, page: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = page
+    with server_factory(max_queue=1, preview_every=0) as server:
+        p.goto(server.url + "/")  # type: ignore[attr-defined]
+        real_fsync = os.fsync
+
+        def full_disk(descriptor: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full_disk)  # the server runs in this process
+        fill_small_job(p, steps=2, refiner_steps=1)
+        p.click("#submit")  # type: ignore[attr-defined]
+        failed = p.wait_for_selector(".job.failed .job-state")  # type: ignore[attr-defined]
+        assert failed.inner_text().startswith("Failed: could not write") and "No space left" in failed.inner_text()
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        shot(p, "10-failed-job")
+        p.fill("#num_inference_steps", "500")  # type: ignore[attr-defined]
+        p.click("#submit")  # type: ignore[attr-defined]
+        p.wait_for_function("document.querySelectorAll('.job').length >= 2")  # type: ignore[attr-defined]
+        p.click("#submit")  # type: ignore[attr-defined]
+        banner = p.wait_for_selector("#banner:not([hidden])")  # type: ignore[attr-defined]
+        assert banner.inner_text().startswith("The queue is full. Try again in 30 seconds.")
+        shot(p, "11-queue-full")
+        for job in server.client.get("/v1/jobs", params={"status": "running"}).json()["items"]:
+            server.client.post(f"/v1/jobs/{job['id']}/cancel")
