@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from . import sgm_keys
-from .single_file import _read_header, inspect_checkpoint, shipped_config
+from .single_file import inspect_checkpoint, read_header, shipped_config
 from .sources import short_hash, weights_file
 
 
@@ -88,7 +88,7 @@ def verify(path: Path) -> Verification:
         unet = weights_file(path)
         return Verification(str(path), f"{kind} (diffusers folder)", short_hash(unet) if unet else None, problems)
     info = inspect_checkpoint(path)
-    header = _read_header(path)
+    header = read_header(path)
     expected = expected_sgm_shapes(info.config, info.kind)
     found = {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
     problems = [f"missing tensor {key}" for key in sorted(set(expected) - set(found))][:20]

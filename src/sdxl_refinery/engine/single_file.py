@@ -49,7 +49,7 @@ def shipped_config(kind: str) -> dict[str, Any]:
     return config
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def read_header(path: Path) -> dict[str, Any]:
     """Parse a safetensors header and check the file holds every byte it announces."""
     size = path.stat().st_size
     with path.open("rb") as stream:
@@ -97,7 +97,7 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
             f"{path}: refused: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded, so Refinery "
             "loads .safetensors only; convert it once with a tool you trust, or download the .safetensors release"
         )
-    header = _read_header(path)
+    header = read_header(path)
     metadata = header.pop("__metadata__", {}) or {}
     keys = set(header)
     for kind, markers in _KIND_MARKERS.items():

@@ -31,10 +31,10 @@ class AppState:
     worker: Worker | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     load_error: str | None = None
+    storage: ImageStorage = field(init=False)
 
-    @property
-    def storage(self) -> ImageStorage:
-        return FolderStorage(self.settings.data_dir / "images")
+    def __post_init__(self) -> None:
+        self.storage = FolderStorage(self.settings.data_dir / "images")
 
     @property
     def limits(self) -> Limits:
