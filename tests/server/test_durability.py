@@ -38,6 +38,21 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError("server never became ready")
 
 
+def _wait_for_step(url: str, job_id: str, step: int) -> None:
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/v1/jobs/{job_id}").json()["progress"]["step"] < step:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _wait_succeeded(url: str, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while (job := httpx.get(f"{url}/v1/jobs/{job_id}").json())["status"] != "succeeded":
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.1)
+    return job  # type: ignore[no-any-return]
+
+
 def test_sigkill_mid_job_then_restart_completes_every_job_once(tmp_path: Path) -> None:
     data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
@@ -47,22 +62,13 @@ def test_sigkill_mid_job_then_restart_completes_every_job_once(tmp_path: Path) -
         jobs = [httpx.post(url + "/v1/jobs", json={"prompt": f"job {i}", "width": 256, "height": 256,
                                                    "num_inference_steps": 150, "refiner_steps": 5, "n": 2,
                                                    "seed": 10 * i}).json()["id"] for i in range(3)]  # fmt: skip
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/v1/jobs/{jobs[0]}").json()["progress"]["step"] < 20:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_for_step(url, jobs[0], 20)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
 
         process = _start(data, port, log)
         _wait_ready(url, process)
-        finished: list[dict[str, Any]] = []
-        for job_id in jobs:
-            deadline = time.monotonic() + 120
-            while (job := httpx.get(f"{url}/v1/jobs/{job_id}").json())["status"] != "succeeded":
-                assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
-                time.sleep(0.1)
-            finished.append(job)
+        finished = [_wait_succeeded(url, job_id) for job_id in jobs]
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)

@@ -8,14 +8,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from .conftest import SMALL_JOB, ServerFactory, free_port
-from .test_durability import _start, _wait_ready
+from .test_durability import _start, _wait_for_step, _wait_ready, _wait_succeeded
 
 
 def test_full_disk_fails_the_job_cleanly_and_the_next_one_runs(
@@ -58,20 +57,14 @@ def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(tmp_path: Pa
     try:
         _wait_ready(url, process)
         job_id = httpx.post(url + "/v1/jobs", json={**SMALL_JOB, "num_inference_steps": 400}).json()["id"]
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/v1/jobs/{job_id}").json()["progress"]["step"] < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_for_step(url, job_id, 3)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after shutting down
         with sqlite3.connect(data / "jobs.sqlite3") as db:
             assert db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone() == ("queued",)
         process = _start(data, port, log)
         _wait_ready(url, process)
-        deadline = time.monotonic() + 120
-        while (job := httpx.get(f"{url}/v1/jobs/{job_id}").json())["status"] != "succeeded":
-            assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
-            time.sleep(0.1)
+        job = _wait_succeeded(url, job_id)
         assert job["attempts"] == 2
     finally:
         process.send_signal(signal.SIGTERM)
