@@ -25,7 +25,7 @@ from .cli_admin import doctor, export, models_app
 from .config import Settings
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .png import read_metadata
-from .request import MAX_SEED, CancelToken, GenerationRequest
+from .request import MAX_SEED, CancelToken, GenerationRequest, SpeedOptions
 from .request import Progress as StepProgress
 from .service import ImageService
 
@@ -149,6 +149,10 @@ def generate(
     no_refine: Annotated[bool, typer.Option("--no-refine", help="Skip the refiner.")] = False,
     device: Annotated[str | None, typer.Option("--device")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="auto, full, half or bf16.")] = None,
+    compile_models: Annotated[
+        str | None, typer.Option("--compile", help="torch.compile the UNets: auto (CUDA only), on or off.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (0: one per usable CPU).")] = None,
     base: Annotated[str | None, typer.Option("--base", help="Base model: Hub id, folder or tiny.")] = None,
     refiner: Annotated[str | None, typer.Option("--refiner", help="Refiner model: Hub id, folder or tiny.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="A .png file, or a folder.")] = Path("outputs"),
@@ -180,6 +184,12 @@ def generate(
             refiner or recorded.get("refiner") or settings.refiner_model,
             device or (recorded.get("device") if recorded.get("device") == "cpu" else None) or settings.device,
             precision or recorded.get("precision") or settings.precision,
+            SpeedOptions(
+                compile=compile_models or settings.compile,
+                channels_last=settings.channels_last,
+                fused_qkv=settings.fused_qkv,
+                threads=settings.threads if threads is None else threads,
+            ),
         )
         target = _output_file(output, pattern, request.prompt, request.seed or 0)
         result = asyncio.run(_run_with_interrupt(service, request, target))

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     refiner_model: str = DEFAULT_REFINER_MODEL
     device: str = "auto"
     precision: str = "auto"
+    # speed (docs/performance.md): auto follows the measured policy for the device
+    compile: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    fused_qkv: Literal["auto", "on", "off"] = "auto"
+    threads: int = Field(0, ge=0)  # 0: one per CPU this process may use
 
     # the HTTP service
     host: str = "127.0.0.1"

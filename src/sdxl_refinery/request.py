@@ -44,6 +44,14 @@ class Precision(str, Enum):
     BF16 = "bf16"
 
 
+class Toggle(str, Enum):
+    """A speed option: the measured policy (`auto`), or forced on or off."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -69,6 +77,38 @@ def validate_precision(precision: str) -> Precision:
     except ValueError:
         allowed = ", ".join(p.value for p in Precision)
         raise InvalidRequest("precision", f"must be one of {allowed}, not {precision!r}") from None
+
+
+def validate_toggle(field_name: str, value: str) -> Toggle:
+    """Return the `Toggle` named by `value`.
+
+    Raises:
+        InvalidRequest: naming `field_name`, for anything but auto, on or off.
+    """
+    try:
+        return Toggle(value)
+    except ValueError:
+        raise InvalidRequest(field_name, f"must be one of auto, on, off, not {value!r}") from None
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """What was asked for: `auto`, `on` or `off` each; `threads` 0 means one per usable CPU.
+
+    Raises:
+        InvalidRequest: a toggle that is not `auto`, `on` or `off`, or negative threads.
+    """
+
+    compile: str = "auto"
+    channels_last: str = "auto"
+    fused_qkv: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("compile", "channels_last", "fused_qkv"):
+            validate_toggle(name, getattr(self, name))
+        if self.threads < 0:
+            raise InvalidRequest("threads", f"must be 0 (one per usable CPU) or more, got {self.threads}")
 
 
 class GenerationRequest(BaseModel):
@@ -249,6 +289,7 @@ class GenerationResult:
         paths: files written for this result, if any.
         memory_plan: how memory was used (`resident` unless an out-of-memory error forced a lighter plan).
         recoveries: faults survived on the way (NaN retried in fp32, lighter memory plans), in words.
+        optimizations: speed options in effect, read from the models (`threads=2`, `compiled`, ...).
     """
 
     images: list[Image.Image]
@@ -265,6 +306,7 @@ class GenerationResult:
     paths: list[str] = field(default_factory=list)
     memory_plan: str = "resident"
     recoveries: list[str] = field(default_factory=list)
+    optimizations: list[str] = field(default_factory=list)
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the pixels, as plain JSON-able data."""
@@ -281,4 +323,5 @@ class GenerationResult:
             "models": dict(self.models),
             "memory_plan": self.memory_plan,
             "recoveries": list(self.recoveries),
+            "optimizations": list(self.optimizations),
         }

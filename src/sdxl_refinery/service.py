@@ -23,6 +23,7 @@ from .request import (
     GenerationRequest,
     GenerationResult,
     ProgressCallback,
+    SpeedOptions,
     validate_device,
     validate_precision,
 )
@@ -45,6 +46,8 @@ class ImageService:
         refiner_model: likewise; default `REFINERY_REFINER_MODEL`, else SDXL refiner 1.0.
         device: `auto`, `cpu`, `mps`, `cuda` or `cuda:N`.
         precision: `auto`, `full`, `half` or `bf16`.
+        speed: compilation, memory layout, fused projections and CPU threads (default: the
+            measured policy for the device, see docs/performance.md).
 
     Raises:
         InvalidRequest: unknown device or precision name.
@@ -56,6 +59,7 @@ class ImageService:
         refiner_model: str | None = None,
         device: str = "auto",
         precision: str = "auto",
+        speed: SpeedOptions | None = None,
     ) -> None:
         if base_model is None or refiner_model is None:
             # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
@@ -66,13 +70,15 @@ class ImageService:
         self.refiner_model = refiner_model
         self.device = validate_device(device)
         self.precision = validate_precision(precision).value
+        self.speed = speed or SpeedOptions()
         self._engine: Engine | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinery-engine")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageService:
         """Build a service from a `Settings` object (the faces' way)."""
-        return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision)
+        speed = SpeedOptions(settings.compile, settings.channels_last, settings.fused_qkv, settings.threads)
+        return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision, speed)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -81,7 +87,7 @@ class ImageService:
             # Imported here so that faces start fast and torch loads only when a model does.
             from .engine import Engine
 
-            self._engine = Engine.load(self.base_model, self.refiner_model, self.device, self.precision)
+            self._engine = Engine.load(self.base_model, self.refiner_model, self.device, self.precision, self.speed)
         return self._engine
 
     async def load(self) -> None:
@@ -106,6 +112,7 @@ class ImageService:
             "device": placement.device,
             "precision": placement.precision_name,
             "reason": placement.reason,
+            "optimizations": self._engine.optimizations,
             **self._engine.models,
         }
 
@@ -181,6 +188,7 @@ class ImageService:
             models=engine.models,
             memory_plan=output.memory_plan,
             recoveries=output.recoveries,
+            optimizations=engine.optimizations,
         )
         if output_path is not None:
             cancel.raise_if_cancelled()

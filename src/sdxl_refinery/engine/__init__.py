@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..request import CancelToken, GenerationRequest, ProgressCallback
+from ..request import CancelToken, GenerationRequest, ProgressCallback, SpeedOptions
 from .device import Placement, choose_placement
-from .loader import LoadedPair, load_pair
+from .loader import LoadedPair, load_pair, pair_modules, place_pair
+from .memory import choose_plan, free_bytes, module_bytes, unet_working_bytes
+from .recovery import MemoryPlan
 from .run import EngineOutput, TwoStageRunner
 from .sources import ModelSource, resolve
+from .speed import SpeedPlan, active_optimizations, apply_speed_plan, choose_speed_plan
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +34,18 @@ class Engine:
     placement: Placement
     pair: LoadedPair
     runner: TwoStageRunner
+    speed: SpeedPlan
 
     @classmethod
-    def load(cls, base_model: str, refiner_model: str, device: str = "auto", precision: str = "auto") -> Engine:
-        """Resolve, place and load the pair.
+    def load(
+        cls,
+        base_model: str,
+        refiner_model: str,
+        device: str = "auto",
+        precision: str = "auto",
+        speed: SpeedOptions | None = None,
+    ) -> Engine:
+        """Resolve, place and load the pair, then apply the speed plan for the device.
 
         Raises:
             InvalidRequest: unknown or absent device, unknown precision.
@@ -44,8 +55,26 @@ class Engine:
         log.info("Device %s, precision %s: %s", placement.device, placement.precision_name, placement.reason)
         base_source: ModelSource = resolve(base_model, "base")
         refiner_source: ModelSource = resolve(refiner_model, "refiner")
+        # 1. Load both pipelines into CPU memory, in the policy's dtypes.
         pair = load_pair(base_source, refiner_source, placement)
-        return cls(placement, pair, TwoStageRunner(pair, placement))
+        # 2. Pick the memory plan from the device's free memory, then place the models.
+        memory_plan = _initial_memory_plan(pair, placement)
+        place_pair(pair, placement, offload=memory_plan.offload is not None)
+        # 3. Layout, fused projections, compilation, threads.
+        plan = choose_speed_plan(placement, speed)
+        pair.base.unet, pair.refiner.unet = apply_speed_plan([pair.base.unet, pair.refiner.unet], pair.base.vae, plan)
+        log.info("Speed plan: %s", ", ".join(plan.names()) or "plain eager models")
+        return cls(placement, pair, TwoStageRunner(pair, placement, memory_plan), plan)
+
+    @property
+    def memory_plan(self) -> str:
+        """The memory plan the next run starts under."""
+        return self.runner.memory_plan.name
+
+    @property
+    def optimizations(self) -> list[str]:
+        """Speed options in effect, read from the models themselves."""
+        return active_optimizations([self.pair.base.unet, self.pair.refiner.unet], self.pair.base.vae)
 
     @property
     def models(self) -> dict[str, str]:
@@ -68,3 +97,16 @@ class Engine:
     ) -> EngineOutput:
         """Run one request; see `TwoStageRunner.run`."""
         return self.runner.run(request, seeds, on_progress, cancel, preview_every)
+
+
+def _initial_memory_plan(pair: LoadedPair, placement: Placement) -> MemoryPlan:
+    """The lightest plan not needed for the documented recipe (1024x1024, one image); see memory.py."""
+    modules = pair_modules(pair)
+    weights = module_bytes(modules)
+    largest = max(module_bytes([module]) for module in modules)
+    working = unet_working_bytes(1024, 1024, 1, placement.dtype.itemsize)
+    # On CPU the weights already sit in the RAM being measured; elsewhere they are still to be placed.
+    free = free_bytes(placement.device) + (weights if placement.device == "cpu" else 0)
+    plan, reason = choose_plan(placement.device, weights, largest, working, free)
+    log.info("Memory plan %s", reason)
+    return plan

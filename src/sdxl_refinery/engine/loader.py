@@ -124,17 +124,32 @@ def load_pair(base_source: ModelSource, refiner_source: ModelSource, placement: 
         base = _load(StableDiffusionXLPipeline, base_source, "base", placement)
         shared = {"text_encoder_2": base.text_encoder_2, "tokenizer_2": base.tokenizer_2, "vae": base.vae}
         refiner = _load(StableDiffusionXLImg2ImgPipeline, refiner_source, "refiner", placement, **shared)
-    base.to(placement.device, placement.dtype)
-    refiner.unet.to(placement.device, placement.dtype)
-    base.vae.to(placement.device, placement.vae_dtype)
+    # Cast here, still in CPU memory: `place_pair` moves to the device once the memory plan is known.
+    base.to(dtype=placement.dtype)
+    refiner.unet.to(dtype=placement.dtype)
+    base.vae.to(dtype=placement.vae_dtype)
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
     hashes = {role: h for role, source in (("base", base_source), ("refiner", refiner_source)) if (h := _hash(source))}
     log.info(
-        "Loaded base %s and refiner %s on %s (%s)",
+        "Loaded base %s and refiner %s for %s (%s)",
         base_source.describe(),
         refiner_source.describe(),
         placement.device,
         placement.precision_name,
     )
     return LoadedPair(base, refiner, base_source, refiner_source, hashes)
+
+
+def place_pair(pair: LoadedPair, placement: Placement, offload: bool) -> None:
+    """Move the pair onto its device, unless an offload plan will move each part when it runs."""
+    if offload:
+        return
+    pair.base.to(placement.device)
+    pair.refiner.unet.to(placement.device)
+
+
+def pair_modules(pair: LoadedPair) -> list[Any]:
+    """Every distinct model of the pair (text_encoder_2 and the VAE are shared)."""
+    base = pair.base
+    return [base.unet, base.text_encoder, base.text_encoder_2, base.vae, pair.refiner.unet]

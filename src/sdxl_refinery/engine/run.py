@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +22,9 @@ from ..errors import Cancelled, GenerationFailed, InvalidRequest
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
 from .device import Placement
 from .loader import LoadedPair
+from .memory import GIB, decode_bytes, free_bytes
 from .prompts import Conditioning, PromptEncoder
-from .recovery import all_finite, apply_plan, free_memory, is_out_of_memory, plans_for, upcast
+from .recovery import MemoryPlan, all_finite, apply_plan, free_memory, is_out_of_memory, plans_for, upcast
 from .tracking import StepTracker
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class EngineOutput:
     timings: dict[str, float] = field(default_factory=dict)
     memory_plan: str = "resident"
     recoveries: list[str] = field(default_factory=list)
+    decode_tiled: bool = False  # tiled for this run only, because a whole decode did not fit
 
 
 class NonFinite(Exception):
@@ -122,11 +125,15 @@ def plan_stages(pair: LoadedPair, request: GenerationRequest) -> StagePlan:
 class TwoStageRunner:
     """Runs requests on one loaded pair; not thread-safe (one caller at a time)."""
 
-    def __init__(self, pair: LoadedPair, placement: Placement) -> None:
+    def __init__(self, pair: LoadedPair, placement: Placement, memory_plan: MemoryPlan | None = None) -> None:
         self.pair = pair
         self.placement = placement
         self._base_as_img2img: StableDiffusionXLImg2ImgPipeline | None = None
-        self._plan_index = 0  # index into plans_for(device); only ever moves to lighter plans
+        plans = plans_for(placement.device)
+        # index into plans_for(device); only ever moves to lighter plans
+        self._plan_index = plans.index(memory_plan) if memory_plan else 0
+        if self._plan_index:
+            apply_plan((pair.base, pair.refiner), plans[self._plan_index], placement.device)
         base, refiner = pair.base, pair.refiner
         self.base_prompts = PromptEncoder([base.tokenizer, base.tokenizer_2], [base.text_encoder, base.text_encoder_2])
         self.refiner_prompts = PromptEncoder([refiner.tokenizer_2], [refiner.text_encoder_2])
@@ -176,7 +183,7 @@ class TwoStageRunner:
                             lighter.name)  # fmt: skip
                 apply_plan((self.pair.base, self.pair.refiner), lighter, self.placement.device)
                 continue
-            output.memory_plan = memory_plan.name
+            output.memory_plan = memory_plan.name + ("+tiled-vae" if output.decode_tiled else "")
             output.recoveries = run.recoveries
             return output
 
@@ -193,6 +200,11 @@ class TwoStageRunner:
             return self._run_once(run, last_plan, fp32=True)
         except NonFinite as fault:
             raise GenerationFailed(f"numerical fault: {fault}, even with every stage in fp32") from fault
+
+    @property
+    def memory_plan(self) -> MemoryPlan:
+        """The plan the next run starts under."""
+        return plans_for(self.placement.device)[self._plan_index]
 
     def _all_fp32(self) -> bool:
         return self.placement.dtype == torch.float32 and self.pair.base.vae.dtype == torch.float32
@@ -236,7 +248,8 @@ class TwoStageRunner:
             # 3. One VAE decode for the batch, again in fp32 if it gives NaN/Inf.
             tracker.check_cancelled()
             decode_started = time.perf_counter()
-            images = self._decode_checked(latents, run.recoveries)
+            with self._tiles_if_needed(latents) as decode_tiled:
+                images = self._decode_checked(latents, run.recoveries)
             timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
         return EngineOutput(
@@ -246,7 +259,25 @@ class TwoStageRunner:
             refined=refined,
             refinement_error=refinement_error,
             timings=timings,
+            decode_tiled=decode_tiled,
         )
+
+    @contextlib.contextmanager
+    def _tiles_if_needed(self, latents: torch.Tensor) -> Iterator[bool]:
+        """Decode in tiles for this run only when a whole decode would not fit in free memory."""
+        vae = self.pair.base.vae
+        images = 1 if vae.use_slicing else latents.shape[0]
+        need = decode_bytes(latents.shape[3] * 8, latents.shape[2] * 8, images, vae.dtype.itemsize)
+        free = free_bytes(self.placement.device)
+        if vae.use_tiling or need <= free:
+            yield False
+            return
+        log.info("   VAE decode needs about %.1f GiB, %.1f GiB free: decoding in tiles", need / GIB, free / GIB)
+        vae.enable_tiling()
+        try:
+            yield True
+        finally:
+            vae.disable_tiling()
 
     def _decode_checked(self, latents: torch.Tensor, recoveries: list[str]) -> list[Image.Image]:
         pixels = self.decode_pixels(latents)
