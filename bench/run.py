@@ -81,6 +81,11 @@ def _components(kind: str, quick: bool, dtype: Any, device: str) -> dict[str, An
 
 def _timed(function: Any, repeats: int) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
+    return _timed_with_first(function, repeats)[0]
+
+
+def _timed_with_first(function: Any, repeats: int) -> tuple[float, float]:
+    """Median seconds of `repeats` calls after one warm-up call, and the warm-up's seconds (compilation)."""
     import torch
 
     def once() -> float:
@@ -91,8 +96,8 @@ def _timed(function: Any, repeats: int) -> float:
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    once()
-    return statistics.median(once() for _ in range(max(repeats, 1)))
+    first = once()
+    return statistics.median(once() for _ in range(max(repeats, 1))), first
 
 
 def _unet_step(unet: Any, batch: int, latent: int, device: str, dtype: Any, time_ids: int) -> Any:
@@ -107,14 +112,19 @@ def _unet_step(unet: Any, batch: int, latent: int, device: str, dtype: Any, time
     return lambda: unet(sample, timestep, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)
 
 
-def measure_side(role: str, device: str, resolutions: list[int], steps: int, batches: list[int], quick: bool) -> dict:
+def measure_side(
+    role: str, device: str, resolutions: list[int], steps: int, batches: list[int], quick: bool, compile_: str = "auto"
+) -> dict:
     """All figures of one side, in this process."""
     import torch
 
     from sdxl_refinery.engine.device import choose_placement
+    from sdxl_refinery.engine.speed import CPU_COMPILE_MODE, apply_speed_plan, choose_speed_plan
+    from sdxl_refinery.request import SpeedOptions
 
     placement = choose_placement(device, "auto")
     ours = role == "ours"
+    speed = choose_speed_plan(placement, SpeedOptions(compile=compile_)) if ours else None
     if ours:
         dtype, vae_dtype = placement.dtype, placement.vae_dtype
     else:
@@ -122,15 +132,21 @@ def measure_side(role: str, device: str, resolutions: list[int], steps: int, bat
         vae_dtype = dtype
     device = placement.device
     results: dict[str, Any] = {"role": role, "device": device, "dtype": str(dtype).removeprefix("torch."),
-                               "vae_dtype": str(vae_dtype).removeprefix("torch."), "resolutions": {}}  # fmt: skip
-    # Plain diffusers in fp32 needs both pipelines resident (about 26 GB of weights for SDXL); where that
-    # does not fit in RAM the baseline is measured one pipeline at a time and the figure is stated.
-    sequential = not ours and not quick and not device.startswith("cuda") and _ram_gib() < 28
-    results["baseline_sequential"] = sequential
+                               "vae_dtype": str(vae_dtype).removeprefix("torch."), "resolutions": {},
+                               "optimizations": speed.names() if speed else []}  # fmt: skip
+    # Plain diffusers in fp32 needs both pipelines resident (about 26 GB of weights for SDXL), and frozen
+    # compilation keeps a second copy of each UNet; where that does not fit in RAM the side is measured one
+    # pipeline at a time and the output says so.
+    frozen = speed is not None and speed.compile_mode == CPU_COMPILE_MODE
+    needs_gib = 28 if not ours else (26 if frozen else 14)
+    sequential = not quick and not device.startswith("cuda") and _ram_gib() < needs_gib
+    results["one_pipeline_at_a_time"] = sequential
     started = time.perf_counter()
     base = _components("sdxl-base", quick, dtype, device)
     base["vae"].to(vae_dtype)
     setup = time.perf_counter() - started
+    if speed:  # the engine's own speed plan for this device
+        (base["unet"],) = apply_speed_plan([base["unet"]], base["vae"], speed)
     tokens = torch.randint(0, base["text_encoder"].config.vocab_size - 1, (1, 77), device=device)
     text_base = _timed(lambda: (base["text_encoder"](tokens), base["text_encoder_2"](tokens)), steps)
     rows: dict[str, dict[str, Any]] = {str(r): {} for r in resolutions}
@@ -139,14 +155,17 @@ def measure_side(role: str, device: str, resolutions: list[int], steps: int, bat
         latents = torch.randn(1, 4, resolution // 8, resolution // 8, device=device, dtype=vae_dtype)
         rows[str(resolution)]["decode_s"] = _timed(lambda latents=latents: base["vae"].decode(latents), 1)
     parameters = sum(p.numel() for part in base.values() for p in part.parameters())
-    if sequential:
-        del base
+    if sequential:  # ours keeps text_encoder_2 and the VAE, which the refiner shares
+        for name in ("unet", "text_encoder") if ours else tuple(base):
+            del base[name]
         import gc
 
         gc.collect()
     started = time.perf_counter()
     refiner = _components("sdxl-refiner", quick, dtype, device)
     setup += time.perf_counter() - started
+    if speed:
+        (refiner["unet"],) = apply_speed_plan([refiner["unet"]], None, speed)
     if ours:  # one copy of text_encoder_2 and the VAE
         refiner["text_encoder_2"], refiner["vae"] = base["text_encoder_2"], base["vae"]
         parameters += sum(p.numel() for p in refiner["unet"].parameters())
@@ -191,7 +210,8 @@ def _measure_stage(
     for resolution in resolutions:
         for batch in _batches_at(resolution, resolutions, batches):
             step = _unet_step(unet, batch, resolution // 8, device, dtype, time_ids)
-            rows[str(resolution)][f"{stage}_step_s_n{batch}"] = _timed(step, steps)
+            row = rows[str(resolution)]
+            row[f"{stage}_step_s_n{batch}"], row[f"{stage}_first_call_s_n{batch}"] = _timed_with_first(step, steps)
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -209,7 +229,8 @@ def _machine() -> dict[str, Any]:
 
 def _run_side(role: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--side", role, "--device", args.device, "--steps", str(args.steps),
-               "--resolution", *map(str, args.resolution), "--batch", *map(str, args.batch)]  # fmt: skip
+               "--resolution", *map(str, args.resolution), "--batch", *map(str, args.batch),
+               "--compile", args.compile]  # fmt: skip
     if args.quick:
         command.append("--quick")
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -274,12 +295,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile for our side (auto: the engine's policy for the device)",
+    )
     parser.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.resolution, args.steps = [256], 1
     if args.side:
-        print(json.dumps(measure_side(args.side, args.device, args.resolution, args.steps, args.batch, args.quick)))
+        side = measure_side(args.side, args.device, args.resolution, args.steps, args.batch, args.quick, args.compile)
+        print(json.dumps(side))
         return
     ours = _run_side("ours", args)
     baseline = {} if args.skip_baseline else _run_side("baseline", args)

@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "XDG_CACHE_HOME" not in os.environ:  # model-hash cache and friends: never the developer's own
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="refinery-test-cache-")
 
 from sdxl_refinery import ImageService
 from sdxl_refinery.engine.tiny import save_tiny_pair

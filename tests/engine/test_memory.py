@@ -12,7 +12,9 @@ from sdxl_refinery import GenerationRequest, ImageService
 from sdxl_refinery.engine import memory
 from sdxl_refinery.engine.memory import GIB, choose_plan, decode_bytes, unet_working_bytes
 
-REQUEST = GenerationRequest(prompt="a lighthouse", width=256, height=256, num_inference_steps=4, refiner_steps=2, seed=2)
+REQUEST = GenerationRequest(
+    prompt="a lighthouse", width=256, height=256, num_inference_steps=4, refiner_steps=2, seed=2
+)
 SDXL_FP16 = int(11.5 * GIB)  # base + refiner + both encoders + VAE in fp16
 SDXL_UNET_FP16 = int(4.8 * GIB)
 WORKING = unet_working_bytes(1024, 1024, 1, 2)

@@ -17,7 +17,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from ..errors import ModelLoadError
 from .device import Placement
 from .single_file import inspect_checkpoint, materialize_config
-from .sources import ModelSource, SourceKind, short_hash, weights_file
+from .sources import ModelSource, SourceKind, default_hash_cache, short_hash, weights_file
 from .tiny import build_tiny_pair
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,10 @@ def _load(pipeline_class: Any, source: ModelSource, role: str, placement: Placem
 
 def _hash(source: ModelSource) -> str | None:
     if source.kind is SourceKind.SINGLE_FILE:
-        return short_hash(Path(source.location))
+        return short_hash(Path(source.location), default_hash_cache())
     if source.kind is SourceKind.FOLDER:
         weights = weights_file(Path(source.location))
-        return short_hash(weights) if weights else None
+        return short_hash(weights, default_hash_cache()) if weights else None
     if source.kind is SourceKind.HUB:
         from huggingface_hub import snapshot_download
 
@@ -105,7 +105,7 @@ def _hash(source: ModelSource) -> str | None:
         except OSError:
             return None
         weights = weights_file(folder)
-        return short_hash(weights) if weights else None
+        return short_hash(weights, default_hash_cache()) if weights else None
     return None
 
 

@@ -10,13 +10,20 @@ image's metadata.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelLoadError
 from .tiny import TINY_NAME
+
+log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -72,13 +79,59 @@ def resolve(reference: str, role: str) -> ModelSource:
     raise ModelLoadError(f"{role} model {reference!r}: no such folder, and not a Hub id of the form owner/name")
 
 
-def short_hash(path: Path, chunk: int = 1 << 24) -> str:
-    """A1111's model hash: the first 10 hex digits of the file's SHA-256."""
+def default_hash_cache() -> Path:
+    """Where model hashes are remembered: `$XDG_CACHE_HOME/refinery/model-hashes.json`."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "refinery" / "model-hashes.json"
+
+
+def short_hash(path: Path, cache: Path | None = None, chunk: int = 1 << 24) -> str:
+    """A1111's model hash: the first 10 hex digits of the file's SHA-256.
+
+    Hashing SDXL reads 7 GB, so with `cache` the digest is remembered per absolute
+    path, size and modification time, and read again only when one of them changes.
+    `refinery models verify` passes no cache: it always reads the file.
+    """
+    stat = path.stat()
+    key, stamp = str(path.resolve()), {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    known = _read_hash_cache(cache) if cache else {}
+    entry = known.get(key)
+    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and isinstance(entry.get("sha256"), str):
+        return str(entry["sha256"])[:10]
     digest = hashlib.sha256()
     with path.open("rb") as stream:
         while block := stream.read(chunk):
             digest.update(block)
+    if cache:
+        known[key] = {**stamp, "sha256": digest.hexdigest()}
+        _write_hash_cache(cache, known)
     return digest.hexdigest()[:10]
+
+
+def _read_hash_cache(cache: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(cache.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        log.warning("Model hash cache %s is unreadable (%s); it will be rebuilt", cache, error)
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_hash_cache(cache: Path, known: dict[str, Any]) -> None:
+    """Atomically (temporary file, then rename); a cache that cannot be written only costs time."""
+    temporary: str | None = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cache.parent, delete=False, suffix=".tmp") as stream:
+            temporary = stream.name
+            json.dump(known, stream)
+        os.replace(temporary, cache)
+    except OSError as error:
+        log.warning("Could not write the model hash cache %s: %s", cache, error)
+        if temporary:
+            Path(temporary).unlink(missing_ok=True)
 
 
 def weights_file(folder: Path) -> Path | None:

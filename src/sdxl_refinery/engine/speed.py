@@ -97,27 +97,31 @@ def choose_speed_plan(placement: Placement, options: SpeedOptions | None = None)
     )
 
 
-def apply_speed_plan(unets: list[Any], vae: Any, plan: SpeedPlan) -> list[Any]:
+def apply_speed_plan(unets: list[Any], vae: Any | None, plan: SpeedPlan) -> list[Any]:
     """Configure the models for `plan`; returns the UNets to use (compiled ones are wrappers).
+
+    `vae` may be None when it was configured already (it is shared by both stages).
 
     Order matters: layout and fusion change the modules, compilation then traces them.
     """
     if plan.threads:
         torch.set_num_threads(plan.threads)
     if plan.channels_last:
-        for module in [*unets, vae]:
+        for module in [*unets, vae] if vae is not None else unets:
             module.to(memory_format=torch.channels_last)
     if plan.fused_qkv:
         for unet in unets:
             unet.fuse_qkv_projections()
-        vae.fuse_qkv_projections()
+        if vae is not None:
+            vae.fuse_qkv_projections()
     if plan.compile_mode is None:
         return unets
     if plan.compile_mode == CPU_COMPILE_MODE:
         compiled = [torch.compile(unet, fullgraph=True, options=CPU_COMPILE_OPTIONS) for unet in unets]
     else:
         compiled = [torch.compile(unet, mode=plan.compile_mode, fullgraph=True) for unet in unets]
-        vae.decoder = torch.compile(vae.decoder, mode=plan.compile_mode, fullgraph=True)
+        if vae is not None:
+            vae.decoder = torch.compile(vae.decoder, mode=plan.compile_mode, fullgraph=True)
     log.info("Compiling the UNets (%s): the first run of each new image shape takes longer", plan.compile_mode)
     return compiled
 
