@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from sdxl_refinery.engine.speed import usable_cpus
+
 REFINERY = [sys.executable, "-m", "sdxl_refinery"]
 
 
@@ -32,8 +34,15 @@ def test_doctor_reports_policy_memory_models_and_offline_readiness(tiny_pair: tu
     assert report["memory_available_bytes"] > 0 and isinstance(report["fits"], bool)
     assert report["models_present"] == {"base": True, "refiner": False}
     assert report["offline"] is True and report["offline_ready"] is False
-    human = _run(["doctor"], REFINERY_DEVICE="cpu", REFINERY_PRECISION="full")
+    # the plan the engine would start under here (CPU: no offload), and its speed plan
+    assert report["memory_plan"].startswith(("resident", "sliced")) and "GiB free" in report["memory_plan"]
+    if not report["fits"]:
+        assert report["memory_plan"].startswith("sliced")
+    assert report["speed_plan"] == [f"threads={usable_cpus()}"]
+    human = _run(["doctor"], REFINERY_DEVICE="cpu", REFINERY_PRECISION="full", REFINERY_COMPILE="on",
+                 REFINERY_THREADS="1")  # fmt: skip
     assert "Precision:  fp32  (precision=full forces fp32)" in human.stdout
+    assert "Speed:      threads=1, compiled(frozen)" in human.stdout and "Plan:" in human.stdout
 
 
 def test_doctor_bad_precision_exits_2() -> None:

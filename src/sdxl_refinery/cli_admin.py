@@ -44,6 +44,9 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     out.print(f"Weights:    {params / 1e9:.2f} B parameters (base + refiner UNet, shared encoder 2 and VAE) "
               f"= {_gib(report['weights_bytes_needed'])} in {report['precision'].split('+')[0]}")  # fmt: skip
     out.print(f"Memory:     {report['memory_label']} {_gib(report['memory_available_bytes'])}: {fits}")
+    if report["memory_plan"]:
+        out.print(f"Plan:       {report['memory_plan']}")
+    out.print(f"Speed:      {', '.join(report['speed_plan']) or 'plain eager models'}")
     for role, reference in report["models"].items():
         state = "[green]present[/]" if report["models_present"][role] else "[yellow]not downloaded[/]"
         out.print(f"{role.capitalize():<11} {reference}  {state}")

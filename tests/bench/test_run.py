@@ -42,3 +42,18 @@ def test_the_gpu_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     assert report["ours"]["optimizations"] == [f"threads={usable_cpus()}"]  # the engine's CPU speed plan
     assert report["figures"]["end_to_end_s_n1 @256"]["speedup"] > 0
     assert (tmp_path / "bench-cpu.png").stat().st_size > 1000
+
+
+def test_the_options_benchmark_measures_each_option_against_plain(tmp_path: Path) -> None:
+    report_path = tmp_path / "options.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "options.py"), "--quick", "--device", "cpu",
+                           "--variants", "channels-last", "fused-qkv", "--json", str(report_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {row["variant"]: row for row in json.loads(report_path.read_text())["variants"]}
+    threads = f"threads={usable_cpus()}"
+    assert rows["plain"]["optimizations"] == [threads] and rows["plain"]["speedup_vs_plain"] == 1.0
+    assert rows["channels-last"]["optimizations"] == [threads, "channels-last"]
+    assert rows["fused-qkv"]["optimizations"] == [threads, "fused-qkv"]
+    assert all(row["step_s"] > 0 and row["speedup_vs_plain"] > 0 for row in rows.values())
+    assert "fused-qkv" in done.stdout

@@ -51,6 +51,11 @@ def test_cuda_policy_turns_on_layout_fusion_and_compilation() -> None:
     assert plan.names() == ["channels-last", "fused-qkv", f"compiled({CUDA_COMPILE_MODE})"]
 
 
+def test_cuda_policy_does_not_compile_when_weights_move_between_devices() -> None:
+    plan = choose_speed_plan(CUDA, offload=True)
+    assert plan.compile_mode is None and plan.channels_last and plan.fused_qkv
+
+
 def test_explicit_choices_win_over_the_policy() -> None:
     plan = choose_speed_plan(CPU, SpeedOptions(compile="on", channels_last="on", fused_qkv="on", threads=1))
     assert (plan.threads, plan.channels_last, plan.fused_qkv, plan.compile_mode) == (1, True, True, "frozen")

@@ -61,7 +61,7 @@ class Engine:
         memory_plan = _initial_memory_plan(pair, placement)
         place_pair(pair, placement, offload=memory_plan.offload is not None)
         # 3. Layout, fused projections, compilation, threads.
-        plan = choose_speed_plan(placement, speed)
+        plan = choose_speed_plan(placement, speed, offload=memory_plan.offload is not None)
         pair.base.unet, pair.refiner.unet = apply_speed_plan([pair.base.unet, pair.refiner.unet], pair.base.vae, plan)
         log.info("Speed plan: %s", ", ".join(plan.names()) or "plain eager models")
         return cls(placement, pair, TwoStageRunner(pair, placement, memory_plan), plan)

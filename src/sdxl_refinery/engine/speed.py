@@ -82,13 +82,18 @@ def _decide(toggle: str, auto: bool) -> bool:
     return {Toggle.ON: True, Toggle.OFF: False}.get(Toggle(toggle), auto)
 
 
-def choose_speed_plan(placement: Placement, options: SpeedOptions | None = None) -> SpeedPlan:
-    """Apply the speed policy for `placement` (see the module docstring)."""
+def choose_speed_plan(placement: Placement, options: SpeedOptions | None = None, offload: bool = False) -> SpeedPlan:
+    """Apply the speed policy for `placement` (see the module docstring).
+
+    Args:
+        offload: the memory plan moves weights between devices during a run; `auto` then does not
+            compile, since CUDA graphs replay fixed memory addresses.
+    """
     options = options or SpeedOptions()
     cuda = placement.device.startswith("cuda")
     cpu = placement.device == "cpu"
     threads = (options.threads or usable_cpus()) if cpu else None
-    compile_on = _decide(options.compile, auto=cuda)
+    compile_on = _decide(options.compile, auto=cuda and not offload)
     return SpeedPlan(
         threads=threads,
         channels_last=_decide(options.channels_last, auto=cuda),
