@@ -27,6 +27,7 @@ VARIANTS = {
     "channels-last": {"channels_last": "on"},
     "fused-qkv": {"fused_qkv": "on"},
     "compiled": {"compile": "on"},
+    "compiled+channels-last": {"compile": "on", "channels_last": "on"},
 }
 
 

@@ -115,3 +115,28 @@ async def test_compiled_unets_are_active_and_keep_the_image(plain_pixels: np.nda
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     assert np.abs(pixels - plain_pixels).max() <= MAX_PIXEL_DIFFERENCE
     service.close()
+
+
+async def test_a_nan_under_compiled_unets_is_rerun_in_fp32_with_the_plain_modules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Frozen graphs hold bf16 weights, so the fp32 retry runs the plain UNets and the compiled ones come back."""
+    torch._dynamo.reset()
+    service = ImageService("tiny", "tiny", device="cpu", precision="bf16", speed=SpeedOptions(compile="on"))
+    await service.load()
+    engine = service._engine
+    assert engine is not None
+    compiled_base = engine.pair.base.unet
+    plain_base = compiled_base._orig_mod
+    original = plain_base.forward
+
+    def forward(*args: object, **kwargs: object) -> object:  # an overflow that only bf16 suffers
+        output = original(*args, **kwargs)
+        return (torch.full_like(output[0], float("nan")),) if plain_base.dtype == torch.bfloat16 else output
+
+    monkeypatch.setattr(plain_base, "forward", forward)
+    result = await service.generate(REQUEST)
+    assert result.refined and result.recoveries == ["NaN/Inf in the base stage's latents; stages rerun in fp32"]
+    assert np.asarray(result.images[0], dtype=float).std() > 1.0
+    assert engine.pair.base.unet is compiled_base and plain_base.dtype == torch.bfloat16
+    service.close()

@@ -213,6 +213,18 @@ class TwoStageRunner:
         base = self.pair.base
         return (base.text_encoder, base.text_encoder_2, base.unet, self.pair.refiner.unet, base.vae)
 
+    @contextlib.contextmanager
+    def _fp32_eager(self) -> Iterator[None]:
+        """Every stage in fp32, with the plain UNets: compiled graphs (frozen weights) are for the policy's dtype."""
+        base, refiner = self.pair.base, self.pair.refiner
+        compiled = base.unet, refiner.unet
+        base.unet, refiner.unet = (getattr(unet, "_orig_mod", unet) for unet in compiled)
+        try:
+            with upcast(*self._stage_modules()):
+                yield
+        finally:
+            base.unet, refiner.unet = compiled
+
     def _run_once(self, run: _Run, last_plan: bool, fp32: bool) -> EngineOutput:
         request, plan, seeds = run.request, run.plan, run.seeds
         tracker = StepTracker({1: plan.base_steps, 2: plan.refiner_steps}, run.on_progress, run.cancel,
@@ -220,7 +232,7 @@ class TwoStageRunner:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        with upcast(*self._stage_modules()) if fp32 else contextlib.nullcontext():
+        with self._fp32_eager() if fp32 else contextlib.nullcontext():
             # 1. Stage 1: the base, into latents.
             latents = self._run_base(request, plan, generators, tracker, timings)
             if not all_finite(latents):

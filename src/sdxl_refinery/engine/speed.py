@@ -7,12 +7,14 @@ a step or approximates. `auto` follows what was measured (docs/performance.md):
 - threads: one per CPU this process may use (affinity and cgroup quota), not one
   per CPU the machine has: oversubscribed threads only wait on each other.
 - channels_last: on for CUDA (cuDNN's fast convolution layout); off on CPU, where
-  oneDNN already reorders and it measured no gain (9.3 s vs 9.5 s per base step, 512).
-- fused QKV: one projection GEMM instead of three per self-attention; on for CUDA.
+  oneDNN already reorders: 0.97x per base step at 512 (bench/options.py).
+- fused QKV: one projection GEMM instead of three per self-attention; on for CUDA;
+  off on CPU, 0.90x there.
 - compile: `torch.compile` of both UNets (and the VAE decoder on CUDA), with CUDA
   graphs where shapes are static; on for CUDA. On CPU (inductor with frozen,
-  prepacked weights) it costs minutes per new image shape and a second copy of
-  each UNet in RAM for about 10 % per step, so only `on` turns it on there.
+  prepacked weights) it measured 1.09x per base step at 512 for 2.4 minutes of
+  compilation per UNet and image shape and 4 GiB more RAM per UNet, so only `on`
+  turns it on there.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,7 @@ from .device import Placement
 log = logging.getLogger(__name__)
 
 CUDA_COMPILE_MODE = "max-autotune"  # inductor's autotuned kernels, with CUDA graphs for static shapes
-CPU_COMPILE_MODE = "frozen"
-# Freezing folds the weights into the graph as constants and prepacks them for oneDNN: the only CPU
-# compilation that measured faster (8.5 s vs 9.3 s per base step at 512; plain compile: 9.5 s). The
-# prepacked copy costs one more copy of each UNet in RAM.
-CPU_COMPILE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": True}
+CPU_COMPILE_MODE = "frozen"  # inductor with the weights frozen into the graph and prepacked for oneDNN
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,11 @@ def apply_speed_plan(unets: list[Any], vae: Any | None, plan: SpeedPlan) -> list
     if plan.compile_mode is None:
         return unets
     if plan.compile_mode == CPU_COMPILE_MODE:
-        compiled = [torch.compile(unet, fullgraph=True, options=CPU_COMPILE_OPTIONS) for unet in unets]
+        # Set process-wide on purpose: dynamo reads this flag while tracing, to keep the weights as constants
+        # inductor can fold and prepack. Passed as torch.compile(options=...) it reaches inductor only, and
+        # measured no gain. Runs that need other weights (the fp32 retry) use the plain modules.
+        torch._inductor.config.freezing = True
+        compiled = [torch.compile(unet, fullgraph=True) for unet in unets]
     else:
         compiled = [torch.compile(unet, mode=plan.compile_mode, fullgraph=True) for unet in unets]
         if vae is not None:
