@@ -12,9 +12,9 @@ a step or approximates. `auto` follows what was measured (docs/performance.md):
   off on CPU, 0.90x there.
 - compile: `torch.compile` of both UNets (and the VAE decoder on CUDA), with CUDA
   graphs where shapes are static; on for CUDA. On CPU (inductor with frozen,
-  prepacked weights) it measured 1.09x per base step at 512 for 2.4 minutes of
-  compilation per UNet and image shape and 4 GiB more RAM per UNet, so only `on`
-  turns it on there.
+  prepacked weights) it measured 1.09x per base step at 512, for 2.4 to 4 minutes
+  of compilation per UNet and image shape and 21.9 GiB peak RSS at 1024, so only
+  `on` turns it on there.
 """
 
 from __future__ import annotations
