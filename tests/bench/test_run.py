@@ -57,3 +57,14 @@ def test_the_options_benchmark_measures_each_option_against_plain(tmp_path: Path
     assert rows["fused-qkv"]["optimizations"] == [threads, "fused-qkv"]
     assert all(row["step_s"] > 0 and row["speedup_vs_plain"] > 0 for row in rows.values())
     assert "fused-qkv" in done.stdout
+
+
+def test_the_attention_benchmark_checks_every_kernel_against_fp32(tmp_path: Path) -> None:
+    report_path = tmp_path / "attention.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--quick", "--repeats", "1",
+                           "--json", str(report_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(report_path.read_text())["rows"]
+    assert {row["kernel"] for row in rows} == {"sdpa (flash)", "matmul + fp32 softmax", "flex_attention (compiled)"}
+    # every kernel is exact attention: bf16 rounding only, far from a wrong result (outputs are of order 1)
+    assert all(row["seconds"] > 0 and row["max_error"] < 0.1 for row in rows)
