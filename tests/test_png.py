@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from sdxl_refinery import GenerationRequest, ImageService, StorageError
-from sdxl_refinery.png import a1111_parameters, read_metadata, write_png
+from sdxl_refinery.png import a1111_parameters, parse_parameters, read_metadata, write_png
+from sdxl_refinery.request import REQUEST_FIELDS
 
 from .conftest import SMALL
 
@@ -66,3 +67,25 @@ def test_parameters_text_without_refinement_names_no_refiner() -> None:
     }
     text = a1111_parameters(metadata)
     assert "Refiner" not in text and text.splitlines()[1].startswith("Steps: 50")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt": "a cat, on a mat: at noon", "negative_prompt": "blur", "width": 1152, "height": 896, "seed": 9},
+        {"prompt": "two\nlines", "mode": "handoff", "switch_at": 0.7, "num_inference_steps": 40, "seed": 3},
+        {"prompt": "plain", "use_refinement": False, "guidance_scale": 5.5, "seed": 0},
+    ],
+)
+def test_parameters_text_reads_back_through_the_table(fields: dict[str, object]) -> None:
+    """What the table labels write, `parse_parameters` reads back to the same request fields."""
+    request = GenerationRequest(**fields)  # type: ignore[arg-type]
+    metadata = {"request": request.model_dump(mode="json"), "seeds": [request.seed], "refined": request.use_refinement,
+                "precision": "fp32", "device": "cpu", "models": {"base": "base", "base_hash": "abc"}}  # fmt: skip
+    parsed = parse_parameters(a1111_parameters(metadata))
+    written = {name for name in parsed if name not in ("prompt", "negative_prompt")}
+    assert written, "no labelled field came back"
+    again = GenerationRequest(**{**fields, **parsed})  # type: ignore[arg-type]
+    assert again == request
+    labelled = {spec.name for spec in REQUEST_FIELDS if spec.faces.label} - request.inactive_fields()
+    assert written == labelled

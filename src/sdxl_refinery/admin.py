@@ -12,25 +12,8 @@ from typing import Any
 
 from .config import Settings
 from .errors import ModelLoadError
-from .request import SpeedOptions
 
 _PULL_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*onnx*", "*openvino*", "*flax*", "vae_1_0/*", "*.md"]
-_BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-def _available_memory(device: str) -> tuple[str, int | None]:
-    import torch
-
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return "GPU memory free", int(free)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return "RAM available", int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return "RAM available", None
 
 
 def _is_local(reference: str) -> bool:
@@ -49,37 +32,13 @@ def doctor_report(settings: Settings) -> dict[str, Any]:
     Raises:
         InvalidRequest: the configured device or precision is unknown or absent.
     """
-    from .engine.device import choose_placement
-    from .engine.inventory import parameter_counts
-    from .engine.memory import choose_plan, unet_working_bytes
-    from .engine.speed import choose_speed_plan
+    from .engine.memory import describe_plans
 
-    placement = choose_placement(settings.device, settings.precision)
-    counts = {**parameter_counts("sdxl-base")}
-    counts["refiner unet"] = parameter_counts("sdxl-refiner")["unet"]  # encoder 2 and VAE are shared
-    dtype_name = placement.precision_name.split("+")[0]
-    need = sum(counts.values()) * _BYTES_PER_PARAMETER[dtype_name]
-    memory_label, available = _available_memory(placement.device)
-    bytes_per_parameter = _BYTES_PER_PARAMETER[dtype_name]
-    memory_plan = None
-    if available is not None:
-        largest = max(counts.values()) * bytes_per_parameter
-        working = unet_working_bytes(1024, 1024, 1, bytes_per_parameter)
-        memory_plan = choose_plan(placement.device, need, largest, working, available)[1]
-    speed = SpeedOptions(settings.compile, settings.channels_last, settings.fused_qkv, settings.threads)
+    report = describe_plans(settings.device, settings.precision, settings.speed())
     models = {"base": settings.base_model, "refiner": settings.refiner_model}
     present = {role: _is_local(reference) for role, reference in models.items()}
     return {
-        "device": placement.device,
-        "precision": placement.precision_name,
-        "why": placement.reason,
-        "parameters": counts,
-        "weights_bytes_needed": need,
-        "memory_label": memory_label,
-        "memory_available_bytes": available,
-        "fits": None if available is None else available > need,
-        "memory_plan": memory_plan,
-        "speed_plan": choose_speed_plan(placement, speed).names(),
+        **report,
         "models": models,
         "models_present": present,
         "offline": os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),

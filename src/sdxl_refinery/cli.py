@@ -8,12 +8,14 @@ A face: it parses flags into `Settings` and a `GenerationRequest`, talks to
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import re
 import secrets
 import signal
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,16 +26,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .cli_admin import doctor, export, models_app
 from .config import Settings
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
+from .fields import FieldSpec
 from .png import read_metadata
-from .request import MAX_SEED, CancelToken, GenerationRequest, SpeedOptions
+from .request import MAX_SEED, REQUEST_FIELDS, CancelToken, GenerationRequest
 from .request import Progress as StepProgress
 from .service import ImageService
 
 app = typer.Typer(help="Refinery: SDXL base + refiner, every image, CPU and GPU.", no_args_is_help=True)
 console = Console(stderr=True)
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
-
-_PRECISION_FROM_METADATA = {"fp32": "full", "bf16": "bf16", "fp16": "half", "fp16+fp32-vae": "half"}
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -70,7 +71,7 @@ def _request_fields(source: Path | None, options: dict[str, Any]) -> tuple[dict[
         fields["seed"] = metadata["seeds"][metadata.get("index", 0)]
         fields["n"] = 1
         recorded = {
-            "precision": _PRECISION_FROM_METADATA.get(metadata.get("precision", "")),
+            "precision": metadata.get("precision_policy"),
             "device": metadata.get("device"),
             "base": metadata.get("models", {}).get("base_source", "").partition(":")[2] or None,
             "refiner": metadata.get("models", {}).get("refiner_source", "").partition(":")[2] or None,
@@ -133,64 +134,79 @@ async def _run_with_interrupt(service: ImageService, request: GenerationRequest,
         loop.remove_signal_handler(signal.SIGINT)
 
 
-@app.command()
-def generate(
+def _option_help(spec: FieldSpec) -> str:
+    """A generated option's help: the field's description, default and rule, from the request table."""
+    default = spec.default.value if isinstance(spec.default, Enum) else spec.default
+    parts = [spec.description]
+    if spec.choices:
+        parts.append(f"One of {', '.join(spec.choices)}.")
+    if spec.bounds_text():
+        parts.append(f"Range {spec.bounds_text()}.")
+    if default is not None and spec.kind is not bool:
+        parts.append(f"Default {default}.")
+    return " ".join(parts)
+
+
+def _request_parameters() -> list[inspect.Parameter]:
+    """One typer option per request field that has a CLI name: the same table every face reads."""
+    parameters = []
+    for spec in REQUEST_FIELDS:
+        if spec.faces.cli is None:
+            continue
+        kind: type = str if spec.choices else spec.kind  # enums are checked by the request, naming the field
+        names = [spec.faces.cli, *([spec.faces.cli_short] if spec.faces.cli_short else [])]
+        option = typer.Option(*names, help=_option_help(spec), show_default=False)
+        annotation = Annotated[kind | None, option]  # type: ignore[valid-type]
+        parameters.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=annotation))  # fmt: skip
+    return parameters
+
+
+def _generate(
     prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
-    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", "-N")] = None,
-    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT, e.g. 1024x1024.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Base steps (default 50).")] = None,
-    refiner_steps: Annotated[int | None, typer.Option("--refiner-steps", help="Refiner steps (default 30).")] = None,
-    refiner_strength: Annotated[float | None, typer.Option("--refiner-strength")] = None,
-    mode: Annotated[str | None, typer.Option("--mode", help="sequential or handoff.")] = None,
-    switch_at: Annotated[float | None, typer.Option("--switch-at", help="Handoff point (0..1).")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale (default 8.0).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    n: Annotated[int | None, typer.Option("-n", help="Number of images.")] = None,
-    no_refine: Annotated[bool, typer.Option("--no-refine", help="Skip the refiner.")] = False,
-    device: Annotated[str | None, typer.Option("--device")] = None,
+    *,
+    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT, e.g. 1024x1024 (sets both).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, mps, cuda or cuda:N.")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="auto, full, half or bf16.")] = None,
     compile_models: Annotated[
         str | None, typer.Option("--compile", help="torch.compile the UNets: auto (CUDA only), on or off.")
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (0: one per usable CPU).")] = None,
-    base: Annotated[str | None, typer.Option("--base", help="Base model: Hub id, folder or tiny.")] = None,
-    refiner: Annotated[str | None, typer.Option("--refiner", help="Refiner model: Hub id, folder or tiny.")] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model: Hub id, diffusers folder, .safetensors file or tiny.")
+    ] = None,
+    refiner: Annotated[
+        str | None, typer.Option("--refiner", help="Refiner model: Hub id, diffusers folder, .safetensors or tiny.")
+    ] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="A .png file, or a folder.")] = Path("outputs"),
     pattern: Annotated[str, typer.Option("--name", help="File name in a folder: {seed} {prompt} {timestamp}.")] = (
         "{timestamp}-{seed}-{prompt}"
     ),
     from_png: Annotated[Path | None, typer.Option("--from", help="Reproduce this PNG from its metadata.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the stage log lines.")] = False,
+    **request_options: Any,
 ) -> None:
     """Render PROMPT with the SDXL base and then the refiner, and write PNGs with their recipe."""
     _configure_logging(verbose)
     try:
-        width, height = _parse_size(size) if size else (None, None)
-        options = {
-            "prompt": prompt, "negative_prompt": negative_prompt, "width": width, "height": height,
-            "num_inference_steps": steps, "refiner_steps": refiner_steps, "refiner_strength": refiner_strength,
-            "mode": mode, "switch_at": switch_at, "guidance_scale": guidance, "seed": seed, "n": n,
-            "use_refinement": False if no_refine else None,
-        }  # fmt: skip
+        # 1. The request: the PNG's recipe (--from), then the given options, through one table.
+        options = {"prompt": prompt, **request_options}
+        if size:
+            options["width"], options["height"] = _parse_size(size)
         fields, recorded = _request_fields(from_png, options)
         if "prompt" not in fields:
             raise InvalidRequest("prompt", "is required (or give --from image.png)")
         if fields.get("seed") is None:
             fields["seed"] = secrets.randbelow(MAX_SEED + 1)
         request = GenerationRequest(**fields)
-        settings = Settings()
-        service = ImageService(
-            base or recorded.get("base") or settings.base_model,
-            refiner or recorded.get("refiner") or settings.refiner_model,
-            device or (recorded.get("device") if recorded.get("device") == "cpu" else None) or settings.device,
-            precision or recorded.get("precision") or settings.precision,
-            SpeedOptions(
-                compile=compile_models or settings.compile,
-                channels_last=settings.channels_last,
-                fused_qkv=settings.fused_qkv,
-                threads=settings.threads if threads is None else threads,
-            ),
-        )
+        # 2. The service: flags, then what the PNG recorded, then the environment.
+        settings = _settings(
+            base_model=base or recorded.get("base"), refiner_model=refiner or recorded.get("refiner"),
+            device=device or (recorded.get("device") if recorded.get("device") == "cpu" else None),
+            precision=precision or recorded.get("precision"), compile=compile_models, threads=threads,
+        )  # fmt: skip
+        service = ImageService.from_settings(settings)
+        # 3. The run, with progress bars and Ctrl-C as cancel.
         target = _output_file(output, pattern, request.prompt, request.seed or 0)
         result = asyncio.run(_run_with_interrupt(service, request, target))
     except InvalidRequest as error:
@@ -206,6 +222,18 @@ def generate(
     for path, image_seed in zip(result.paths, result.seeds, strict=True):
         typer.echo(f"{path}  seed={image_seed}")
     typer.echo(f"{len(result.paths)} image(s), {refined}, {result.device} {result.precision}; {timings}")
+
+
+def _with_request_options(command: Any) -> Any:
+    """`command`'s signature with the request table's options added (typer reads the signature)."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    parameters = own[:1] + _request_parameters() + own[1:]
+    command.__signature__ = inspect.Signature(parameters)
+    command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return command
+
+
+app.command("generate")(_with_request_options(_generate))
 
 
 @app.command()
@@ -232,6 +260,9 @@ def _settings(**flags: Any) -> Settings:
         return Settings(**{key: value for key, value in flags.items() if value is not None})
     except ValidationError as error:
         first = error.errors()[0]
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequest):  # our own rule, already naming its field
+            raise _fail(str(cause), EXIT_BAD_INPUT) from None
         field = ".".join(str(part) for part in first["loc"]) or "settings"
         raise _fail(f"{field}: {first['msg'].removeprefix('Value error, ')}", EXIT_BAD_INPUT) from None
 
@@ -270,7 +301,7 @@ def worker(
     """Run jobs from the Celery queue on this machine's device (one process per device)."""
     import socket
 
-    from .jobs.celery_backend import run_worker
+    from .jobs.celery_worker import run_worker
 
     settings = _settings(redis_url=redis_url, data_dir=data_dir, device=device)
     try:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .options import Precision, SpeedOptions, Toggle, validate_device
+
+Device = Annotated[str, AfterValidator(validate_device)]
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -40,12 +44,12 @@ class Settings(BaseSettings):
     # models and device
     base_model: str = DEFAULT_BASE_MODEL
     refiner_model: str = DEFAULT_REFINER_MODEL
-    device: str = "auto"
-    precision: str = "auto"
+    device: Device = "auto"
+    precision: Precision = Precision.AUTO
     # speed (docs/performance.md): auto follows the measured policy for the device
-    compile: Literal["auto", "on", "off"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
-    fused_qkv: Literal["auto", "on", "off"] = "auto"
+    compile: Toggle = Toggle.AUTO
+    channels_last: Toggle = Toggle.AUTO
+    fused_qkv: Toggle = Toggle.AUTO
     threads: int = Field(0, ge=0)  # 0: one per CPU this process may use
 
     # the HTTP service
@@ -71,6 +75,10 @@ class Settings(BaseSettings):
     backend: Literal["embedded", "celery"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
     visibility_timeout: int = Field(7200, ge=5)  # seconds; must exceed the longest job (a CPU job can take an hour)
+
+    def speed(self) -> SpeedOptions:
+        """The speed options these settings ask for."""
+        return SpeedOptions(self.compile, self.channels_last, self.fused_qkv, self.threads)
 
     @model_validator(mode="after")
     def _refuse_open_server_without_key(self) -> Settings:

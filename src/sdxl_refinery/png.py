@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,47 +17,91 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .errors import StorageError
+from .request import REQUEST_FIELDS, GenerationRequest
 
 PARAMETERS_KEY = "parameters"  # what A1111, ComfyUI and Civitai read
 METADATA_KEY = "refinery"  # our JSON: the whole request and result
+_A1111_ORDER = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 
 
 def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
     """Format one image's metadata as A1111's `parameters` text.
 
+    The request's fields are written under their table labels (`Faces.label`), those
+    sharing a label joined by `x` (Size); then what the run recorded (models, precision).
+
     Args:
         metadata: `GenerationResult.metadata()` output.
         index: which image of the batch the text describes (picks its seed).
     """
-    request = metadata["request"]
+    request = {**metadata["request"], "seed": metadata["seeds"][index]}
+    inactive = GenerationRequest(**metadata["request"]).inactive_fields()
+    if not metadata["refined"]:
+        inactive |= GenerationRequest(**{**metadata["request"], "use_refinement": False}).inactive_fields()
     models = metadata.get("models", {})
-    fields: list[tuple[str, Any]] = [
-        ("Steps", metadata["base_steps"]),
-        ("Sampler", "Euler"),
-        ("CFG scale", request["guidance_scale"]),
-        ("Seed", metadata["seeds"][index]),
-        ("Size", f"{request['width']}x{request['height']}"),
-        ("Model hash", models.get("base_hash")),
-        ("Model", models.get("base")),
-    ]
+    labelled: dict[str, list[str]] = {}
+    for spec in REQUEST_FIELDS:
+        if spec.faces.label and spec.name not in inactive and request.get(spec.name) is not None:
+            labelled.setdefault(spec.faces.label, []).append(str(request[spec.name]))
+    values = {label: "x".join(parts) for label, parts in labelled.items()}
+    values["Sampler"] = "Euler"
+    # A1111's own order first (readers such as Civitai expect it), then our fields in table order.
+    fields: list[tuple[str, Any]] = [(label, values.pop(label, None)) for label in _A1111_ORDER]
+    fields += [("Model hash", models.get("base_hash")), ("Model", models.get("base"))]
     if metadata["refined"]:
-        fields += [
-            ("Refiner", models.get("refiner")),
-            ("Refiner mode", request["mode"]),
-            ("Refiner steps", metadata["refiner_steps"]),
-        ]
-        if request["mode"] == "handoff":
-            fields.append(("Refiner switch at", request["switch_at"]))
-        else:
-            fields.append(("Refiner strength", request["refiner_strength"]))
-        fields.append(("Aesthetic score", request["aesthetic_score"]))
+        fields += [("Refiner", models.get("refiner")), ("Refiner hash", models.get("refiner_hash"))]
+    fields += list(values.items())
     fields += [("Precision", metadata["precision"]), ("Device", metadata["device"])]
-    settings = ", ".join(f"{key}: {value}" for key, value in fields if value is not None)
+    settings = ", ".join(f"{key}: {_quote(value)}" for key, value in fields if value is not None)
     lines = [request["prompt"]]
     if request["negative_prompt"]:
         lines.append(f"Negative prompt: {request['negative_prompt']}")
     lines.append(settings)
     return "\n".join(lines)
+
+
+def _quote(value: Any) -> str:
+    """A1111 quotes a value holding its separators."""
+    text = str(value)
+    return json.dumps(text) if any(mark in text for mark in ",:\n") else text
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Request fields from an A1111 `parameters` text, through the table's labels.
+
+    Labels the table does not know (A1111's own extras, our run records) are left out.
+
+    Raises:
+        StorageError: the text has no settings line.
+    """
+    lines = text.split("\n")
+    if len(lines) < 2 or ": " not in lines[-1]:
+        raise StorageError("the parameters text has no settings line")
+    settings = dict(_split_settings(lines[-1]))
+    prompt_lines, negative = lines[:-1], ""
+    for i, line in enumerate(prompt_lines):
+        if line.startswith("Negative prompt: "):
+            negative = "\n".join([line.removeprefix("Negative prompt: "), *prompt_lines[i + 1 :]])
+            prompt_lines = prompt_lines[:i]
+            break
+    fields: dict[str, Any] = {"prompt": "\n".join(prompt_lines), "negative_prompt": negative}
+    by_label: dict[str, list[str]] = {}
+    for spec in REQUEST_FIELDS:
+        if spec.faces.label:
+            by_label.setdefault(spec.faces.label, []).append(spec.name)
+    for label, names in by_label.items():
+        if label in settings:
+            fields.update(zip(names, settings[label].split("x") if len(names) > 1 else [settings[label]], strict=True))
+    return fields
+
+
+def _split_settings(line: str) -> list[tuple[str, str]]:
+    """`key: value, key: "quoted, value"` pairs, as A1111 writes them."""
+    pairs = []
+    for match in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', line):
+        key, value = match.group(1).strip(), match.group(2).strip()
+        pairs.append((key, json.loads(value) if value.startswith('"') else value))
+    return pairs
 
 
 def write_png(image: Image.Image, path: Path, metadata: dict[str, Any], index: int = 0) -> Path:

@@ -8,17 +8,19 @@ rule before any model work starts.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import Cancelled, InvalidRequest
+from .fields import Faces, FieldSpec, field_table
+from .options import Precision, SpeedOptions, Toggle, validate_device, validate_precision, validate_toggle
+from .steps import plan_steps
 
 MIN_SIZE = 256
 MAX_SIZE = 4096
@@ -26,6 +28,8 @@ MAX_STEPS = 500
 MAX_IMAGES = 16
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
+HIGH_QUALITY_GUIDANCE = 8.0  # the default: the documented call's high_quality=True
+STANDARD_GUIDANCE = 7.5  # the documented call's high_quality=False, OpenAI's standard quality
 
 
 class Mode(str, Enum):
@@ -35,84 +39,13 @@ class Mode(str, Enum):
     HANDOFF = "handoff"  # ensemble of experts: refiner finishes the base's schedule
 
 
-class Precision(str, Enum):
-    """Numeric precision policy of the models."""
-
-    AUTO = "auto"
-    FULL = "full"  # fp32
-    HALF = "half"  # fp16
-    BF16 = "bf16"
-
-
-class Toggle(str, Enum):
-    """A speed option: the measured policy (`auto`), or forced on or off."""
-
-    AUTO = "auto"
-    ON = "on"
-    OFF = "off"
-
-
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def validate_device(device: str) -> str:
-    """Return `device` if it names a device Refinery knows.
-
-    Raises:
-        InvalidRequest: for anything but auto, cpu, mps, cuda or cuda:N.
-    """
-    if not isinstance(device, str) or not _DEVICE_PATTERN.match(device):
-        raise InvalidRequest("device", f"must be auto, cpu, mps, cuda or cuda:N, not {device!r}")
-    return device
-
-
-def validate_precision(precision: str) -> Precision:
-    """Return the `Precision` named by `precision`.
-
-    Raises:
-        InvalidRequest: for anything but auto, full, half or bf16.
-    """
-    try:
-        return Precision(precision)
-    except ValueError:
-        allowed = ", ".join(p.value for p in Precision)
-        raise InvalidRequest("precision", f"must be one of {allowed}, not {precision!r}") from None
-
-
-def validate_toggle(field_name: str, value: str) -> Toggle:
-    """Return the `Toggle` named by `value`.
-
-    Raises:
-        InvalidRequest: naming `field_name`, for anything but auto, on or off.
-    """
-    try:
-        return Toggle(value)
-    except ValueError:
-        raise InvalidRequest(field_name, f"must be one of auto, on, off, not {value!r}") from None
-
-
-@dataclass(frozen=True)
-class SpeedOptions:
-    """What was asked for: `auto`, `on` or `off` each; `threads` 0 means one per usable CPU.
-
-    Raises:
-        InvalidRequest: a toggle that is not `auto`, `on` or `off`, or negative threads.
-    """
-
-    compile: str = "auto"
-    channels_last: str = "auto"
-    fused_qkv: str = "auto"
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("compile", "channels_last", "fused_qkv"):
-            validate_toggle(name, getattr(self, name))
-        if self.threads < 0:
-            raise InvalidRequest("threads", f"must be 0 (one per usable CPU) or more, got {self.threads}")
-
-
 class GenerationRequest(BaseModel):
     """One prompt to render: every field a face can set, validated on construction.
+
+    This class is the field table: each field is declared here once, with its
+    default, bounds, description and the names the faces give it (`Faces`); the
+    command line, the A1111 adapter, the PNG metadata and the web page are
+    derived from it (see `fields.field_table`).
 
     Raises:
         InvalidRequest: on construction, naming the first bad field and its rule.
@@ -120,21 +53,49 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
-    prompt: str = Field(description="What to draw; must not be blank.")
-    negative_prompt: str = Field("", description="What to keep out of the image.")
-    width: int = Field(1024, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=8)
-    height: int = Field(1024, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=8)
-    num_inference_steps: int = Field(50, ge=1, le=MAX_STEPS, description="Base model steps.")
-    refiner_steps: int = Field(30, ge=1, le=MAX_STEPS, description="Refiner steps actually executed.")
-    refiner_strength: float = Field(0.3, gt=0.0, le=1.0, description="Share of the schedule the refiner redoes.")
-    mode: Mode = Mode.SEQUENTIAL
-    switch_at: float = Field(0.8, gt=0.0, lt=1.0, description="Handoff point, as a share of the schedule.")
-    guidance_scale: float = Field(8.0, ge=0.0, le=MAX_GUIDANCE)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="First image's seed; random when absent.")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images in this request, seeds seed, seed+1, ...")
-    use_refinement: bool = True
-    aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
-    negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
+    prompt: Annotated[str, Faces(a1111="prompt")] = Field(description="What to draw; must not be blank.")
+    negative_prompt: Annotated[str, Faces(cli="--negative-prompt", cli_short="-N", a1111="negative_prompt")] = Field(
+        "", description="What to keep out of the image."
+    )
+    num_inference_steps: Annotated[int, Faces(cli="--steps", a1111="steps", label="Steps")] = Field(
+        50, ge=1, le=MAX_STEPS, description="Base model steps (the schedule's length in handoff mode)."
+    )
+    width: Annotated[int, Faces(cli="--width", a1111="width", label="Size")] = Field(
+        1024, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=8, description="Image width in pixels."
+    )
+    height: Annotated[int, Faces(cli="--height", a1111="height", label="Size")] = Field(
+        1024, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=8, description="Image height in pixels."
+    )
+    refiner_steps: Annotated[int, Faces(cli="--refiner-steps", label="Refiner steps")] = Field(
+        30, ge=1, le=MAX_STEPS, description="Refiner steps actually executed (sequential mode)."
+    )
+    refiner_strength: Annotated[float, Faces(cli="--refiner-strength", label="Refiner strength")] = Field(
+        0.3, gt=0.0, le=1.0, description="Share of the schedule the refiner redoes (sequential mode)."
+    )
+    mode: Annotated[Mode, Faces(cli="--mode", label="Refiner mode")] = Field(
+        Mode.SEQUENTIAL, description="sequential: the refiner redoes the end; handoff: it finishes the schedule."
+    )
+    switch_at: Annotated[float, Faces(cli="--switch-at", a1111="refiner_switch_at", label="Refiner switch at")] = Field(
+        0.8, gt=0.0, lt=1.0, description="Handoff point, as a share of the schedule (handoff mode)."
+    )
+    guidance_scale: Annotated[float, Faces(cli="--guidance", a1111="cfg_scale", label="CFG scale")] = Field(
+        HIGH_QUALITY_GUIDANCE, ge=0.0, le=MAX_GUIDANCE, description="How closely to follow the prompt (CFG scale)."
+    )
+    seed: Annotated[int | None, Faces(cli="--seed", a1111="seed", label="Seed")] = Field(
+        None, ge=0, le=MAX_SEED, description="First image's seed; random when absent."
+    )
+    n: Annotated[int, Faces(cli="-n", a1111="batch_size")] = Field(
+        1, ge=1, le=MAX_IMAGES, description="Images in this request, seeds seed, seed+1, ..."
+    )
+    use_refinement: Annotated[bool, Faces(cli="--refine/--no-refine")] = Field(
+        True, description="Run the refiner after the base (the quality promise; off only on request)."
+    )
+    aesthetic_score: Annotated[float, Faces(cli="--aesthetic-score", label="Aesthetic score")] = Field(
+        6.0, ge=0.0, le=10.0, description="Refiner's aesthetic conditioning."
+    )
+    negative_aesthetic_score: Annotated[float, Faces(cli="--negative-aesthetic-score")] = Field(
+        2.5, ge=0.0, le=10.0, description="Refiner's aesthetic conditioning for the negative prompt."
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -152,14 +113,28 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _handoff_leaves_both_stages_a_step(self) -> GenerationRequest:
         if self.use_refinement and self.mode is Mode.HANDOFF:
-            base = handoff_base_steps(self.num_inference_steps, self.switch_at)
-            if base in (0, self.num_inference_steps):
-                stage = "base" if base == 0 else "refiner"
+            plan = plan_steps(self)
+            if 0 in (plan.base_steps, plan.refiner_steps):
+                stage = "base" if plan.base_steps == 0 else "refiner"
                 raise ValueError(
                     f"switch_at: {self.switch_at} leaves the {stage} no step out of "
                     f"num_inference_steps={self.num_inference_steps}"
                 )
         return self
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The declared default of field `name` (the one place it is written)."""
+        return cls.model_fields[name].default
+
+    def inactive_fields(self) -> set[str]:
+        """Fields this request's mode ignores, left out of the PNG's `parameters` text."""
+        if not self.use_refinement:
+            return {"refiner_steps", "refiner_strength", "mode", "switch_at", "aesthetic_score",
+                    "negative_aesthetic_score"}  # fmt: skip
+        if self.mode is Mode.HANDOFF:
+            return {"refiner_steps", "refiner_strength"}
+        return {"switch_at"}
 
     def seeds_or_none(self) -> list[int] | None:
         """The seeds of all `n` images, or None when the seed is left random."""
@@ -168,16 +143,12 @@ class GenerationRequest(BaseModel):
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.n)]
 
 
-def handoff_base_steps(steps: int, switch_at: float, train_steps: int = 1000) -> int:
-    """Base steps before `switch_at` under SDXL's Euler schedule ("leading" spacing, offset 1).
+REQUEST_FIELDS: list[FieldSpec] = field_table(GenerationRequest)
 
-    The engine recomputes this from the loaded scheduler; this copy lets a bad switch point be refused
-    when the request is made, before it is queued.
-    """
-    ratio = train_steps // steps
-    timesteps = [i * ratio + 1 for i in range(steps)]
-    cutoff = round(train_steps - switch_at * train_steps)
-    return sum(1 for t in timesteps if t >= cutoff)
+
+__all__ = [  # the run options live on the ground floor (options.py); re-exported for the faces' convenience
+    "Precision", "SpeedOptions", "Toggle", "validate_device", "validate_precision", "validate_toggle",
+]  # fmt: skip
 
 
 def invalid_request_from(error: ValidationError) -> InvalidRequest:
@@ -203,6 +174,11 @@ class Limits:
     max_steps: int = MAX_STEPS
     max_images: int = MAX_IMAGES
 
+    def caps(self) -> dict[str, int]:
+        """The cap of each request field these limits tighten."""
+        return {"width": self.max_width, "height": self.max_height, "num_inference_steps": self.max_steps,
+                "refiner_steps": self.max_steps, "n": self.max_images}  # fmt: skip
+
 
 def enforce_limits(request: GenerationRequest, limits: Limits) -> GenerationRequest:
     """Return `request` if it fits `limits`.
@@ -210,17 +186,26 @@ def enforce_limits(request: GenerationRequest, limits: Limits) -> GenerationRequ
     Raises:
         InvalidRequest: naming the first field over its cap.
     """
-    checks = (
-        ("width", request.width, limits.max_width),
-        ("height", request.height, limits.max_height),
-        ("num_inference_steps", request.num_inference_steps, limits.max_steps),
-        ("refiner_steps", request.refiner_steps, limits.max_steps),
-        ("n", request.n, limits.max_images),
-    )
-    for name, value, cap in checks:
+    for name, cap in limits.caps().items():
+        value = getattr(request, name)
         if value > cap:
             raise InvalidRequest(name, f"must be at most {cap} on this server, not {value}")
     return request
+
+
+def request_schema(limits: Limits) -> list[dict[str, Any]]:
+    """Every request field's default, bounds and face names, with this server's caps applied.
+
+    The web page builds its form from this, so no default or limit is written twice.
+    """
+    caps = limits.caps()
+    fields = []
+    for spec in REQUEST_FIELDS:
+        entry = spec.schema()
+        if spec.name in caps:
+            entry["maximum"] = min(entry["maximum"], caps[spec.name])
+        fields.append(entry)
+    return fields
 
 
 @dataclass(frozen=True)
@@ -282,7 +267,8 @@ class GenerationResult:
         refined: whether stage 2 ran to completion.
         refinement_error: why stage 2 did not run or failed, if it did not.
         device: the device the run used, e.g. `cpu` or `cuda:0`.
-        precision: the precision the run used, e.g. `bf16`.
+        precision: the precision the run used, for display, e.g. `fp16+fp32-vae`.
+        precision_policy: the policy that gave it (`full`, `half`, `bf16`): what a repeat run asks for.
         timings: seconds per stage (`base`, `refiner`, `decode`) and `total`.
         request: the request this result answers.
         models: the resolved base and refiner references.
@@ -302,6 +288,7 @@ class GenerationResult:
     precision: str
     timings: dict[str, float]
     request: GenerationRequest
+    precision_policy: Precision
     models: dict[str, str] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
     memory_plan: str = "resident"
@@ -319,6 +306,7 @@ class GenerationResult:
             "refinement_error": self.refinement_error,
             "device": self.device,
             "precision": self.precision,
+            "precision_policy": self.precision_policy.value,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "models": dict(self.models),
             "memory_plan": self.memory_plan,

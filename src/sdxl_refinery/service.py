@@ -10,18 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Settings
 from .errors import GenerationFailed, RefineryError
 from .png import check_writable_folder, numbered_paths, write_png
 from .request import (
+    HIGH_QUALITY_GUIDANCE,
     MAX_SEED,
+    STANDARD_GUIDANCE,
     CancelToken,
     GenerationRequest,
     GenerationResult,
+    Precision,
     ProgressCallback,
     SpeedOptions,
     validate_device,
@@ -29,12 +33,33 @@ from .request import (
 )
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .engine.run import EngineOutput
 
 log = logging.getLogger("sdxl_refinery")
 
-HIGH_QUALITY_GUIDANCE = 8.0
-STANDARD_GUIDANCE = 7.5
+
+class RunsRequests(Protocol):
+    """What the service needs of an engine: `engine.Engine`, or a fake in the tests (tests/fakes.py).
+
+    `placement` has `device`, `precision` (a `Precision`), `precision_name` and `reason`.
+    """
+
+    placement: Any
+
+    @property
+    def models(self) -> dict[str, str]: ...
+
+    @property
+    def optimizations(self) -> list[str]: ...
+
+    def run(
+        self,
+        request: GenerationRequest,
+        seeds: list[int],
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        preview_every: int = 0,
+    ) -> EngineOutput: ...
 
 
 class ImageService:
@@ -48,6 +73,8 @@ class ImageService:
         precision: `auto`, `full`, `half` or `bf16`.
         speed: compilation, memory layout, fused projections and CPU threads (default: the
             measured policy for the device, see docs/performance.md).
+        engine_factory: makes the engine on first use (default: `Engine.load` with the arguments above);
+            server and queue tests pass a fake engine so that they test the server, not diffusion.
 
     Raises:
         InvalidRequest: unknown device or precision name.
@@ -58,8 +85,9 @@ class ImageService:
         base_model: str | None = None,
         refiner_model: str | None = None,
         device: str = "auto",
-        precision: str = "auto",
+        precision: Precision | str = Precision.AUTO,
         speed: SpeedOptions | None = None,
+        engine_factory: Callable[[], RunsRequests] | None = None,
     ) -> None:
         if base_model is None or refiner_model is None:
             # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
@@ -69,25 +97,28 @@ class ImageService:
         self.base_model = base_model
         self.refiner_model = refiner_model
         self.device = validate_device(device)
-        self.precision = validate_precision(precision).value
+        self.precision = validate_precision(precision)
         self.speed = speed or SpeedOptions()
-        self._engine: Engine | None = None
+        self._engine: RunsRequests | None = None
+        self._engine_factory = engine_factory or self._load_engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinery-engine")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageService:
         """Build a service from a `Settings` object (the faces' way)."""
-        speed = SpeedOptions(settings.compile, settings.channels_last, settings.fused_qkv, settings.threads)
-        return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision, speed)
+        return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision, settings.speed())
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def _engine_sync(self) -> Engine:
-        if self._engine is None:
-            # Imported here so that faces start fast and torch loads only when a model does.
-            from .engine import Engine
+    def _load_engine(self) -> RunsRequests:
+        # Imported here so that faces start fast and torch loads only when a model does.
+        from .engine import Engine
 
-            self._engine = Engine.load(self.base_model, self.refiner_model, self.device, self.precision, self.speed)
+        return Engine.load(self.base_model, self.refiner_model, self.device, self.precision, self.speed)
+
+    def _engine_sync(self) -> RunsRequests:
+        if self._engine is None:
+            self._engine = self._engine_factory()
         return self._engine
 
     async def load(self) -> None:
@@ -183,6 +214,7 @@ class ImageService:
             refinement_error=output.refinement_error,
             device=engine.placement.device,
             precision=engine.placement.precision_name,
+            precision_policy=engine.placement.precision,
             timings=output.timings,
             request=request,
             models=engine.models,
@@ -200,7 +232,7 @@ class ImageService:
                 log.info("Image saved to %s", path)
         return result
 
-    def _log_plan(self, request: GenerationRequest, engine: Engine) -> None:
+    def _log_plan(self, request: GenerationRequest, engine: RunsRequests) -> None:
         quality = "HIGH QUALITY" if request.guidance_scale >= HIGH_QUALITY_GUIDANCE else "STANDARD"
         log.info("Generating image for prompt: %r", request.prompt[:200])
         log.info(

@@ -44,9 +44,9 @@ def test_working_memory_estimates_grow_with_pixels_images_and_precision() -> Non
 
 
 async def test_little_free_memory_starts_the_engine_sliced(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sdxl_refinery.engine as engine_package
+    import sdxl_refinery.engine.memory as memory_module
 
-    monkeypatch.setattr(engine_package, "free_bytes", lambda device: 0)
+    monkeypatch.setattr(memory_module, "free_bytes", lambda device: 0)
     service = ImageService("tiny", "tiny", device="cpu", precision="full")
     result = await service.generate(REQUEST)
     engine = service._engine

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ import pytest
 
 from sdxl_refinery import ImageService
 
+from ..fakes import fake_service
 from ..server.conftest import RunningServer, free_port, run_server
+from ..waiting import patience, poll
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="Debian's redis-server is not installed")
@@ -31,20 +32,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen([str(REDIS), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 10
     import redis
 
     client = redis.Redis(port=port)
-    while True:
+
+    def answers() -> bool:
         try:
-            client.ping()
-            break
+            return bool(client.ping())
         except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+            return False
+
+    poll(answers, "redis-server to start")
     yield f"redis://127.0.0.1:{port}/0"
     process.terminate()
-    process.wait(timeout=10)
+    process.wait(timeout=patience(10))
 
 
 class Workers:
@@ -68,27 +69,33 @@ class Workers:
                 process.send_signal(signal.SIGTERM)
         for process in self.processes.values():
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=patience(30))
             except subprocess.TimeoutExpired:
                 process.kill()
 
 
 @pytest.fixture(scope="module")
+def api_service() -> Iterator[ImageService]:
+    """The API server's own service: with Celery it renders nothing (the workers do), so a fake serves."""
+    service, _engine = fake_service()
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module")
 def cluster(
-    redis_url: str, service: ImageService, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str, api_service: ImageService, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[RunningServer, Workers]]:
-    """One API server and two worker processes for the module (the SIGKILL test runs last)."""
+    """One API server and two worker processes (real tiny SDXL pairs) for the module (the SIGKILL test runs last)."""
     tmp_path = tmp_path_factory.mktemp("cluster")
     data = tmp_path / "shared"
     workers = Workers(redis_url, data, tmp_path)
     workers.start("w1")
     workers.start("w2")
     try:
-        with run_server(service, data, backend="celery", redis_url=redis_url) as server:
-            deadline = time.monotonic() + 120
-            while len(server.client.get("/v1/workers").json()["workers"]) < 2:
-                assert time.monotonic() < deadline, "workers never reported"
-                time.sleep(0.2)
+        with run_server(api_service, data, backend="celery", redis_url=redis_url) as server:
+            poll(lambda: len(server.client.get("/v1/workers").json()["workers"]) >= 2, "both workers to report",
+                 interval=0.2)  # fmt: skip
             yield server, workers
     finally:
         workers.stop_all()
@@ -105,7 +112,7 @@ def _submit(server: RunningServer, steps: int = 60, **fields: Any) -> str:
 def test_jobs_spread_across_both_workers(cluster: tuple[RunningServer, Workers]) -> None:
     server, _ = cluster
     ids = [_submit(server, seed=i) for i in range(6)]
-    jobs = [server.wait_for(job_id, {"succeeded"}, timeout=120) for job_id in ids]
+    jobs = [server.wait_for(job_id, {"succeeded"}) for job_id in ids]
     assert {job["result"]["metadata"]["device"] for job in jobs} == {"cpu"}
     assert {server.client.get(f"/v1/jobs/{j}").json()["attempts"] for j in ids} == {1}
     workers_used = {server.client.get(f"/v1/jobs/{j}").json()["worker"] for j in ids}
@@ -118,12 +125,9 @@ def test_jobs_spread_across_both_workers(cluster: tuple[RunningServer, Workers])
 def test_cancel_across_processes(cluster: tuple[RunningServer, Workers]) -> None:
     server, _ = cluster
     job_id = _submit(server, steps=500)
-    deadline = time.monotonic() + 60
-    while server.client.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll(lambda: server.job(job_id)["progress"]["step"] >= 3, "the job to reach step 3")
     server.client.post(f"/v1/jobs/{job_id}/cancel")
-    job = server.wait_for(job_id, {"cancelled"}, timeout=30)
+    job = server.wait_for(job_id, {"cancelled"})
     assert job["progress"]["step"] < 500
     queued_behind = [_submit(server, steps=500) for _ in range(3)]
     cancelled = server.client.post(f"/v1/jobs/{queued_behind[-1]}/cancel").json()
@@ -131,7 +135,7 @@ def test_cancel_across_processes(cluster: tuple[RunningServer, Workers]) -> None
     for other in queued_behind[:-1]:
         server.client.post(f"/v1/jobs/{other}/cancel")
     for other in queued_behind:
-        server.wait_for(other, {"cancelled"}, timeout=60)
+        server.wait_for(other, {"cancelled"})
 
 
 def test_sse_progress_and_previews_travel_through_redis(cluster: tuple[RunningServer, Workers]) -> None:
@@ -147,13 +151,13 @@ def test_sse_progress_and_previews_travel_through_redis(cluster: tuple[RunningSe
     assert {"progress", "preview", "done"} <= set(seen)
 
 
-def test_openai_client_and_api_restart(cluster: tuple[RunningServer, Workers], service: ImageService) -> None:
+def test_openai_client_and_api_restart(cluster: tuple[RunningServer, Workers], api_service: ImageService) -> None:
     server, workers = cluster
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     answer = client.images.generate(prompt="a bridge", size="256x256", n=2)
     assert len(answer.data) == 2 and all(item.b64_json for item in answer.data)
     before = server.client.get("/v1/jobs").json()
-    with run_server(service, workers.data_dir, backend="celery", redis_url=workers.redis_url) as second:
+    with run_server(api_service, workers.data_dir, backend="celery", redis_url=workers.redis_url) as second:
         after = second.client.get("/v1/jobs").json()  # another API server (or a restarted one) sees everything
         assert after["total"] == before["total"] and after["items"][0]["id"] == before["items"][0]["id"]
         image = after["items"][0]["result"]["urls"][0].replace(server.url, second.url)
@@ -163,14 +167,11 @@ def test_openai_client_and_api_restart(cluster: tuple[RunningServer, Workers], s
 def test_sigkill_worker_mid_job_redelivers_to_the_other(cluster: tuple[RunningServer, Workers]) -> None:
     server, workers = cluster
     job_id = _submit(server, steps=200, n=2, seed=7)
-    deadline = time.monotonic() + 60
-    while (job := server.client.get(f"/v1/jobs/{job_id}").json())["progress"]["step"] < 5:
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
+    job = poll(lambda: (j := server.job(job_id))["progress"]["step"] >= 5 and j, "the job to reach step 5")
     victim = job["worker"]
     workers.processes[victim].send_signal(signal.SIGKILL)
-    workers.processes[victim].wait(timeout=10)
-    done = server.wait_for(job_id, {"succeeded"}, timeout=120)
+    workers.processes[victim].wait(timeout=patience(10))
+    done = server.wait_for(job_id, {"succeeded"})
     survivor = server.client.get(f"/v1/jobs/{job_id}").json()
     assert survivor["worker"] != victim and done["attempts"] == 2
     folder = workers.data_dir / "images" / job_id

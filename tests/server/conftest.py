@@ -1,10 +1,14 @@
-"""A real uvicorn server on a loopback port, in a thread, over the session's tiny service."""
+"""A real uvicorn server on a loopback port, in a thread.
+
+`server` / `server_factory` run over a fake engine (tests/fakes.py): their subject is
+the server. `real_server_factory` runs over the session's tiny SDXL pair, for the
+tests that check real images through the server end to end.
+"""
 
 from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +21,9 @@ import uvicorn
 from sdxl_refinery import ImageService
 from sdxl_refinery.config import Settings
 from sdxl_refinery.server import create_app
+
+from ..fakes import FakeEngine, fake_service
+from ..waiting import patience, poll
 
 SMALL_JOB = {"prompt": "a lighthouse", "width": 256, "height": 256, "num_inference_steps": 6, "refiner_steps": 3}
 
@@ -34,14 +41,18 @@ class RunningServer:
         self.app = app
         self.client = httpx.Client(base_url=url, timeout=60)
 
-    def wait_for(self, job_id: str, statuses: set[str], timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job: dict[str, Any] = self.client.get(f"/v1/jobs/{job_id}").json()
-            if job["status"] in statuses:
-                return job
-            time.sleep(0.05)
-        raise AssertionError(f"job {job_id} never reached {statuses}")
+    def job(self, job_id: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self.client.get(f"/v1/jobs/{job_id}").json()
+        return answer
+
+    def wait_for(self, job_id: str, statuses: set[str]) -> dict[str, Any]:
+        """The job once its status is one of `statuses` (polled; the limit is only a safety net)."""
+
+        def reached() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            return job if job["status"] in statuses else None
+
+        return poll(reached, f"job {job_id} to reach {statuses}")
 
 
 @contextmanager
@@ -53,26 +64,48 @@ def run_server(service: ImageService, data_dir: Path, **overrides: Any) -> Itera
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
+    poll(lambda: server.started or not thread.is_alive(), "uvicorn to start", interval=0.02)
+    if not server.started:
+        raise RuntimeError("uvicorn did not start")
     running = RunningServer(f"http://127.0.0.1:{port}", settings, app)
     try:
         yield running
     finally:
         running.client.close()
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=patience(60))
 
 
 ServerFactory = Callable[..., Any]
 
 
 @pytest.fixture
-def server_factory(service: ImageService, tmp_path: Path) -> ServerFactory:
-    """Start a server with settings overrides: `with server_factory(api_key="k") as server: ...`."""
+def fake() -> Iterator[tuple[ImageService, FakeEngine]]:
+    """A service over a fake engine, fresh for each test."""
+    service, engine = fake_service()
+    yield service, engine
+    engine.resume()
+    service.close()
+
+
+@pytest.fixture
+def fake_engine(fake: tuple[ImageService, FakeEngine]) -> FakeEngine:
+    return fake[1]
+
+
+@pytest.fixture
+def server_factory(fake: tuple[ImageService, FakeEngine], tmp_path: Path) -> ServerFactory:
+    """Start a server over the fake engine with settings overrides: `with server_factory(api_key="k") as s: ...`."""
+
+    def factory(**overrides: Any) -> Any:
+        return run_server(fake[0], tmp_path / "data", **overrides)
+
+    return factory
+
+
+@pytest.fixture
+def real_server_factory(service: ImageService, tmp_path: Path) -> ServerFactory:
+    """Like `server_factory`, over the session's tiny SDXL pair: real images end to end."""
 
     def factory(**overrides: Any) -> Any:
         return run_server(service, tmp_path / "data", **overrides)

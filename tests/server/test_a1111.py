@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 from typing import Any
 
 import pytest
 import webuiapi
 from PIL import Image
 
+from ..fakes import FakeEngine
+from ..waiting import patience
 from .conftest import RunningServer, ServerFactory
 
 
@@ -43,24 +44,22 @@ def test_refiner_switch_at_selects_handoff_and_unknown_fields_are_ignored(server
     assert job["result"]["metadata"]["base_steps"] == 7
 
 
-def test_progress_shows_step_and_preview_and_interrupt_stops(server_factory: ServerFactory) -> None:
+def test_progress_shows_step_and_preview_and_interrupt_stops(
+    server_factory: ServerFactory, fake_engine: FakeEngine
+) -> None:
     with server_factory(preview_every=1) as server:
+        fake_engine.pause_at(1)  # the first step is always stored (later ones at most every 0.5 s)
         outcome: dict[str, Any] = {}
         worker = threading.Thread(target=lambda: outcome.update(server.client.post("/sdapi/v1/txt2img", json={
-            "prompt": "x", "steps": 500, "width": 256, "height": 256}).json()))  # fmt: skip
+            "prompt": "x", "steps": 10, "width": 256, "height": 256}).json()))  # fmt: skip
         worker.start()
-        progress: dict[str, Any] = {}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            progress = server.client.get("/sdapi/v1/progress").json()
-            if progress["state"]["sampling_step"] > 2 and progress["current_image"]:
-                break
-            time.sleep(0.05)
-        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 500
-        assert progress["textinfo"].startswith("base step")
-        assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (32, 32)
+        assert fake_engine.paused.wait(patience(60)), "the job never started"
+        progress = server.client.get("/sdapi/v1/progress").json()
+        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 10
+        assert progress["state"]["sampling_step"] == 1 and progress["textinfo"] == "base step 1/10"
+        assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).format == "PNG"
         assert server.client.post("/sdapi/v1/interrupt").json()["interrupted"]
-        worker.join(timeout=30)
+        worker.join(timeout=patience(60))
         assert '"status": "cancelled"' in outcome["info"]
         idle = server.client.get("/sdapi/v1/progress").json()
         assert idle["progress"] == 0.0 and idle["current_image"] is None

@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from ..waiting import patience, poll
 from .conftest import free_port
 
 
@@ -26,31 +26,32 @@ def _start(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         assert process.poll() is None, "server exited"
         try:
-            if httpx.get(url + "/ready").status_code == 200:
-                return
+            return httpx.get(url + "/ready").status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server never became ready")
+            return False
+
+    poll(ready, "the server to be ready", interval=0.2)
+
+
+def _job(url: str, job_id: str) -> dict[str, Any]:
+    answer: dict[str, Any] = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+    return answer
 
 
 def _wait_for_step(url: str, job_id: str, step: int) -> None:
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{url}/v1/jobs/{job_id}").json()["progress"]["step"] < step:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll(lambda: _job(url, job_id)["progress"]["step"] >= step, f"job {job_id} to reach step {step}")
 
 
 def _wait_succeeded(url: str, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while (job := httpx.get(f"{url}/v1/jobs/{job_id}").json())["status"] != "succeeded":
-        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
-        time.sleep(0.1)
-    return job  # type: ignore[no-any-return]
+    def succeeded() -> dict[str, Any] | None:
+        job = _job(url, job_id)
+        assert job["status"] in ("queued", "running", "succeeded"), job
+        return job if job["status"] == "succeeded" else None
+
+    return poll(succeeded, f"job {job_id} to succeed", interval=0.1)
 
 
 def test_sigkill_mid_job_then_restart_completes_every_job_once(tmp_path: Path) -> None:
@@ -64,14 +65,14 @@ def test_sigkill_mid_job_then_restart_completes_every_job_once(tmp_path: Path) -
                                                    "seed": 10 * i}).json()["id"] for i in range(3)]  # fmt: skip
         _wait_for_step(url, jobs[0], 20)
         process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
+        process.wait(timeout=patience(30))
 
         process = _start(data, port, log)
         _wait_ready(url, process)
         finished = [_wait_succeeded(url, job_id) for job_id in jobs]
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        process.wait(timeout=patience(60))
     assert finished[0]["attempts"] == 2  # the job that was running ran again from the start
     assert [job["attempts"] for job in finished[1:]] == [1, 1]
     for job in finished:

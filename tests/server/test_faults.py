@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ..waiting import patience
 from .conftest import SMALL_JOB, ServerFactory, free_port
 from .test_durability import _start, _wait_for_step, _wait_ready, _wait_succeeded
 
@@ -43,7 +44,7 @@ def test_unwritable_data_folder_is_a_clear_startup_error(tmp_path: Path) -> None
     blocker.write_text("")
     done = subprocess.run(
         [sys.executable, "-m", "sdxl_refinery", "serve", "--data-dir", str(blocker / "data"), "--port",
-         str(free_port())], capture_output=True, text=True, timeout=120,
+         str(free_port())], capture_output=True, text=True, timeout=patience(120),
         env={**os.environ, "REFINERY_BASE_MODEL": "tiny", "REFINERY_REFINER_MODEL": "tiny"},
     )  # fmt: skip
     assert done.returncode == 1
@@ -59,7 +60,10 @@ def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(tmp_path: Pa
         job_id = httpx.post(url + "/v1/jobs", json={**SMALL_JOB, "num_inference_steps": 400}).json()["id"]
         _wait_for_step(url, job_id, 3)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after shutting down
+        assert process.wait(timeout=patience(60)) in (
+            0,
+            -signal.SIGTERM,
+        )  # uvicorn re-raises the signal after shutting down
         with sqlite3.connect(data / "jobs.sqlite3") as db:
             assert db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone() == ("queued",)
         process = _start(data, port, log)
@@ -68,4 +72,4 @@ def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(tmp_path: Pa
         assert job["attempts"] == 2
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        process.wait(timeout=patience(60))

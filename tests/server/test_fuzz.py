@@ -10,8 +10,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from sdxl_refinery import ImageService
-
+from ..fakes import fake_service
 from .conftest import RunningServer, run_server
 
 KEY = "fuzz-key"
@@ -24,11 +23,13 @@ def fuzz_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(service: ImageService, fuzz_root: Path) -> Iterator[RunningServer]:
-    # Tight limits keep every valid generation tiny; the queue cap makes 429 reachable.
+def fuzz_server(fuzz_root: Path) -> Iterator[RunningServer]:
+    # The fake engine: the subject is the server's answers. The queue cap makes 429 reachable.
+    service, _engine = fake_service()
     with run_server(service, fuzz_root / "data", api_key=KEY, max_width=256, max_height=256, max_steps=4,
                     max_images=2, max_queue=5, openai_wait_seconds=2.0, preview_every=0) as server:  # fmt: skip
         yield server
+    service.close()
 
 
 def _check(case: Any, server: RunningServer) -> None:

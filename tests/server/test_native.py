@@ -1,18 +1,21 @@
-"""The native API on a real uvicorn server: submit, watch, list, cancel, images, limits."""
+"""The native API on a real uvicorn server: submit, watch, list, cancel, images, limits.
+
+Over the fake engine (the server is the subject), except the end-to-end test at the
+end, which renders with the tiny SDXL pair.
+"""
 
 from __future__ import annotations
 
 import io
 import json
-import time
 from typing import Any
 
 import httpx
 from PIL import Image
 
+from ..fakes import FakeEngine
+from ..waiting import patience
 from .conftest import SMALL_JOB, RunningServer, ServerFactory
-
-LONG_JOB = {**SMALL_JOB, "num_inference_steps": 500}
 
 
 def _submit(server: RunningServer, **fields: Any) -> dict[str, Any]:
@@ -22,14 +25,12 @@ def _submit(server: RunningServer, **fields: Any) -> dict[str, Any]:
     return body
 
 
-def _running_with_steps(server: RunningServer, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = server.client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] == "running" and job["progress"]["step"] > 0:
-            return job
-        time.sleep(0.05)
-    raise AssertionError("job never ran")
+def _held(server: RunningServer, engine: FakeEngine, **fields: Any) -> str:
+    """Submit a job that the fake engine holds after its first step, and return it once it is held there."""
+    engine.pause_at(1)
+    job_id: str = _submit(server, **fields)["id"]
+    assert engine.paused.wait(patience(60)), "the job never started"
+    return job_id
 
 
 def test_submit_poll_and_fetch_the_image(server: RunningServer) -> None:
@@ -80,18 +81,19 @@ def test_events_stream_progress_previews_and_done(server_factory: ServerFactory)
     assert events[-1][1]["status"] == "succeeded" and events[-1][1]["job"]["result"]["images"] == ["image.png"]
 
 
-def test_cancel_running_job_stops_it_and_writes_nothing(server: RunningServer) -> None:
-    job_id = _submit(server, **LONG_JOB)["id"]
-    running = _running_with_steps(server, job_id)
+def test_cancel_running_job_stops_it_and_writes_nothing(server: RunningServer, fake_engine: FakeEngine) -> None:
+    job_id = _held(server, fake_engine)
+    running = server.job(job_id)
+    assert running["status"] == "running" and running["progress"]["step"] == 1
     cancelled = server.client.post(f"/v1/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200
-    job = server.wait_for(job_id, {"cancelled"}, timeout=10)
-    assert job["progress"]["step"] < 500 and running["progress"]["step"] >= 1
+    job = server.wait_for(job_id, {"cancelled"})
+    assert job["progress"]["step"] == 1
     assert not (server.settings.data_dir / "images" / job_id / "image.png").exists()
 
 
-def test_cancel_queued_job_is_immediate(server: RunningServer) -> None:
-    first = _submit(server, **LONG_JOB)["id"]
+def test_cancel_queued_job_is_immediate(server: RunningServer, fake_engine: FakeEngine) -> None:
+    first = _held(server, fake_engine)
     second = _submit(server)["id"]
     assert server.client.get(f"/v1/jobs/{second}").json()["position"] == 1
     answer = server.client.post(f"/v1/jobs/{second}/cancel").json()
@@ -101,9 +103,9 @@ def test_cancel_queued_job_is_immediate(server: RunningServer) -> None:
     assert server.client.get(f"/v1/jobs/{second}").json()["status"] == "cancelled"
 
 
-def test_full_queue_answers_429_with_retry_after(server_factory: ServerFactory) -> None:
+def test_full_queue_answers_429_with_retry_after(server_factory: ServerFactory, fake_engine: FakeEngine) -> None:
     with server_factory(max_queue=2) as server:
-        ids = [_submit(server, **LONG_JOB)["id"] for _ in range(2)]
+        ids = [_held(server, fake_engine), _submit(server)["id"]]
         refused = server.client.post("/v1/jobs", json=SMALL_JOB)
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
         assert "queue is full" in refused.json()["detail"]
@@ -162,3 +164,16 @@ def test_health_ready_and_metrics(server: RunningServer) -> None:
     assert "refinery_queue_depth 0.0" in metrics
     assert 'refinery_step_seconds_count{stage="refiner"} 3.0' in metrics
     assert 'refinery_job_duration_seconds_count{status="succeeded"} 1.0' in metrics
+
+
+def test_real_images_end_to_end_reproduce_from_their_png(real_server_factory: ServerFactory) -> None:
+    """The tiny SDXL pair through the server: the PNG it serves carries a recipe that renders the same image."""
+    with real_server_factory() as server:
+        job = server.wait_for(_submit(server, seed=11)["id"], {"succeeded"})
+        png = server.client.get(job["result"]["urls"][0]).content
+        again = server.wait_for(server.client.post("/v1/jobs", json=json.loads(Image.open(io.BytesIO(png)).info[
+            "refinery"])["request"] | {"seed": 11}).json()["id"], {"succeeded"})  # fmt: skip
+        second = server.client.get(again["result"]["urls"][0]).content
+    first_pixels = Image.open(io.BytesIO(png)).convert("RGB").tobytes()
+    assert first_pixels == Image.open(io.BytesIO(second)).convert("RGB").tobytes()
+    assert job["result"]["metadata"]["models"]["base"] != "fake-base"

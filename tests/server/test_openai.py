@@ -10,6 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
+from ..fakes import FakeEngine
 from .conftest import RunningServer, ServerFactory
 
 
@@ -38,10 +39,12 @@ def test_quality_hd_means_high_quality_and_url_format_serves_the_file(server: Ru
     assert server.client.get("/v1/jobs").json()["items"][0]["request"]["guidance_scale"] == 8.0
 
 
-def test_wait_limit_names_the_job_to_poll(server_factory: ServerFactory) -> None:
+def test_wait_limit_names_the_job_to_poll(server_factory: ServerFactory, fake_engine: FakeEngine) -> None:
     with server_factory(openai_wait_seconds=0.3) as server:
+        fake_engine.pause_at(1)  # held until the wait limit has passed
         with pytest.raises(openai.APIStatusError) as caught:
             _client(server).images.generate(prompt="slow", size="512x512")
+        fake_engine.resume()
         assert caught.value.status_code == 504
         error = caught.value.body
         assert isinstance(error, dict)

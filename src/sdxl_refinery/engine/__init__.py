@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..request import CancelToken, GenerationRequest, ProgressCallback, SpeedOptions
+from ..request import CancelToken, GenerationRequest, Precision, ProgressCallback, SpeedOptions
 from .device import Placement, choose_placement
 from .loader import LoadedPair, load_pair, pair_modules, place_pair
-from .memory import choose_plan, free_bytes, module_bytes, unet_working_bytes
+from .memory import initial_plan, module_bytes
 from .recovery import MemoryPlan
 from .run import EngineOutput, TwoStageRunner
 from .sources import ModelSource, resolve
@@ -42,7 +42,7 @@ class Engine:
         base_model: str,
         refiner_model: str,
         device: str = "auto",
-        precision: str = "auto",
+        precision: Precision | str = Precision.AUTO,
         speed: SpeedOptions | None = None,
     ) -> Engine:
         """Resolve, place and load the pair, then apply the speed plan for the device.
@@ -104,9 +104,7 @@ def _initial_memory_plan(pair: LoadedPair, placement: Placement) -> MemoryPlan:
     modules = pair_modules(pair)
     weights = module_bytes(modules)
     largest = max(module_bytes([module]) for module in modules)
-    working = unet_working_bytes(1024, 1024, 1, placement.dtype.itemsize)
     # On CPU the weights already sit in the RAM being measured; elsewhere they are still to be placed.
-    free = free_bytes(placement.device) + (weights if placement.device == "cpu" else 0)
-    plan, reason = choose_plan(placement.device, weights, largest, working, free)
+    plan, reason = initial_plan(placement.device, weights, largest, placement.dtype.itemsize, placement.device == "cpu")
     log.info("Memory plan %s", reason)
     return plan

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_POLICY_OF_DTYPE = {torch.float32: Precision.FULL, torch.float16: Precision.HALF, torch.bfloat16: Precision.BF16}
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,18 @@ class Placement:
         dtype: dtype of the UNets and text encoders.
         vae_dtype: dtype the VAE decodes in.
         reason: why the policy chose this, for logs and `refinery doctor`.
+        precision: the policy this placement carries out (`full`, `half` or `bf16`; never `auto`), recorded so
+            that a run can be repeated with the same policy; `precision_name` is for display only.
     """
 
     device: str
     dtype: torch.dtype
     vae_dtype: torch.dtype
     reason: str
+
+    @property
+    def precision(self) -> Precision:
+        return _POLICY_OF_DTYPE[self.dtype]
 
     @property
     def precision_name(self) -> str:
@@ -81,7 +88,9 @@ def choose_device(requested: str = "auto") -> str:
     return requested
 
 
-def choose_placement(device: str = "auto", precision: str = "auto", native_bf16: bool | None = None) -> Placement:
+def choose_placement(
+    device: str = "auto", precision: Precision | str = Precision.AUTO, native_bf16: bool | None = None
+) -> Placement:
     """Apply the device and precision policy.
 
     Args:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from ..errors import ModelLoadError
@@ -55,7 +56,7 @@ def _from_single_file(pipeline_class: Any, source: ModelSource, role: str, place
 
 def _variant(source: ModelSource, placement: Placement) -> str | None:
     """Use fp16 weight files when they exist and the precision is fp16 (half the download and load)."""
-    if not placement.precision_name.startswith("fp16"):
+    if placement.dtype != torch.float16:
         return None
     if source.kind is SourceKind.FOLDER:
         unet = Path(source.location) / "unet"

@@ -81,3 +81,54 @@ def choose_plan(device: str, weights: int, largest_part: int, working: int, free
     if largest_part + working <= free:
         return plans["model-offload"], f"model-offload (idle models wait in CPU memory): {need}"
     return plans["sequential-offload"], f"sequential-offload (weights stream layer by layer): {need}"
+
+
+def initial_plan(
+    device: str, weights: int, largest_part: int, element_size: int, weights_already_in_free: bool
+) -> tuple[MemoryPlan, str]:
+    """The plan to start on, chosen for the documented recipe (1024x1024, one image), and why.
+
+    The engine calls this with the loaded pair's bytes and `refinery doctor` with the
+    configured models' counted bytes, so both always pick the same plan.
+
+    Args:
+        device: where the models run.
+        weights: bytes of every model of the pair.
+        largest_part: bytes of the largest single model.
+        element_size: bytes per element of the compute dtype.
+        weights_already_in_free: the weights already sit in the memory being measured (loaded on CPU).
+    """
+    working = unet_working_bytes(1024, 1024, 1, element_size)
+    free = free_bytes(device) + (weights if weights_already_in_free else 0)
+    return choose_plan(device, weights, largest_part, working, free)
+
+
+def describe_plans(device: str, precision: str, speed: Any) -> dict[str, Any]:
+    """What the engine would choose for the configured SDXL pair, without loading it (for `refinery doctor`).
+
+    Raises:
+        InvalidRequest: unknown or absent device, unknown precision.
+    """
+    from .device import choose_placement
+    from .inventory import parameter_counts
+    from .speed import choose_speed_plan
+
+    placement = choose_placement(device, precision)
+    counts = {**parameter_counts("sdxl-base")}
+    counts["refiner unet"] = parameter_counts("sdxl-refiner")["unet"]  # encoder 2 and VAE are shared
+    element_size = placement.dtype.itemsize
+    need = sum(counts.values()) * element_size
+    free = free_bytes(placement.device)
+    _plan, reason = initial_plan(placement.device, need, max(counts.values()) * element_size, element_size, False)
+    return {
+        "device": placement.device,
+        "precision": placement.precision_name,
+        "why": placement.reason,
+        "parameters": counts,
+        "weights_bytes_needed": need,
+        "memory_label": "GPU memory free" if placement.device.startswith("cuda") else "RAM available",
+        "memory_available_bytes": free,
+        "fits": free > need,
+        "memory_plan": reason,
+        "speed_plan": choose_speed_plan(placement, speed).names(),
+    }

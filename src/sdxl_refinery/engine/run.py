@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from PIL import Image
 
 from ..errors import Cancelled, GenerationFailed, InvalidRequest
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
+from ..steps import Schedule, StagePlan, plan_steps
 from .device import Placement
 from .loader import LoadedPair
 from .memory import GIB, decode_bytes, free_bytes
@@ -28,23 +28,6 @@ from .recovery import MemoryPlan, all_finite, apply_plan, free_memory, is_out_of
 from .tracking import StepTracker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StagePlan:
-    """What each stage will execute, computed before any model work.
-
-    Attributes:
-        base_steps: denoising steps the base executes.
-        refiner_steps: denoising steps the refiner executes (0 without refinement).
-        refiner_schedule: `num_inference_steps` handed to the refiner pipeline.
-        refiner_strength: img2img strength handed to the refiner (sequential mode).
-    """
-
-    base_steps: int
-    refiner_steps: int
-    refiner_schedule: int
-    refiner_strength: float | None
 
 
 @dataclass
@@ -77,49 +60,20 @@ class _Run:
     recoveries: list[str] = field(default_factory=list)
 
 
-def _handoff_split(pair: LoadedPair, steps: int, switch_at: float) -> int:
-    """Steps the base runs before `switch_at`, by diffusers' own cutoff rule."""
-    scheduler = type(pair.base.scheduler).from_config(pair.base.scheduler.config)
-    scheduler.set_timesteps(steps)
-    total = scheduler.config.num_train_timesteps
-    cutoff = round(total - switch_at * total)  # the same float expression as diffusers
-    return int((scheduler.timesteps >= cutoff).sum().item())
-
-
-def _sequential_strength(refiner_steps: int, strength: float) -> tuple[int, float]:
-    """The refiner's schedule length and an img2img strength that executes exactly `refiner_steps`.
-
-    diffusers runs `int(schedule * strength)` steps; floating point can make that
-    one short (29.999...), so the strength is nudged up to the smallest value
-    that yields the requested count. It moves by less than 1e-12.
-    """
-    schedule = max(round(refiner_steps / strength), refiner_steps)
-    effective = refiner_steps / schedule
-    while int(schedule * effective) < refiner_steps:
-        effective = math.nextafter(effective, 2.0)
-    return schedule, min(effective, 1.0)
-
-
 def plan_stages(pair: LoadedPair, request: GenerationRequest) -> StagePlan:
-    """Work out each stage's step count before running anything.
+    """The request's step plan under the base's own scheduler configuration.
 
     Raises:
-        InvalidRequest: a handoff `switch_at` that leaves one stage no step.
+        InvalidRequest: a handoff `switch_at` that leaves one stage no step under this scheduler.
     """
-    steps = request.num_inference_steps
-    if not request.use_refinement:
-        return StagePlan(steps, 0, 0, None)
-    if request.mode is Mode.SEQUENTIAL:
-        schedule, strength = _sequential_strength(request.refiner_steps, request.refiner_strength)
-        return StagePlan(steps, request.refiner_steps, schedule, strength)
-    base_steps = _handoff_split(pair, steps, request.switch_at)
-    if base_steps in (0, steps):
+    plan = plan_steps(request, Schedule.from_config(pair.base.scheduler.config))
+    if request.use_refinement and 0 in (plan.base_steps, plan.refiner_steps):
         raise InvalidRequest(
             "switch_at",
-            f"{request.switch_at} leaves the {'base' if base_steps == 0 else 'refiner'} no step "
-            f"out of num_inference_steps={steps}",
+            f"{request.switch_at} leaves the {'base' if plan.base_steps == 0 else 'refiner'} no step "
+            f"out of num_inference_steps={request.num_inference_steps}",
         )
-    return StagePlan(base_steps, steps - base_steps, steps, None)
+    return plan
 
 
 class TwoStageRunner:
@@ -227,8 +181,7 @@ class TwoStageRunner:
 
     def _run_once(self, run: _Run, last_plan: bool, fp32: bool) -> EngineOutput:
         request, plan, seeds = run.request, run.plan, run.seeds
-        tracker = StepTracker({1: plan.base_steps, 2: plan.refiner_steps}, run.on_progress, run.cancel,
-                              run.preview_every)  # fmt: skip
+        tracker = StepTracker(plan.totals, run.on_progress, run.cancel, run.preview_every)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         timings: dict[str, float] = {}
         started = time.perf_counter()

@@ -8,6 +8,7 @@ first and then sends the Celery task named after the job id.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 import time
@@ -17,10 +18,12 @@ import redis
 
 from ..config import Settings
 from ..request import GenerationRequest
+from .celery_app import PREFIX, TASK_NAME, make_celery
+from .celery_events import forward_events
+from .events import JobEvents
 from .models import Job, JobProgress, JobStatus
 from .store import JobNotFound, JobStore, QueueFull
 
-PREFIX = "refinery:"
 _TRANSITION = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return false end
@@ -90,10 +93,8 @@ class CeleryJobStore(JobStore):
 
     def _send(self, job_id: str) -> None:
         if self._celery is None:
-            from .celery_backend import make_celery
-
             self._celery = make_celery(self.settings)
-        self._celery.send_task("refinery.run_job", args=[job_id], task_id=job_id)
+        self._celery.send_task(TASK_NAME, args=[job_id], task_id=job_id)
 
     # -- JobStore ------------------------------------------------------------------------------
 
@@ -164,6 +165,15 @@ class CeleryJobStore(JobStore):
 
     def counts(self) -> dict[str, int]:
         return {status.value: int(self.redis.zcard(f"{PREFIX}status:{status.value}")) for status in JobStatus}
+
+    def claim_next(self, worker: str) -> Job | None:
+        return None  # the broker hands jobs to workers; nothing is claimed from the store
+
+    def recover(self) -> builtins.list[str]:
+        return []  # the broker redelivers the messages of dead workers (acks_late)
+
+    async def relay_events(self, events: JobEvents, stop: asyncio.Event) -> None:
+        await forward_events(self.settings, events, stop)
 
     def workers(self, within: float = 30.0) -> builtins.list[dict[str, Any]]:
         """Workers that reported in the last `within` seconds: name, device, precision, running job."""

@@ -17,28 +17,9 @@ from typing import Any
 
 from ..request import GenerationRequest
 from .models import Job, JobProgress, JobStatus
+from .sqlite_migrations import migrate
 from .store import JobNotFound, JobStore, QueueFull
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    status TEXT NOT NULL,
-    queue_order REAL NOT NULL,
-    request TEXT NOT NULL,
-    client TEXT,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    progress TEXT,
-    result TEXT,
-    error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    worker TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, queue_order);
-"""
 _ACTIVE = ("queued", "running")
 
 
@@ -50,6 +31,7 @@ class SQLiteJobStore(JobStore):
 
     Raises:
         sqlite3.Error / OSError: the file cannot be opened or created.
+        RuntimeError: the file was written by a newer Refinery (see sqlite_migrations.py).
     """
 
     def __init__(self, path: Path) -> None:
@@ -60,7 +42,7 @@ class SQLiteJobStore(JobStore):
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self.migrations_applied = migrate(self._db, path)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -120,6 +102,11 @@ class SQLiteJobStore(JobStore):
         rows = self._execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", *args, limit, offset)
         (total,) = self._execute(f"SELECT COUNT(*) FROM jobs {where}", *args)[0]
         return [self._job(row) for row in rows], total
+
+    hands_out_work = True
+
+    def workers(self) -> builtins.list[dict[str, Any]] | None:
+        return None  # the app's own worker runs every job
 
     def claim_next(self, worker: str) -> Job | None:
         """Atomically move the oldest queued job to running for `worker`."""

@@ -6,12 +6,16 @@ store of the Celery backend. Every method is safe to call from any thread.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..request import GenerationRequest
 from .models import Job, JobProgress, JobStatus
+
+if TYPE_CHECKING:
+    from .events import JobEvents
 
 
 class QueueFull(Exception):
@@ -30,9 +34,28 @@ class JobNotFound(KeyError):
 class JobStore(ABC):
     """Persistent jobs: create, start, report, finish, list, cancel.
 
-    The embedded store also hands out work itself (`claim_next`, `recover`); with
-    Celery, the broker does that and workers call `start`.
+    The embedded store also hands out work itself (`hands_out_work`: the app runs a
+    worker on `claim_next` after `recover`); with Celery the broker does that, workers
+    elsewhere call `start`, and their events reach this process through `relay_events`.
     """
+
+    hands_out_work: bool = False
+    """Whether this process claims and runs the jobs (embedded) or workers elsewhere do (Celery)."""
+
+    @abstractmethod
+    def claim_next(self, worker: str) -> Job | None:
+        """Atomically take the oldest queued job for `worker` (None when none is queued, or work is brokered)."""
+
+    @abstractmethod
+    def recover(self) -> builtins.list[str]:
+        """At start: decide what becomes of jobs a dead process left running; returns their ids."""
+
+    @abstractmethod
+    def workers(self) -> builtins.list[dict[str, Any]] | None:
+        """Workers in other processes that reported lately, or None when this process's own worker runs the jobs."""
+
+    async def relay_events(self, events: JobEvents, stop: asyncio.Event) -> None:  # noqa: B027
+        """Forward other processes' live events to `events` until `stop`; in-process stores have none to relay."""
 
     @abstractmethod
     def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:

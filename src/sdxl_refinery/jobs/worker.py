@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import Cancelled, RefineryError
-from ..request import CancelToken, Mode, Progress
+from ..request import CancelToken, Progress
 from ..service import ImageService
+from ..steps import plan_steps
 from .metrics import QueueMetrics
 from .models import Job, JobProgress, JobStatus
 from .storage import ImageStorage
@@ -39,17 +40,6 @@ class EventSink(Protocol):
     def drop_preview(self, job_id: str) -> None: ...
 
 
-def planned_steps(job: Job) -> tuple[int, int]:
-    """Steps the base and the refiner will run, as the engine plans them (handoff split estimated)."""
-    request = job.request
-    if not request.use_refinement:
-        return request.num_inference_steps, 0
-    if request.mode is Mode.SEQUENTIAL:
-        return request.num_inference_steps, request.refiner_steps
-    base = round(request.num_inference_steps * request.switch_at)
-    return base, request.num_inference_steps - base
-
-
 class _JobReporter:
     """Turns engine progress into store rows, events, previews and metrics for one job."""
 
@@ -69,8 +59,9 @@ class _JobReporter:
         self.token = token
         self.poll_cancel = poll_cancel
         self._last_poll = 0.0
-        self.totals = dict(zip((1, 2), planned_steps(job), strict=True))
+        self.totals = plan_steps(job.request).totals
         self._last_write = 0.0
+        self._unwritten: JobProgress | None = None
         self._last_step = time.perf_counter()
 
     def __call__(self, progress: Progress) -> None:
@@ -82,8 +73,9 @@ class _JobReporter:
         done = progress.step + (self.totals[1] if progress.stage == 2 else 0)
         overall = JobProgress(progress.stage, progress.step, progress.total,
                               100.0 * done / max(sum(self.totals.values()), 1), progress.eta)  # fmt: skip
+        self._unwritten = overall
         if now - self._last_write >= PROGRESS_WRITE_INTERVAL or progress.step == progress.total:
-            self.store.update_progress(self.job.id, overall)
+            self.flush()
             self._last_write = now
         self.events.publish(self.job.id, "progress", overall.as_dict())
         if progress.preview is not None:
@@ -95,6 +87,12 @@ class _JobReporter:
             self._last_poll = now
             if self.store.cancel_requested(self.job.id):
                 self.token.cancel()  # the engine stops at the end of this step
+
+    def flush(self) -> None:
+        """Store the latest progress if the write interval held it back (so a stopped job shows where it stopped)."""
+        if self._unwritten is not None:
+            self.store.update_progress(self.job.id, self._unwritten)
+            self._unwritten = None
 
 
 class Worker:
@@ -185,6 +183,7 @@ class Worker:
                 preview_every=self.preview_every,
             )  # fmt: skip
         except Cancelled:
+            await asyncio.to_thread(reporter.flush)
             if stop is not None and stop.is_set() and not self.store.get(job.id).cancel_requested:
                 await asyncio.to_thread(self.store.requeue, job.id)  # shutting down: run it again later
                 log.info("Job %s re-queued at shutdown", job.id)

@@ -90,19 +90,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.refinery
     state.events.bind(asyncio.get_running_loop())
     tasks: list[asyncio.Task[Any]] = []
-    if isinstance(state.store, SQLiteJobStore):  # embedded: this process runs the jobs
-        recovered = state.store.recover()
-        if recovered:
-            log.warning("Re-queued %d job(s) left running by a previous process: %s", len(recovered), recovered)
+    recovered = await asyncio.to_thread(state.store.recover)
+    if recovered:
+        log.warning("Re-queued %d job(s) left running by a previous process: %s", len(recovered), recovered)
+    if state.store.hands_out_work:  # embedded: this process runs the jobs
         state.worker = Worker(state.store, state.service, state.storage, state.events, state.metrics,
                               state.settings.preview_every)  # fmt: skip
         if state.settings.load_on_start:
             tasks.append(asyncio.create_task(_load(state)))
         tasks.append(asyncio.create_task(state.worker.run(state.stop, state.store.claim_next)))
-    else:  # scale-out: workers elsewhere; their events arrive through Redis
-        from ..jobs.celery_backend import forward_events
-
-        tasks.append(asyncio.create_task(forward_events(state.settings, state.events, state.stop)))
+    tasks.append(asyncio.create_task(state.store.relay_events(state.events, state.stop)))
     try:
         yield
     finally:

@@ -12,10 +12,11 @@ import json
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from ...errors import InvalidRequest
 from ...jobs.models import Job, JobStatus
-from ...request import GenerationRequest, Mode
+from ...request import REQUEST_FIELDS, GenerationRequest, Mode
 from ..security import Authorized
 from ..state import AppState, State
 
@@ -23,40 +24,53 @@ router = APIRouter(tags=["a1111"])
 SAMPLER = "Euler"
 
 
-class Txt2ImgRequest(BaseModel):
-    """The A1111 fields Refinery uses; the rest of A1111's many fields are ignored."""
+def _table_fields() -> dict[str, Any]:
+    """Every request field with an A1111 name, optional here so an omitted one takes the request's default."""
+    fields: dict[str, Any] = {}
+    for spec in REQUEST_FIELDS:
+        if spec.faces.a1111:
+            kind = str if spec.choices else spec.kind
+            fields[spec.faces.a1111] = (kind | None, Field(None, description=spec.description))
+    return fields
 
-    model_config = ConfigDict(extra="ignore")
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 50
-    cfg_scale: float = 8.0
-    width: int = 1024
-    height: int = 1024
-    seed: int = -1
-    batch_size: int = Field(1, ge=1)
-    n_iter: int = Field(1, ge=1)
+class _Txt2ImgBase(BaseModel):
+    """A1111's own fields that are not request fields one to one; the rest come from the request table."""
+
+    model_config = ConfigDict(extra="ignore")  # A1111 clients send many fields Refinery has no use for
+
+    n_iter: int = Field(1, ge=1, description="Batches; Refinery renders batch_size x n_iter images in one job.")
     refiner_checkpoint: str | None = None
-    refiner_switch_at: float | None = None
     send_images: bool = True
     save_images: bool = False
 
+    def to_request(self) -> GenerationRequest:
+        """The request this body asks for: table fields by their A1111 names, then A1111's conventions.
 
-def _request(body: Txt2ImgRequest) -> GenerationRequest:
-    handoff = body.refiner_switch_at is not None
-    fields: dict[str, Any] = {
-        "prompt": body.prompt, "negative_prompt": body.negative_prompt, "num_inference_steps": body.steps,
-        "guidance_scale": body.cfg_scale, "width": body.width, "height": body.height,
-        "seed": None if body.seed < 0 else body.seed, "n": body.batch_size * body.n_iter,
-        "mode": Mode.HANDOFF if handoff else Mode.SEQUENTIAL,
-    }  # fmt: skip
-    if handoff:
-        fields["switch_at"] = body.refiner_switch_at
-    return GenerationRequest(**fields)
+        Raises:
+            InvalidRequest: naming the A1111 field and its rule.
+        """
+        sent = self.model_dump(exclude_unset=True)
+        fields = {spec.name: sent[spec.faces.a1111] for spec in REQUEST_FIELDS
+                  if spec.faces.a1111 and sent.get(spec.faces.a1111) is not None}  # fmt: skip
+        if fields.get("seed", 0) < 0:  # A1111: -1 is a random seed
+            del fields["seed"]
+        if self.n_iter > 1:
+            fields["n"] = fields.get("n", GenerationRequest.default("n")) * self.n_iter
+        if "switch_at" in fields:  # A1111's refiner_switch_at is SDXL's handoff
+            fields["mode"] = Mode.HANDOFF
+        try:
+            return GenerationRequest(**fields)
+        except InvalidRequest as error:
+            raise InvalidRequest(_A1111_NAMES.get(error.field, error.field), error.rule) from None
 
 
-def _info(job: Job) -> str:
+_A1111_NAMES = {spec.name: spec.faces.a1111 for spec in REQUEST_FIELDS if spec.faces.a1111}
+Txt2ImgRequest = create_model("Txt2ImgRequest", __base__=_Txt2ImgBase, **_table_fields())
+
+
+def a1111_info(job: Job) -> str:
+    """A finished job as A1111's `info` JSON text."""
     result = job.result or {}
     metadata = result.get("metadata", {})
     seeds = result.get("seeds", [])
@@ -73,14 +87,14 @@ def _info(job: Job) -> str:
 @router.post("/sdapi/v1/txt2img")
 async def txt2img(body: Txt2ImgRequest, state: State, _: Authorized) -> dict[str, Any]:
     """Render and answer `{images, parameters, info}` when done (A1111 answers synchronously too)."""
-    job = state.submit(_request(body), client="a1111")
+    job = state.submit(body.to_request(), client="a1111")
     job = await state.wait(job.id, state.settings.openai_wait_seconds)
     images: list[str] = []
     if job.status is JobStatus.SUCCEEDED and job.result is not None and body.send_images:
         images = [base64.b64encode(state.storage.read(job.id, n)).decode() for n in job.result["images"]]
     parameters = body.model_dump()
     if job.status is JobStatus.SUCCEEDED:
-        return {"images": images, "parameters": parameters, "info": _info(job)}
+        return {"images": images, "parameters": parameters, "info": a1111_info(job)}
     info = json.dumps({"job_id": job.id, "status": job.status.value, "error": job.error})
     return {"images": [], "parameters": parameters, "info": info}
 

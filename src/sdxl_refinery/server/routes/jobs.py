@@ -15,7 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ...jobs.models import JobStatus
 from ...jobs.store import JobNotFound
-from ...request import GenerationRequest
+from ...request import MAX_SEED, GenerationRequest, request_schema
 from ..security import Authorized
 from ..state import AppState, State
 
@@ -30,6 +30,12 @@ def _job_or_404(state: AppState, job_id: str) -> Any:
         return state.store.get(job_id)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id!r}") from None
+
+
+@router.get("/v1/schema")
+def schema(state: State, _: Authorized) -> dict[str, Any]:
+    """Every request field: type, default, bounds (with this server's caps), description and face names."""
+    return {"fields": request_schema(state.limits), "max_seed": MAX_SEED}
 
 
 @router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED)

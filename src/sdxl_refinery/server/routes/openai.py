@@ -8,46 +8,87 @@ answer is a 504 whose error names the job id, so the client can poll
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from ...errors import InvalidRequest
-from ...jobs.models import JobStatus
-from ...request import GenerationRequest
+from ...jobs.models import Job, JobStatus
+from ...jobs.storage import ImageStorage
+from ...request import HIGH_QUALITY_GUIDANCE, STANDARD_GUIDANCE, GenerationRequest
 from ..security import Authorized
 from ..state import State
 
 router = APIRouter(tags=["openai"])
 MODEL_ID = "sdxl-refinery"
 _HIGH_QUALITY = {"hd", "high"}
+_STANDARD_QUALITY = {"standard", "medium", "low"}
+_OPENAI_DEFAULT_QUALITY = "standard"
 
 
 class ImagesRequest(BaseModel):
-    """The OpenAI images request; fields OpenAI added later are accepted and ignored."""
+    """The OpenAI images request; fields OpenAI added later are accepted and ignored.
+
+    Fields are optional so that what a client leaves out takes the request's own default.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
     prompt: str
     model: str | None = None
-    n: int = Field(1, ge=1)
-    size: str | None = "1024x1024"
+    n: int | None = None
+    size: str | None = None
     quality: str | None = None
-    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    response_format: Literal["b64_json", "url"] | None = None
     user: str | None = None
 
+    def to_request(self) -> GenerationRequest:
+        """The `GenerationRequest` this body asks for.
 
-def _size(size: str | None) -> tuple[int, int]:
-    if size in (None, "auto"):
-        return 1024, 1024
-    match = re.fullmatch(r"(\d+)x(\d+)", size)
+        `quality` hd/high asks for high-quality guidance, standard/medium/low for the standard
+        one, and `auto` keeps the request's default (the high-quality recipe). Absent means
+        OpenAI's own default, `standard` (DALL-E 3's), a fact of OpenAI's API, not a default of ours.
+
+        Raises:
+            InvalidRequest: a bad size (named `size`) or a field outside its rule.
+        """
+        fields: dict[str, Any] = {"prompt": self.prompt}
+        if self.n is not None:
+            fields["n"] = self.n
+        if self.size not in (None, "auto"):
+            fields["width"], fields["height"] = _size(self.size)
+        quality = (self.quality or _OPENAI_DEFAULT_QUALITY).lower()
+        if quality in _HIGH_QUALITY:
+            fields["guidance_scale"] = HIGH_QUALITY_GUIDANCE
+        elif quality in _STANDARD_QUALITY:
+            fields["guidance_scale"] = STANDARD_GUIDANCE
+        return GenerationRequest(**fields)
+
+
+def _size(size: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size)
     if not match:
-        raise InvalidRequest("size", f"must be WIDTHxHEIGHT such as 1024x1024, or auto, not {size!r}")
+        raise InvalidRequest("size", f"must be WIDTHxHEIGHT such as 1024x1024, or auto, not {size[:40]!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+def openai_images(job: Job, body: ImagesRequest, storage: ImageStorage, url_of: Callable[[str], str]) -> dict[str, Any]:
+    """A finished job as OpenAI's images response: `{created, data: [{b64_json | url, revised_prompt}]}`."""
+    data = []
+    for name in (job.result or {}).get("images", []):
+        if body.response_format == "url":
+            data.append({"url": url_of(name), "revised_prompt": body.prompt})
+        else:
+            data.append(
+                {"b64_json": base64.b64encode(storage.read(job.id, name)).decode(), "revised_prompt": body.prompt}
+            )
+    return {"created": int(job.finished or time.time()), "data": data}
 
 
 def _openai_error(status: int, message: str, kind: str, code: str, **extra: Any) -> JSONResponse:
@@ -57,24 +98,11 @@ def _openai_error(status: int, message: str, kind: str, code: str, **extra: Any)
 @router.post("/v1/images/generations")
 async def generate(body: ImagesRequest, state: State, request: Request, _: Authorized) -> JSONResponse:
     """Render `n` images; answers `{created, data: [{b64_json | url, revised_prompt}]}` when done."""
-    width, height = _size(body.size)
-    guidance = 8.0 if (body.quality or "").lower() in _HIGH_QUALITY else 7.5
-    job = state.submit(
-        GenerationRequest(prompt=body.prompt, n=body.n, width=width, height=height, guidance_scale=guidance),
-        client="openai",
-    )
+    job = state.submit(body.to_request(), client="openai")
     job = await state.wait(job.id, state.settings.openai_wait_seconds)
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
-        data = []
-        for name in job.result["images"]:
-            if body.response_format == "url":
-                data.append(
-                    {"url": state.image_url(str(request.base_url), job.id, name), "revised_prompt": body.prompt}
-                )
-            else:
-                encoded = base64.b64encode(state.storage.read(job.id, name)).decode()
-                data.append({"b64_json": encoded, "revised_prompt": body.prompt})
-        return JSONResponse({"created": int(job.finished or time.time()), "data": data})
+        url_of = functools.partial(state.image_url, str(request.base_url), job.id)
+        return JSONResponse(openai_images(job, body, state.storage, url_of))
     if job.status.terminal:
         return _openai_error(500, f"job {job.id} {job.status.value}: {job.error}", "server_error", "job_failed",
                              job_id=job.id)  # fmt: skip

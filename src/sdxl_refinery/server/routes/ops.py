@@ -8,7 +8,6 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from ...jobs.celery_store import CeleryJobStore
 from ..security import Authorized
 from ..state import AppState, State
 
@@ -24,8 +23,9 @@ def health() -> dict[str, str]:
 
 def _workers(state: AppState) -> list[dict[str, Any]]:
     """Embedded: this process's worker. Celery: every worker that reported to Redis lately."""
-    if isinstance(state.store, CeleryJobStore):
-        return state.store.workers()
+    remote = state.store.workers()
+    if remote is not None:
+        return remote
     described = state.service.describe()
     current = state.worker.current[0] if state.worker and state.worker.current else None
     name = state.worker.name if state.worker else "embedded"
@@ -43,8 +43,9 @@ def workers(state: State, _: Authorized) -> dict[str, Any]:
 @router.get("/ready")
 def ready(state: State, _: Authorized) -> JSONResponse:
     """200 once models are loaded (embedded) or a loaded worker reports (celery), else 503."""
-    if isinstance(state.store, CeleryJobStore):
-        live = [worker for worker in state.store.workers() if worker["loaded"]]
+    remote = state.store.workers()
+    if remote is not None:
+        live = [worker for worker in remote if worker["loaded"]]
         body = {"sdxl_available": bool(live), "device": live[0]["device"] if live else None,
                 "precision": live[0]["precision"] if live else None, "queue_depth": state.store.depth(),
                 "workers": len(live), "error": None}  # fmt: skip

@@ -11,6 +11,7 @@ const state = {
   watching: new Map(), // job id -> {element, controller}
   viewing: null, // {job, index}
   blobUrls: [],
+  schema: null, // GET /v1/schema: every request field with its default, bounds and face names
 };
 
 // ---------------------------------------------------------------- talking to the server
@@ -106,6 +107,12 @@ async function start() {
     showBanner(`The server answered ${response.status}.`, "server");
     return;
   }
+  const schema = await api("/v1/schema");
+  if (!schema.ok) {
+    showBanner(`The server answered ${schema.status} for its request schema.`, "server");
+    return;
+  }
+  if (!state.schema) applySchema(await schema.json());
   $("#key-panel").hidden = true;
   $("#app").hidden = false;
   await Promise.all([loadGallery(), resumeActiveJobs()]);
@@ -113,28 +120,92 @@ async function start() {
 
 // ---------------------------------------------------------------- the form
 
+// The form follows the server's field table: defaults and limits come from GET /v1/schema, and a
+// field the page has no input for yet gets a generated one under Advanced.
+function applySchema(schema) {
+  state.schema = schema;
+  const form = $("#generate-form");
+  for (const field of schema.fields) {
+    if (!field.web || field.name === "prompt") continue;
+    let input = form.elements[field.name];
+    if (!input) input = generatedInput(field);
+    if (field.type === "int" || field.type === "float") {
+      const low = field.minimum ?? field.exclusive_minimum;
+      const high = field.maximum ?? field.exclusive_maximum;
+      if (field.minimum !== null) input.min = field.minimum;
+      if (field.maximum !== null) input.max = field.maximum;
+      if (field.multiple_of) input.step = field.multiple_of;
+      else if (field.type === "int") input.step = 1;
+      else if (!input.getAttribute("step")) input.step = "any";
+      if (field.exclusive_minimum !== null && !input.min) input.min = low;
+      if (field.exclusive_maximum !== null && !input.max) input.max = high;
+    }
+    input.title = field.description;
+    setField(input, field, field.default);
+  }
+  const size = `${fieldDefault("width")}x${fieldDefault("height")}`;
+  const known = [...form.elements.size.options].some((option) => option.value === size);
+  form.elements.size.value = known ? size : "custom";
+  $("#custom-size").hidden = known;
+  $("#switch-row").hidden = form.elements.mode.value !== "handoff";
+}
+
+function fieldDefault(name) {
+  return state.schema.fields.find((field) => field.name === name).default;
+}
+
+function generatedInput(field) {
+  const wrapper = document.createElement("div");
+  const label = document.createElement("label");
+  label.htmlFor = field.name;
+  label.textContent = field.name.replaceAll("_", " ").replace(/^./, (c) => c.toUpperCase());
+  let input;
+  if (field.type === "enum") {
+    input = document.createElement("select");
+    for (const choice of field.choices) input.add(new Option(choice, choice));
+  } else {
+    input = document.createElement("input");
+    input.type = field.type === "bool" ? "checkbox" : field.type === "str" ? "text" : "number";
+  }
+  input.id = input.name = field.name;
+  const error = document.createElement("p");
+  error.className = "field-error";
+  error.dataset.errorFor = field.name;
+  error.setAttribute("role", "alert");
+  if (field.type === "bool") {
+    wrapper.className = "check";
+    wrapper.append(input, label, error);
+  } else {
+    wrapper.append(label, input, error);
+  }
+  $("#generated-fields").append(wrapper);
+  return input;
+}
+
+function setField(input, field, value) {
+  if (field.type === "bool") input.checked = value !== false;
+  else input.value = value ?? "";
+}
+
+function readField(input, field) {
+  if (field.type === "bool") return input.checked;
+  if (field.type === "int" || field.type === "float") return input.value === "" ? null : Number(input.value);
+  return input.value;
+}
+
 function formRequest() {
   const form = $("#generate-form");
-  const number = (name) => Number(form.elements[name].value);
-  const request = {
-    prompt: form.elements.prompt.value,
-    negative_prompt: form.elements.negative_prompt.value,
-    num_inference_steps: number("num_inference_steps"),
-    refiner_steps: number("refiner_steps"),
-    guidance_scale: number("guidance_scale"),
-    mode: form.elements.mode.value,
-    n: number("n"),
-    use_refinement: form.elements.use_refinement.checked,
-  };
-  const size = form.elements.size.value;
-  if (size === "custom") {
-    request.width = number("width");
-    request.height = number("height");
-  } else {
-    [request.width, request.height] = size.split("x").map(Number);
+  const request = { prompt: form.elements.prompt.value };
+  for (const field of state.schema.fields) {
+    const input = form.elements[field.name];
+    if (!field.web || field.name === "prompt" || field.name === "seed" || !input) continue;
+    const value = readField(input, field);
+    if (value !== null) request[field.name] = value;
   }
-  if (request.mode === "handoff") request.switch_at = number("switch_at");
-  if (!$("#random-seed").checked && form.elements.seed.value !== "") request.seed = number("seed");
+  const size = form.elements.size.value;
+  if (size !== "custom") [request.width, request.height] = size.split("x").map(Number);
+  if (request.mode !== "handoff") delete request.switch_at;
+  if (!$("#random-seed").checked && form.elements.seed.value !== "") request.seed = Number(form.elements.seed.value);
   return request;
 }
 
@@ -192,11 +263,13 @@ async function submit(event) {
 
 function fillForm(request, seed) {
   const form = $("#generate-form");
-  for (const name of ["prompt", "negative_prompt", "num_inference_steps", "refiner_steps", "guidance_scale",
-                      "mode", "switch_at", "n", "width", "height"]) {
-    if (request[name] !== undefined && form.elements[name]) form.elements[name].value = request[name];
+  form.elements.prompt.value = request.prompt;
+  for (const field of state.schema.fields) {
+    const input = form.elements[field.name];
+    if (field.web && field.name !== "prompt" && input && request[field.name] !== undefined) {
+      setField(input, field, request[field.name]);
+    }
   }
-  form.elements.use_refinement.checked = request.use_refinement !== false;
   const preset = `${request.width}x${request.height}`;
   const known = [...form.elements.size.options].some((option) => option.value === preset);
   form.elements.size.value = known ? preset : "custom";
@@ -399,7 +472,7 @@ function wire() {
   $("#size").addEventListener("change", (event) => ($("#custom-size").hidden = event.target.value !== "custom"));
   $("#mode").addEventListener("change", (event) => ($("#switch-row").hidden = event.target.value !== "handoff"));
   $("#dice").addEventListener("click", () => {
-    $("#seed").value = Math.floor(Math.random() * 4294967295);
+    $("#seed").value = Math.floor(Math.random() * (state.schema.max_seed + 1));
     $("#random-seed").checked = false;
   });
   $("#newer").addEventListener("click", () => {

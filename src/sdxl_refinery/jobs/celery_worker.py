@@ -1,15 +1,7 @@
-"""Scale-out on Celery + Redis: the Celery app, the job task, worker processes and event relay.
+"""A Celery worker process: one device, models loaded once, jobs run through the shared `Worker`.
 
-Durability settings (the point of this module):
-- `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged only
-  after its job is recorded as finished, so a worker that dies mid-job leaves it
-  to be redelivered;
-- `worker_prefetch_multiplier=1` and one solo-pool process per device: a worker
-  holds one job at a time and never hoards others;
-- the broker's `visibility_timeout` (setting `visibility_timeout`, default 2 h) is
-  longer than the longest job, so a slow CPU job is not handed out twice;
-- the task is idempotent: `JobStore.start` refuses finished or cancelled jobs, and
-  image names are fixed per job, so a redelivery overwrites, never duplicates.
+The task is idempotent: `JobStore.start` refuses finished or cancelled jobs, and
+image names are fixed per job, so a redelivery overwrites, never duplicates.
 Cancellation is a Redis flag the worker reads every step, not `revoke(terminate=True)`.
 """
 
@@ -24,84 +16,20 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
 
 from ..config import Settings
 from ..service import ImageService
-from .celery_store import PREFIX, CeleryJobStore
-from .events import JobEvents
+from .celery_app import HEARTBEAT_SECONDS, PREFIX, QUEUE, STALE_AFTER_SECONDS, TASK_NAME, make_celery
+from .celery_events import RedisEventSink
+from .celery_store import CeleryJobStore
 from .storage import FolderStorage
 from .worker import Worker
 
 log = logging.getLogger(__name__)
-QUEUE = "refinery"
-HEARTBEAT_SECONDS = 5.0
-STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS  # a worker silent this long is taken for dead
 
 
 class RunningElsewhere(Exception):
     """The job is running on another live worker (a redelivery that came too early)."""
-
-
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app on the configured Redis, with the durability settings above."""
-    app = Celery("refinery", broker=settings.redis_url, backend=settings.redis_url)
-    app.conf.update(
-        task_default_queue=QUEUE,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        # Scan for unacknowledged messages of dead workers every 10 s (kombu's default is every 100 s).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout, "unacked_restore_throttle": 1},
-        result_expires=24 * 3600,
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-    )
-    return app
-
-
-class RedisEventSink:
-    """Worker side of live events: Redis pub/sub messages, previews as short-lived keys."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.redis = client
-
-    def publish(self, job_id: str, event: str, data: dict[str, Any]) -> None:
-        self.redis.publish(f"{PREFIX}events:{job_id}", json.dumps({"event": event, "data": data}))
-
-    def set_preview(self, job_id: str, png: bytes) -> None:
-        self.redis.set(f"{PREFIX}preview:{job_id}", png, ex=3600)
-
-    def drop_preview(self, job_id: str) -> None:
-        self.redis.delete(f"{PREFIX}preview:{job_id}")
-
-
-async def forward_events(settings: Settings, events: JobEvents, stop: asyncio.Event) -> None:
-    """API server side: relay every worker's events from Redis to this server's watchers."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(settings.redis_url)
-    pubsub = client.pubsub()
-    await pubsub.psubscribe(f"{PREFIX}events:*")
-    try:
-        while not stop.is_set():
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is None:
-                continue
-            job_id = message["channel"].decode().rsplit(":", 1)[1]
-            payload = json.loads(message["data"])
-            if payload["event"] == "preview":
-                png = await client.get(f"{PREFIX}preview:{job_id}")
-                if isinstance(png, bytes):
-                    events.set_preview(job_id, png)
-            elif payload["event"] == "done":
-                events.drop_preview(job_id)
-            events.publish(job_id, payload["event"], payload["data"])
-    finally:
-        await pubsub.aclose()
-        await client.aclose()
 
 
 class WorkerRuntime:
@@ -176,7 +104,7 @@ def run_worker(settings: Settings, name: str) -> None:
     app = make_celery(settings)
 
     @app.task(  # type: ignore[untyped-decorator]  # celery ships no type hints
-        name="refinery.run_job", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
+        name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
     )
     def run_job(task: Any, job_id: str) -> str:
         try:
