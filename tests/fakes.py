@@ -46,7 +46,7 @@ class FakeEngine:
         self.paused = threading.Event()  # set while a run is held at the pause step
 
     def pause_at(self, step: int) -> None:
-        """Hold the next runs after base step `step` until `resume()` or a cancel."""
+        """Hold the next runs after base step `step` (0: before the first) until `resume()` or a cancel."""
         self._pause_at = step
         self._resume.clear()
 
@@ -74,6 +74,8 @@ class FakeEngine:
         self.runs.append(request)
         plan = plan_steps(request)
         started = time.perf_counter()
+        if self._pause_at == 0:
+            self._hold(cancel)
         for stage, total in plan.totals.items():
             for step in range(1, total + 1):
                 preview = _image(request, seeds[0], 64) if preview_every and step % preview_every == 0 else None

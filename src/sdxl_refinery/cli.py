@@ -15,6 +15,7 @@ import re
 import secrets
 import signal
 import time
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,8 +24,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .cli_admin import doctor, export, models_app
-from .config import Settings
+from .cli_admin import doctor, export, load_settings, models_app
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .fields import FieldSpec
 from .png import read_metadata
@@ -142,7 +142,7 @@ def _option_help(spec: FieldSpec) -> str:
         parts.append(f"One of {', '.join(spec.choices)}.")
     if spec.bounds_text():
         parts.append(f"Range {spec.bounds_text()}.")
-    if default is not None and spec.kind is not bool:
+    if default not in (None, "") and spec.kind is not bool:
         parts.append(f"Default {default}.")
     return " ".join(parts)
 
@@ -200,7 +200,7 @@ def _generate(
             fields["seed"] = secrets.randbelow(MAX_SEED + 1)
         request = GenerationRequest(**fields)
         # 2. The service: flags, then what the PNG recorded, then the environment.
-        settings = _settings(
+        settings = load_settings(
             base_model=base or recorded.get("base"), refiner_model=refiner or recorded.get("refiner"),
             device=device or (recorded.get("device") if recorded.get("device") == "cpu" else None),
             precision=precision or recorded.get("precision"), compile=compile_models, threads=threads,
@@ -226,7 +226,9 @@ def _generate(
 
 def _with_request_options(command: Any) -> Any:
     """`command`'s signature with the request table's options added (typer reads the signature)."""
-    own = [p for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(command, include_extras=True)  # resolved: this module defers annotations
+    own = [parameter.replace(annotation=hints[parameter.name]) for parameter in inspect.signature(command).parameters
+           .values() if parameter.kind is not inspect.Parameter.VAR_KEYWORD]  # fmt: skip
     parameters = own[:1] + _request_parameters() + own[1:]
     command.__signature__ = inspect.Signature(parameters)
     command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
@@ -252,21 +254,6 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by Refinery."
     typer.echo(json.dumps(metadata, indent=2, sort_keys=True))
 
 
-def _settings(**flags: Any) -> Settings:
-    """Settings from the environment with the given flags on top; a bad value exits 2 naming it."""
-    from pydantic import ValidationError
-
-    try:
-        return Settings(**{key: value for key, value in flags.items() if value is not None})
-    except ValidationError as error:
-        first = error.errors()[0]
-        cause = (first.get("ctx") or {}).get("error")
-        if isinstance(cause, InvalidRequest):  # our own rule, already naming its field
-            raise _fail(str(cause), EXIT_BAD_INPUT) from None
-        field = ".".join(str(part) for part in first["loc"]) or "settings"
-        raise _fail(f"{field}: {first['msg'].removeprefix('Value error, ')}", EXIT_BAD_INPUT) from None
-
-
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on (REFINERY_HOST).")] = None,
@@ -280,7 +267,7 @@ def serve(
 
     from .server import create_app
 
-    settings = _settings(host=host, port=port, data_dir=data_dir, backend=backend, redis_url=redis_url)
+    settings = load_settings(host=host, port=port, data_dir=data_dir, backend=backend, redis_url=redis_url)
     try:
         application = create_app(settings)
     except RefineryError as error:
@@ -303,7 +290,7 @@ def worker(
 
     from .jobs.celery_worker import run_worker
 
-    settings = _settings(redis_url=redis_url, data_dir=data_dir, device=device)
+    settings = load_settings(redis_url=redis_url, data_dir=data_dir, device=device)
     try:
         run_worker(settings, name or f"{socket.gethostname()}-{settings.device}")
     except RefineryError as error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +24,21 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def load_settings(**flags: Any) -> Settings:
+    """Settings from the environment with the given flags on top; a bad value exits 2 naming it."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{key: value for key, value in flags.items() if value is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequest):  # our own rule, already naming its field
+            raise _fail(str(cause), 2) from None
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise _fail(f"{field}: {first['msg'].removeprefix('Value error, ')}", 2) from None
+
+
 def _gib(value: int | None) -> str:
     return "unknown" if value is None else f"{value / 2**30:.1f} GiB"
 
@@ -31,7 +46,7 @@ def _gib(value: int | None) -> str:
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Device, precision and why, memory against what SDXL needs, models present, offline readiness."""
     try:
-        report = admin.doctor_report(Settings())
+        report = admin.doctor_report(load_settings())
     except InvalidRequest as error:
         raise _fail(str(error), 2) from None
     if as_json:

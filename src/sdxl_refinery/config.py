@@ -11,12 +11,14 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .options import Precision, SpeedOptions, Toggle, validate_device
+from .options import Precision, SpeedOptions, Toggle, validate_device, validate_precision
 
+# Validated by the same functions as the library's arguments, so every face words the rule the same way.
 Device = Annotated[str, AfterValidator(validate_device)]
+PrecisionPolicy = Annotated[Precision, BeforeValidator(validate_precision)]
 
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -45,7 +47,7 @@ class Settings(BaseSettings):
     base_model: str = DEFAULT_BASE_MODEL
     refiner_model: str = DEFAULT_REFINER_MODEL
     device: Device = "auto"
-    precision: Precision = Precision.AUTO
+    precision: PrecisionPolicy = Precision.AUTO
     # speed (docs/performance.md): auto follows the measured policy for the device
     compile: Toggle = Toggle.AUTO
     channels_last: Toggle = Toggle.AUTO

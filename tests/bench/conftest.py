@@ -1,3 +1,3 @@
-"""The bench tests use the server tests' real uvicorn fixture."""
+"""The bench tests use the server tests' real uvicorn fixtures."""
 
-from ..server.conftest import server_factory  # noqa: F401 - makes the fixture visible here
+from ..server.conftest import fake, real_server_factory, server_factory  # noqa: F401 - makes the fixtures visible here

@@ -9,8 +9,9 @@ from bench.load import run_load
 from ..server.conftest import ServerFactory
 
 
-def test_short_load_run_has_no_errors_and_loses_no_job(server_factory: ServerFactory) -> None:
-    with server_factory(max_queue=8, preview_every=0) as server:
+def test_short_load_run_has_no_errors_and_loses_no_job(real_server_factory: ServerFactory) -> None:
+    # The tiny SDXL pair, not the fake engine: jobs must take real time for the queue to fill.
+    with real_server_factory(max_queue=8, preview_every=0) as server:
         report = asyncio.run(run_load(server.url, clients=20, seconds=5))
         assert report.errors == []
         assert set(report.status_codes) <= {200, 202, 429}

@@ -58,8 +58,9 @@ def test_list_is_newest_first_and_paged(server: RunningServer) -> None:
     assert done["total"] == 3
 
 
-def test_events_stream_progress_previews_and_done(server_factory: ServerFactory) -> None:
+def test_events_stream_progress_previews_and_done(server_factory: ServerFactory, fake_engine: FakeEngine) -> None:
     with server_factory(preview_every=2) as server:
+        fake_engine.pause_at(0)  # held before its first step until the stream is open
         job_id = _submit(server, num_inference_steps=8, refiner_steps=4)["id"]
         events: list[tuple[str, dict[str, Any]]] = []
         with server.client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
@@ -69,6 +70,8 @@ def test_events_stream_progress_previews_and_done(server_factory: ServerFactory)
                     event = line.split(":", 1)[1].strip()
                 elif line.startswith("data:"):
                     events.append((event, json.loads(line.split(":", 1)[1])))
+                    if event == "state":
+                        fake_engine.resume()
                     if event == "done":
                         break
     names = [name for name, _ in events]

@@ -88,6 +88,10 @@ async def _event_stream(state: AppState, job_id: str, base: str, request: Reques
     try:
         job = await asyncio.to_thread(state.store.get, job_id)
         yield {"event": "state", "data": json.dumps(state.job_view(job, base))}
+        png = state.events.preview(job_id) if job.status.value == "running" else None
+        if png is not None:  # a watcher that joins mid-run sees the latest preview at once
+            current = {"step": job.progress.step, "stage": job.progress.stage}
+            yield {"event": "preview", "data": json.dumps({**current, "image": _data_url(png)})}
         if job.status.terminal:
             yield {"event": "done", "data": json.dumps({"status": job.status.value, "error": job.error})}
             return
@@ -107,7 +111,7 @@ async def _event_stream(state: AppState, job_id: str, base: str, request: Reques
                 png = state.events.preview(job_id)
                 if png is None:
                     continue
-                data["image"] = "data:image/png;base64," + base64.b64encode(png).decode()
+                data["image"] = _data_url(png)
             if message["event"] == "done":
                 job = await asyncio.to_thread(state.store.get, job_id)
                 data = {"status": job.status.value, "error": job.error, "job": state.job_view(job, base)}
@@ -116,6 +120,10 @@ async def _event_stream(state: AppState, job_id: str, base: str, request: Reques
                 return
     finally:
         state.events.unsubscribe(job_id, queue)
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 @router.get("/v1/images/{job_id}/{name}", response_class=FileResponse)
