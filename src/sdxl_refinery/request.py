@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import Cancelled, InvalidRequest
 from .fields import Faces, FieldSpec, field_table
 from .options import Precision, SpeedOptions, Toggle, validate_device, validate_precision, validate_toggle
-from .steps import plan_steps
+from .steps import plan_steps, require_both_stages
 
 MIN_SIZE = 256
 MAX_SIZE = 4096
@@ -112,14 +112,8 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _handoff_leaves_both_stages_a_step(self) -> GenerationRequest:
-        if self.use_refinement and self.mode is Mode.HANDOFF:
-            plan = plan_steps(self)
-            if 0 in (plan.base_steps, plan.refiner_steps):
-                stage = "base" if plan.base_steps == 0 else "refiner"
-                raise ValueError(
-                    f"switch_at: {self.switch_at} leaves the {stage} no step out of "
-                    f"num_inference_steps={self.num_inference_steps}"
-                )
+        if self.mode is Mode.HANDOFF:
+            require_both_stages(self, plan_steps(self))
         return self
 
     @classmethod

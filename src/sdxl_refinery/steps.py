@@ -124,3 +124,19 @@ def plan_steps(request: GenerationRequest, schedule: Schedule = SDXL_SCHEDULE) -
         return StagePlan(steps, request.refiner_steps, refiner_schedule, strength)
     base_steps = handoff_base_steps(steps, request.switch_at, schedule)
     return StagePlan(base_steps, steps - base_steps, steps, None)
+
+
+def require_both_stages(request: GenerationRequest, plan: StagePlan) -> None:
+    """Refuse a refined handoff whose switch point leaves the base or the refiner no step.
+
+    Raises:
+        InvalidRequest: naming `switch_at`.
+    """
+    from .errors import InvalidRequest
+
+    if request.use_refinement and 0 in (plan.base_steps, plan.refiner_steps):
+        stage = "base" if plan.base_steps == 0 else "refiner"
+        raise InvalidRequest(
+            "switch_at",
+            f"{request.switch_at} leaves the {stage} no step out of num_inference_steps={request.num_inference_steps}",
+        )

@@ -17,9 +17,9 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 
-from ..errors import Cancelled, GenerationFailed, InvalidRequest
+from ..errors import Cancelled, GenerationFailed
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
-from ..steps import Schedule, StagePlan, plan_steps
+from ..steps import Schedule, StagePlan, plan_steps, require_both_stages
 from .device import Placement
 from .loader import LoadedPair
 from .memory import GIB, decode_bytes, free_bytes
@@ -67,12 +67,7 @@ def plan_stages(pair: LoadedPair, request: GenerationRequest) -> StagePlan:
         InvalidRequest: a handoff `switch_at` that leaves one stage no step under this scheduler.
     """
     plan = plan_steps(request, Schedule.from_config(pair.base.scheduler.config))
-    if request.use_refinement and 0 in (plan.base_steps, plan.refiner_steps):
-        raise InvalidRequest(
-            "switch_at",
-            f"{request.switch_at} leaves the {'base' if plan.base_steps == 0 else 'refiner'} no step "
-            f"out of num_inference_steps={request.num_inference_steps}",
-        )
+    require_both_stages(request, plan)
     return plan
 
 
