@@ -11,6 +11,8 @@ PROMPT ?= A beautiful landscape with mountains
 OUTPUT ?= outputs/
 MODEL ?=
 SYSTEM_PACKAGES ?= chromium redis-server
+# Test processes: one per CPU, each pinned to its own core (tests/conftest.py); a test file stays in one process.
+TEST_WORKERS ?= auto
 
 .PHONY: generate test lint install system-deps clean
 
@@ -33,7 +35,7 @@ system-deps:
 
 ## The whole suite: lint, types, tests. CI runs exactly this (.ci/run).
 test: install system-deps lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

@@ -8,6 +8,19 @@ from pathlib import Path
 
 import pytest
 
+def _one_core_per_test_worker() -> None:
+    """Under pytest-xdist, pin each test process (and what it starts) to a core of its own.
+
+    The engine uses one torch thread per usable CPU; two test processes each using both cores
+    oversubscribe them, and spinning OpenMP threads make every step several times slower.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+
+
+_one_core_per_test_worker()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "XDG_CACHE_HOME" not in os.environ:  # model-hash cache and friends: never the developer's own

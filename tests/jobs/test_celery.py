@@ -101,8 +101,8 @@ def cluster(
         workers.stop_all()
 
 
-def _submit(server: RunningServer, steps: int = 60, **fields: Any) -> str:
-    body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": steps, "refiner_steps": 5, **fields}
+def _submit(server: RunningServer, steps: int = 12, **fields: Any) -> str:
+    body = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": steps, "refiner_steps": 3, **fields}
     answer = server.client.post("/v1/jobs", json=body)
     assert answer.status_code == 202, answer.text
     job_id: str = answer.json()["id"]
@@ -140,7 +140,7 @@ def test_cancel_across_processes(cluster: tuple[RunningServer, Workers]) -> None
 
 def test_sse_progress_and_previews_travel_through_redis(cluster: tuple[RunningServer, Workers]) -> None:
     server, _ = cluster
-    job_id = _submit(server, steps=30)
+    job_id = _submit(server, steps=12)
     seen: list[str] = []
     with server.client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
         for line in stream.iter_lines():
@@ -166,7 +166,7 @@ def test_openai_client_and_api_restart(cluster: tuple[RunningServer, Workers], a
 
 def test_sigkill_worker_mid_job_redelivers_to_the_other(cluster: tuple[RunningServer, Workers]) -> None:
     server, workers = cluster
-    job_id = _submit(server, steps=200, n=2, seed=7)
+    job_id = _submit(server, steps=60, n=2, seed=7)
     job = poll(lambda: (j := server.job(job_id))["progress"]["step"] >= 5 and j, "the job to reach step 5")
     victim = job["worker"]
     workers.processes[victim].send_signal(signal.SIGKILL)

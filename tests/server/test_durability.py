@@ -61,9 +61,9 @@ def test_sigkill_mid_job_then_restart_completes_every_job_once(tmp_path: Path) -
     try:
         _wait_ready(url, process)
         jobs = [httpx.post(url + "/v1/jobs", json={"prompt": f"job {i}", "width": 256, "height": 256,
-                                                   "num_inference_steps": 150, "refiner_steps": 5, "n": 2,
+                                                   "num_inference_steps": 40, "refiner_steps": 3, "n": 2,
                                                    "seed": 10 * i}).json()["id"] for i in range(3)]  # fmt: skip
-        _wait_for_step(url, jobs[0], 20)
+        _wait_for_step(url, jobs[0], 3)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=patience(30))
 

@@ -57,7 +57,7 @@ def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(tmp_path: Pa
     process = _start(data, port, log)
     try:
         _wait_ready(url, process)
-        job_id = httpx.post(url + "/v1/jobs", json={**SMALL_JOB, "num_inference_steps": 400}).json()["id"]
+        job_id = httpx.post(url + "/v1/jobs", json={**SMALL_JOB, "num_inference_steps": 60}).json()["id"]
         _wait_for_step(url, job_id, 3)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=patience(60)) in (
