@@ -8,6 +8,17 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "XDG_CACHE_HOME" not in os.environ:  # model-hash cache and friends: never the developer's own
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="refinery-test-cache-")
+
+from sdxl_refinery import ImageService
+from sdxl_refinery.engine.tiny import save_tiny_pair
+
+
 def _one_core_per_test_worker() -> None:
     """Under pytest-xdist, pin each test process (and what it starts) to a core of its own.
 
@@ -21,15 +32,6 @@ def _one_core_per_test_worker() -> None:
 
 
 _one_core_per_test_worker()
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-if "XDG_CACHE_HOME" not in os.environ:  # model-hash cache and friends: never the developer's own
-    import tempfile
-
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="refinery-test-cache-")
-
-from sdxl_refinery import ImageService
-from sdxl_refinery.engine.tiny import save_tiny_pair
 
 SMALL = {"width": 256, "height": 256}
 
