@@ -35,7 +35,7 @@ system-deps:
 
 ## The whole suite: lint, types, tests. CI runs exactly this (.ci/run).
 test: install system-deps lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
