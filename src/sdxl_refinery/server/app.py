@@ -76,11 +76,17 @@ def _open_store(settings: Settings) -> JobStore:
 
     Raises:
         StorageError: the data folder is not writable.
+        RefineryError: the Celery backend is chosen but its extra is not installed.
     """
     check_writable_folder(settings.data_dir / "images" / "probe")
     if settings.backend == "celery":
-        from ..jobs.celery_store import CeleryJobStore
-
+        try:
+            from ..jobs.celery_store import CeleryJobStore
+        except ImportError as error:  # the optional extra is not installed
+            raise RefineryError(
+                f"backend=celery needs the celery extra ({error.name or error} is missing): "
+                "pip install 'sdxl-refinery[celery]'"
+            ) from error
         return CeleryJobStore(settings)
     return SQLiteJobStore(settings.data_dir / "jobs.sqlite3")
 
@@ -128,6 +134,7 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
 
     Raises:
         StorageError: the data folder cannot be written.
+        RefineryError: the Celery backend is chosen but its extra is not installed.
     """
     try:
         job_store = store or _open_store(settings)
