@@ -63,7 +63,10 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     load_on_start: bool = True
     preview_every: int = Field(5, ge=0, le=100)
-    openai_wait_seconds: float = Field(600.0, gt=0)
+    # How long OpenAI and A1111 calls wait for their job: unset, until it is done (as A1111 does); when set, a
+    # call that outlives it gets an error naming the job to poll, never an answer without images.
+    sync_wait_seconds: float | None = Field(None, gt=0)
+    url_ttl_seconds: int = Field(3600, ge=60)  # signed image URLs (OpenAI response_format=url) open this long
 
     # limits
     max_queue: int = Field(100, ge=1)

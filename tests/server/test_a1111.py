@@ -7,6 +7,7 @@ import io
 import threading
 from typing import Any
 
+import httpx
 import pytest
 import webuiapi
 from PIL import Image
@@ -79,3 +80,26 @@ def test_basic_auth_with_the_key_as_password(server_factory: ServerFactory) -> N
             _api(server).txt2img(prompt="x", steps=2, width=256, height=256)
         result = _api(server, username="me", password="s3cret").txt2img(prompt="x", steps=2, width=256, height=256)
         assert len(result.images) == 1
+
+
+def test_with_a_wait_limit_an_unfinished_job_is_an_error_never_an_empty_answer(
+    server_factory: ServerFactory, fake_engine: FakeEngine
+) -> None:
+    with server_factory(sync_wait_seconds=0.3) as server:
+        fake_engine.pause_at(1)
+        answer = server.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 4})
+        assert answer.status_code == 504
+        body = answer.json()
+        assert body["error"] == "Timeout" and f"poll GET /v1/jobs/{body['job_id']}" in body["errors"]
+        fake_engine.resume()
+        assert server.wait_for(body["job_id"], {"succeeded"})["result"]["images"] == ["image.png"]
+
+
+def test_a_client_that_disconnects_leaves_its_job_running(server: RunningServer, fake_engine: FakeEngine) -> None:
+    fake_engine.pause_at(1)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 4}, timeout=0.5)
+    assert fake_engine.paused.wait(patience(60))
+    job_id = server.client.get("/v1/jobs").json()["items"][0]["id"]
+    fake_engine.resume()
+    assert server.wait_for(job_id, {"succeeded"})["client"] == "a1111"

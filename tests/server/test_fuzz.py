@@ -10,6 +10,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from sdxl_refinery.server.signing import KEY_FILE
+
 from ..fakes import fake_service
 from .conftest import RunningServer, run_server
 
@@ -27,7 +29,7 @@ def fuzz_server(fuzz_root: Path) -> Iterator[RunningServer]:
     # The fake engine: the subject is the server's answers. The queue cap makes 429 reachable.
     service, _engine = fake_service()
     with run_server(service, fuzz_root / "data", api_key=KEY, max_width=256, max_height=256, max_steps=4,
-                    max_images=2, max_queue=5, openai_wait_seconds=2.0, preview_every=0) as server:  # fmt: skip
+                    max_images=2, max_queue=5, sync_wait_seconds=2.0, preview_every=0) as server:  # fmt: skip
         yield server
     service.close()
 
@@ -61,5 +63,6 @@ def test_fuzzing_wrote_nothing_outside_the_data_folder(fuzz_root: Path, fuzz_ser
     assert sorted(path.name for path in fuzz_root.iterdir()) == ["data"]
     data = fuzz_root / "data"
     stray = [path for path in data.rglob("*") if path.is_file()
-             and not (path.name.startswith("jobs.sqlite3") or path.parent.parent == data / "images")]  # fmt: skip
+             and not (path.name.startswith("jobs.sqlite3") or path.name == KEY_FILE
+                 or path.parent.parent == data / "images")]  # fmt: skip
     assert stray == []

@@ -14,10 +14,12 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Settings
 from ..errors import InvalidRequest, RefineryError, StorageError
@@ -29,24 +31,27 @@ from ..jobs.worker import Worker
 from ..png import check_writable_folder
 from ..service import ImageService
 from .routes import a1111, jobs, openai, ops
+from .routes.openai import OPENAI_PATHS, openai_error, openai_param
 from .security import BodySizeLimit
 from .state import AppState
 
 log = logging.getLogger(__name__)
 
 
-_OPENAI_PATHS = ("/v1/images/",)
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith(OPENAI_PATHS)
 
 
 def _unprocessable(request: Request, details: list[dict[str, Any]]) -> JSONResponse:
-    """422 with FastAPI's `detail` list; OpenAI routes also get OpenAI's `error` object, which its clients read."""
-    body: dict[str, Any] = {"detail": details}
-    if request.url.path.startswith(_OPENAI_PATHS) and details:
-        first = details[0]
-        param = str(first["loc"][-1]) if first.get("loc") else None
-        body["error"] = {"message": f"{param}: {first['msg']}" if param else first["msg"],
-                         "type": "invalid_request_error", "param": param, "code": "invalid_value"}  # fmt: skip
-    return JSONResponse(body, status_code=422)
+    """422 with FastAPI's `detail` list; on OpenAI routes OpenAI's 400 `invalid_request_error` naming its param."""
+    if not (_is_openai(request) and details):
+        return JSONResponse({"detail": details}, status_code=422)
+    first = details[0]
+    field = str(first["loc"][-1]) if len(first.get("loc", [])) > 1 else None
+    param = openai_param(field) if field else None
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    response = openai_error(400, message, "invalid_request_error", "invalid_value", param=param)
+    return response
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -67,8 +72,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _unprocessable(request, details)
 
     @app.exception_handler(QueueFull)
-    async def queue_full(_: Request, error: QueueFull) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=429, headers={"Retry-After": str(error.retry_after)})
+    async def queue_full(request: Request, error: QueueFull) -> JSONResponse:
+        headers = {"Retry-After": str(error.retry_after)}
+        if _is_openai(request):
+            return openai_error(429, str(error), "requests", "rate_limit_exceeded", headers=headers)
+        return JSONResponse({"detail": str(error)}, status_code=429, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 401 and _is_openai(request):  # the SDK reads OpenAI's error object
+            return openai_error(401, str(error.detail), "invalid_request_error", "invalid_api_key",
+                                headers=dict(error.headers or {}))  # fmt: skip
+        return await http_exception_handler(request, error)
 
 
 def _open_store(settings: Settings) -> JobStore:
@@ -138,9 +153,10 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
     """
     try:
         job_store = store or _open_store(settings)
+        state = AppState(settings, job_store, service or ImageService.from_settings(settings), JobEvents(),
+                         QueueMetrics())  # fmt: skip
     except OSError as error:
         raise StorageError(f"data folder {settings.data_dir} cannot be used: {error}") from error
-    state = AppState(settings, job_store, service or ImageService.from_settings(settings), JobEvents(), QueueMetrics())
     # The schema and docs routes are added by `ops.docs_router`, behind the API key like everything else.
     description = "SDXL base + refiner, every image. Native, OpenAI and A1111 APIs."
     app = FastAPI(title="Refinery", version="0.1.0", lifespan=_lifespan, openapi_url=None, docs_url=None,

@@ -45,6 +45,21 @@ def require_api_key(request: Request) -> None:
 Authorized = Annotated[None, Depends(require_api_key)]
 
 
+def require_api_key_or_signature(request: Request) -> None:
+    """Let a correctly signed, unexpired image URL through without the key; anything else needs the key.
+
+    Raises:
+        HTTPException: 401, as `require_api_key`.
+    """
+    signer = request.app.state.refinery.signer
+    query = request.query_params
+    if not signer.verify(request.url.path, query.get("expires"), query.get("signature")):
+        require_api_key(request)
+
+
+SignedOrAuthorized = Annotated[None, Depends(require_api_key_or_signature)]
+
+
 class BodySizeLimit:
     """ASGI middleware: 413 for bodies over `limit` bytes, declared or streamed."""
 

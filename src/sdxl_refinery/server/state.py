@@ -17,6 +17,7 @@ from ..jobs.store import JobStore
 from ..jobs.worker import Worker
 from ..request import GenerationRequest, Limits, enforce_limits
 from ..service import ImageService
+from .signing import UrlSigner, load_or_create_key
 
 
 @dataclass
@@ -33,8 +34,11 @@ class AppState:
     load_error: str | None = None
     storage: ImageStorage = field(init=False)
 
+    signer: UrlSigner = field(init=False)
+
     def __post_init__(self) -> None:
         self.storage = FolderStorage(self.settings.data_dir / "images")
+        self.signer = UrlSigner(load_or_create_key(self.settings.data_dir), self.settings.url_ttl_seconds)
 
     @property
     def limits(self) -> Limits:
@@ -69,10 +73,10 @@ class AppState:
             self.events.publish(job_id, "done", {"status": job.status.value, "error": job.error})
         return job
 
-    async def wait(self, job_id: str, timeout: float) -> Job:
-        """The job once it is terminal, or as it is when `timeout` seconds have passed."""
+    async def wait(self, job_id: str, timeout: float | None) -> Job:
+        """The job once it is terminal, or as it is when `timeout` seconds have passed (None: no limit)."""
         queue = self.events.subscribe(job_id)
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + (timeout if timeout is not None else float("inf"))
         try:
             while True:
                 job = await asyncio.to_thread(self.store.get, job_id)
@@ -88,8 +92,10 @@ class AppState:
         finally:
             self.events.unsubscribe(job_id, queue)
 
-    def image_url(self, base_url: str, job_id: str, name: str) -> str:
-        return f"{base_url.rstrip('/')}/v1/images/{job_id}/{name}"
+    def image_url(self, base_url: str, job_id: str, name: str, signed: bool = False) -> str:
+        """An image's URL; `signed` adds an expiring signature that opens it without the API key."""
+        path = f"/v1/images/{job_id}/{name}"
+        return f"{base_url.rstrip('/')}{path}" + (f"?{self.signer.query(path)}" if signed else "")
 
     def job_view(self, job: Job, base_url: str = "") -> dict[str, Any]:
         """A job as the native API shows it."""

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ...errors import InvalidRequest
@@ -85,18 +86,31 @@ def a1111_info(job: Job) -> str:
 
 
 @router.post("/sdapi/v1/txt2img")
-async def txt2img(body: Txt2ImgRequest, state: State, _: Authorized) -> dict[str, Any]:
-    """Render and answer `{images, parameters, info}` when done (A1111 answers synchronously too)."""
+async def txt2img(body: Txt2ImgRequest, state: State, _: Authorized) -> Any:
+    """Render and answer `{images, parameters, info}` when done, as A1111 does: no time limit unless set.
+
+    A client that disconnects leaves its job running (A1111 clients stop one with `/interrupt`).
+    """
     job = state.submit(body.to_request(), client="a1111")
-    job = await state.wait(job.id, state.settings.openai_wait_seconds)
-    images: list[str] = []
-    if job.status is JobStatus.SUCCEEDED and job.result is not None and body.send_images:
-        images = [base64.b64encode(state.storage.read(job.id, n)).decode() for n in job.result["images"]]
+    job = await state.wait(job.id, state.settings.sync_wait_seconds)
     parameters = body.model_dump()
-    if job.status is JobStatus.SUCCEEDED:
+    if job.status is JobStatus.SUCCEEDED and job.result is not None:
+        names = job.result["images"] if body.send_images else []
+        images = [base64.b64encode(state.storage.read(job.id, name)).decode() for name in names]
         return {"images": images, "parameters": parameters, "info": a1111_info(job)}
-    info = json.dumps({"job_id": job.id, "status": job.status.value, "error": job.error})
-    return {"images": [], "parameters": parameters, "info": info}
+    if job.status is JobStatus.CANCELLED:
+        info = json.dumps({"job_id": job.id, "status": job.status.value, "error": job.error})
+        return {"images": [], "parameters": parameters, "info": info}
+    if job.status is JobStatus.FAILED:
+        return a1111_error(500, "GenerationFailed", f"job {job.id} failed: {job.error}", job_id=job.id)
+    waited = f"{state.settings.sync_wait_seconds:.0f} s"
+    message = f"job {job.id} is still {job.status.value} after {waited}; poll GET /v1/jobs/{job.id}"
+    return a1111_error(504, "Timeout", message, job_id=job.id)
+
+
+def a1111_error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
+    """A1111's error body: `{error, detail, body, errors}`."""
+    return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message, **extra}, status_code=status)
 
 
 def _running(state: AppState) -> Job | None:

@@ -16,7 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 from ...jobs.models import JobStatus
 from ...jobs.store import JobNotFound
 from ...request import MAX_SEED, GenerationRequest, request_schema
-from ..security import Authorized
+from ..security import Authorized, SignedOrAuthorized
 from ..state import AppState, State
 
 router = APIRouter(tags=["jobs"])
@@ -127,8 +127,8 @@ def _data_url(png: bytes) -> str:
 
 
 @router.get("/v1/images/{job_id}/{name}", response_class=FileResponse)
-def get_image(job_id: str, name: str, state: State, _: Authorized) -> FileResponse:
-    """A finished job's PNG. Names are fixed by the server; nothing outside the data folder is served."""
+def get_image(job_id: str, name: str, state: State, _: SignedOrAuthorized) -> FileResponse:
+    """A finished job's PNG, with the API key or a signed URL. Nothing outside the data folder is served."""
     path = state.storage.path(job_id, name)
     if path is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such image")

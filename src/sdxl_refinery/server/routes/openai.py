@@ -91,23 +91,43 @@ def openai_images(job: Job, body: ImagesRequest, storage: ImageStorage, url_of: 
     return {"created": int(job.finished or time.time()), "data": data}
 
 
-def _openai_error(status: int, message: str, kind: str, code: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code, **extra}}, status_code=status)
+OPENAI_PATHS = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/v1/models")
+# Where a request field sits in OpenAI's request: errors name OpenAI's parameter.
+_OPENAI_PARAMS = {"width": "size", "height": "size", "guidance_scale": "quality"}
+
+
+def openai_param(field: str) -> str:
+    """OpenAI's name for a request field (`width` is part of `size`)."""
+    return _OPENAI_PARAMS.get(field, field)
+
+
+def openai_error(
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """OpenAI's error body, `{"error": {message, type, param, code}}`, which its SDK reads."""
+    error = {"message": message, "type": kind, "param": param, "code": code, **extra}
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 @router.post("/v1/images/generations")
 async def generate(body: ImagesRequest, state: State, request: Request, _: Authorized) -> JSONResponse:
     """Render `n` images; answers `{created, data: [{b64_json | url, revised_prompt}]}` when done."""
     job = state.submit(body.to_request(), client="openai")
-    job = await state.wait(job.id, state.settings.openai_wait_seconds)
+    job = await state.wait(job.id, state.settings.sync_wait_seconds)
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
-        url_of = functools.partial(state.image_url, str(request.base_url), job.id)
+        url_of = functools.partial(state.image_url, str(request.base_url), job.id, signed=True)
         return JSONResponse(openai_images(job, body, state.storage, url_of))
     if job.status.terminal:
-        return _openai_error(500, f"job {job.id} {job.status.value}: {job.error}", "server_error", "job_failed",
-                             job_id=job.id)  # fmt: skip
-    return _openai_error(
-        504, f"job {job.id} is still {job.status.value} after {state.settings.openai_wait_seconds:.0f} s; "
+        return openai_error(500, f"job {job.id} {job.status.value}: {job.error}", "server_error", "job_failed",
+                            job_id=job.id)  # fmt: skip
+    return openai_error(
+        504, f"job {job.id} is still {job.status.value} after {state.settings.sync_wait_seconds:.0f} s; "
         f"poll GET /v1/jobs/{job.id} for the result", "timeout", "job_pending", job_id=job.id,
     )  # fmt: skip
 
