@@ -109,6 +109,30 @@ def _submit(server: RunningServer, steps: int = 12, **fields: Any) -> str:
     return job_id
 
 
+def test_the_redis_store_attaches_retries_like_the_sqlite_store(redis_url: str, tmp_path: Path) -> None:
+    """On a database of its own: its Celery tasks reach no worker of the cluster."""
+    from sdxl_refinery.config import Settings
+    from sdxl_refinery.jobs.celery_store import CeleryJobStore
+    from sdxl_refinery.jobs.store import Dedup
+    from sdxl_refinery.request import GenerationRequest
+
+    store = CeleryJobStore(Settings(redis_url=redis_url.rsplit("/", 1)[0] + "/1", data_dir=tmp_path))
+    request = GenerationRequest(prompt="x", width=256, height=256)
+    retry = Dedup("fp-redis", window_seconds=3600, unanswered_only=True)
+    job, attached = store.create_or_attach(request, "openai", None, retry)
+    again, attached_again = store.create_or_attach(request, "openai", None, retry)
+    assert (attached, attached_again, again.id) == (False, True, job.id)
+    store.start(job.id, "w")
+    store.succeed(job.id, {"images": [], "seeds": [], "metadata": {}})
+    store.mark_answered(job.id)
+    assert store.get(job.id).answered and store.get(job.id).status.value == "succeeded"
+    fresh, attached = store.create_or_attach(request, "openai", None, retry)
+    assert not attached and fresh.id != job.id
+    assert store.create_or_attach(request, "openai", None, retry)[0].id == fresh.id  # the key now names the new job
+    store.redis.flushdb()
+    store.close()
+
+
 def test_jobs_spread_across_both_workers(cluster: tuple[RunningServer, Workers]) -> None:
     server, _ = cluster
     ids = [_submit(server, seed=i) for i in range(6)]

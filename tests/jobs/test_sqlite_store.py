@@ -96,3 +96,29 @@ def test_queue_limit_and_missing_jobs(store: SQLiteJobStore) -> None:
         store.get("0" * 32)
     page, total = store.list(0, 1)
     assert total == 2 and len(page) == 1
+
+
+def test_create_or_attach_finds_only_the_job_its_dedup_accepts(tmp_path: Path) -> None:
+    from sdxl_refinery.jobs.store import Dedup
+
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    request = GenerationRequest(prompt="x", width=256, height=256)
+    retry = Dedup("fp-1", window_seconds=3600, unanswered_only=True)
+    job, attached = store.create_or_attach(request, "openai", None, retry)
+    assert not attached and job.fingerprint == "fp-1"
+    again, attached = store.create_or_attach(request, "openai", None, retry)
+    assert attached and again.id == job.id  # queued: a retry attaches
+    store.claim_next("w")
+    store.succeed(job.id, {"images": [], "seeds": [], "metadata": {}})
+    assert store.create_or_attach(request, "openai", None, retry)[0].id == job.id  # done, not yet delivered
+    store.mark_answered(job.id)
+    fresh, attached = store.create_or_attach(request, "openai", None, retry)
+    assert not attached and fresh.id != job.id  # delivered: asking again renders again
+    keyed = Dedup("fp-1", window_seconds=3600, unanswered_only=False)
+    store.claim_next("w")
+    store.fail(fresh.id, "boom")
+    assert not store.create_or_attach(request, "openai", None, keyed)[1]  # a failed job is never reused
+    expired = Dedup("fp-2", window_seconds=0.0, unanswered_only=False)
+    first = store.create_or_attach(request, "native", None, expired)[0]
+    assert store.create_or_attach(request, "native", None, expired)[0].id != first.id
+    store.close()

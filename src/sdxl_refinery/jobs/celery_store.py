@@ -22,7 +22,7 @@ from .celery_app import PREFIX, TASK_NAME, make_celery
 from .celery_events import forward_events
 from .events import JobEvents
 from .models import Job, JobProgress, JobStatus
-from .store import JobNotFound, JobStore, QueueFull
+from .store import Dedup, JobNotFound, JobStore, QueueFull
 
 _TRANSITION = """
 local raw = redis.call('GET', KEYS[1])
@@ -82,6 +82,8 @@ class CeleryJobStore(JobStore):
             cancel_requested=bool(record.get("cancel_requested")),
             worker=record.get("worker"),
             client=record.get("client"),
+            fingerprint=record.get("fingerprint"),
+            answered=bool(record.get("answered")),
         )
 
     def _move(
@@ -99,12 +101,48 @@ class CeleryJobStore(JobStore):
     # -- JobStore ------------------------------------------------------------------------------
 
     def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
+        return self._create(Job(id=Job.new_id(), request=request, client=client), max_depth)
+
+    def create_or_attach(
+        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup
+    ) -> tuple[Job, bool]:
+        """Claim the fingerprint with SET NX before creating, so that concurrent API servers agree on one job."""
+        key = f"{PREFIX}fingerprint:{dedup.fingerprint}"
+        job = Job(id=Job.new_id(), request=request, client=client, fingerprint=dedup.fingerprint)
+        ttl = max(int(dedup.window_seconds), 1)
+        if not self.redis.set(key, job.id, nx=True, ex=ttl):
+            earlier = self._claimed_job(key)
+            if earlier is not None and dedup.accepts(earlier, job.created):
+                return earlier, True
+            self.redis.set(key, job.id, ex=ttl)  # the earlier job does not count: this one takes its place
+        try:
+            return self._create(job, max_depth), False
+        except QueueFull:
+            self.redis.delete(key)  # nothing was queued under this fingerprint
+            raise
+
+    def _claimed_job(self, key: str) -> Job | None:
+        """The job a fingerprint key names; its record may still be on its way from another API server."""
+        for _ in range(20):
+            job_id = self.redis.get(key)
+            if job_id is None:
+                return None
+            try:
+                return self.get(job_id.decode() if isinstance(job_id, bytes) else str(job_id))
+            except JobNotFound:
+                time.sleep(0.01)
+        return None
+
+    def mark_answered(self, job_id: str) -> None:
+        self._move(job_id, JobStatus.SUCCEEDED.value, JobStatus.SUCCEEDED, {"answered": True})
+
+    def _create(self, job: Job, max_depth: int | None) -> Job:
         if max_depth is not None and (depth := self.depth()) >= max_depth:
             raise QueueFull(depth, retry_after=30)
-        job = Job(id=Job.new_id(), request=request, client=client)
         seq = int(self.redis.incr(f"{PREFIX}seq"))
-        record = {"id": job.id, "seq": seq, "status": job.status.value, "request": request.model_dump_json(),
-                  "client": client, "created": job.created, "attempts": 0, "cancel_requested": False}  # fmt: skip
+        record = {"id": job.id, "seq": seq, "status": job.status.value, "request": job.request.model_dump_json(),
+                  "client": job.client, "created": job.created, "attempts": 0, "cancel_requested": False,
+                  "fingerprint": job.fingerprint, "answered": False}  # fmt: skip
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(job.id), json.dumps(record))
             pipe.zadd(f"{PREFIX}all", {job.id: seq})

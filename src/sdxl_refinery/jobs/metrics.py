@@ -14,6 +14,8 @@ class QueueMetrics:
         self.finished = Counter("refinery_jobs_finished", "Runs that ended, by outcome", ["status"],
                                 registry=self.registry)  # fmt: skip
         self.depth = Gauge("refinery_queue_depth", "Jobs queued or running", registry=self.registry)
+        self.attached = Counter("refinery_requests_attached", "Requests answered by an earlier job instead of a new "
+                                "one, by why", ["reason"], registry=self.registry)  # fmt: skip
         self.step_seconds = Histogram(
             "refinery_step_seconds", "Seconds per denoising step", ["stage"], registry=self.registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),

@@ -62,6 +62,8 @@ class Job:
     cancel_requested: bool = False
     worker: str | None = None
     client: str | None = None  # which API accepted it: native, openai, a1111, web
+    fingerprint: str | None = None  # who asked for what (see store.Dedup): retries attach to this job
+    answered: bool = False  # a synchronous call delivered its images to a connected client
 
     @staticmethod
     def new_id() -> str:

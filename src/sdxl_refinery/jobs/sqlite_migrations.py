@@ -57,9 +57,17 @@ def _listing_index(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq)")
 
 
+def _retry_attachment(db: sqlite3.Connection) -> None:
+    # A retried or idempotent request finds its earlier job by fingerprint (store.Dedup).
+    db.execute("ALTER TABLE jobs ADD COLUMN fingerprint TEXT")
+    db.execute("ALTER TABLE jobs ADD COLUMN answered INTEGER NOT NULL DEFAULT 0")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_fingerprint ON jobs (fingerprint, seq)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs table and queue index", _jobs_table),
     Migration(2, "index for listing jobs of one status newest first", _listing_index),
+    Migration(3, "fingerprint and answered flag, so that retries attach to their job", _retry_attachment),
 )
 LATEST = MIGRATIONS[-1].version
 

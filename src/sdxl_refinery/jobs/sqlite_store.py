@@ -18,7 +18,7 @@ from typing import Any
 from ..request import GenerationRequest
 from .models import Job, JobProgress, JobStatus
 from .sqlite_migrations import migrate
-from .store import JobNotFound, JobStore, QueueFull
+from .store import Dedup, JobNotFound, JobStore, QueueFull
 
 _ACTIVE = ("queued", "running")
 
@@ -67,29 +67,52 @@ class SQLiteJobStore(JobStore):
             cancel_requested=bool(row["cancel_requested"]),
             worker=row["worker"],
             client=row["client"],
+            fingerprint=row["fingerprint"],
+            answered=bool(row["answered"]),
         )
 
     # -- JobStore ------------------------------------------------------------------------------
 
     def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
-        job = Job(id=Job.new_id(), request=request, client=client)
+        return self._create(request, client, max_depth, None)[0]
+
+    def create_or_attach(
+        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup
+    ) -> tuple[Job, bool]:
+        return self._create(request, client, max_depth, dedup)
+
+    def _create(
+        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup | None
+    ) -> tuple[Job, bool]:
+        """One transaction: find the job `dedup` accepts, or check the depth and insert a new one."""
+        job = Job(id=Job.new_id(), request=request, client=client, fingerprint=dedup.fingerprint if dedup else None)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if dedup is not None:
+                    rows = self._db.execute("SELECT * FROM jobs WHERE fingerprint = ? ORDER BY seq DESC LIMIT 1",
+                                            (dedup.fingerprint,)).fetchall()  # fmt: skip
+                    earlier = self._job(rows[0]) if rows else None
+                    if earlier is not None and dedup.accepts(earlier, job.created):
+                        self._db.execute("COMMIT")
+                        return earlier, True
                 if max_depth is not None:
                     (depth,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", _ACTIVE).fetchone()
                     if depth >= max_depth:
                         raise QueueFull(depth, retry_after=30)
                 self._db.execute(
-                    "INSERT INTO jobs (id, status, queue_order, request, client, created) VALUES (?, ?, "
-                    "(SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?)",
-                    (job.id, job.status.value, request.model_dump_json(), client, job.created),
+                    "INSERT INTO jobs (id, status, queue_order, request, client, created, fingerprint) VALUES (?, ?, "
+                    "(SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?, ?)",
+                    (job.id, job.status.value, request.model_dump_json(), client, job.created, job.fingerprint),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return job
+        return job, False
+
+    def mark_answered(self, job_id: str) -> None:
+        self._execute("UPDATE jobs SET answered = 1 WHERE id = ?", job_id)
 
     def get(self, job_id: str) -> Job:
         rows = self._execute("SELECT * FROM jobs WHERE id = ?", job_id)

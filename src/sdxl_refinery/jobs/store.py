@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..request import GenerationRequest
@@ -29,6 +30,28 @@ class QueueFull(Exception):
 
 class JobNotFound(KeyError):
     """No job has this id."""
+
+
+@dataclass(frozen=True)
+class Dedup:
+    """When a new request is the same operation as an earlier job, and attaches to it instead of queueing.
+
+    Attributes:
+        fingerprint: who asked for what (a hash of the caller, and of the Idempotency-Key or the whole request).
+        window_seconds: how far back an earlier job counts.
+        unanswered_only: attach only to a job whose images no connected client has received yet (a retry
+            after a timeout), so that asking again on purpose renders again; False for an explicit
+            Idempotency-Key, which always means the same operation.
+    """
+
+    fingerprint: str
+    window_seconds: float
+    unanswered_only: bool
+
+    def accepts(self, job: Job, now: float) -> bool:
+        """Whether `job` is this operation's job: recent, not failed or cancelled, unanswered if required."""
+        usable = job.status in (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED)
+        return usable and job.created >= now - self.window_seconds and not (self.unanswered_only and job.answered)
 
 
 class JobStore(ABC):
@@ -64,6 +87,20 @@ class JobStore(ABC):
         Raises:
             QueueFull: `max_depth` jobs are already queued or running.
         """
+
+    @abstractmethod
+    def create_or_attach(
+        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup
+    ) -> tuple[Job, bool]:
+        """The job `dedup` accepts if there is one (and True), else a new queued job (and False), atomically.
+
+        Raises:
+            QueueFull: a new job was needed and `max_depth` jobs are already queued or running.
+        """
+
+    @abstractmethod
+    def mark_answered(self, job_id: str) -> None:
+        """A synchronous call delivered this finished job's images; later identical calls render anew."""
 
     @abstractmethod
     def get(self, job_id: str) -> Job:

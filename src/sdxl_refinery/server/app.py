@@ -33,7 +33,7 @@ from ..service import ImageService
 from .routes import a1111, jobs, openai, ops
 from .routes.openai import OPENAI_PATHS, openai_error, openai_param
 from .security import BodySizeLimit
-from .state import AppState
+from .state import AppState, IdempotencyConflict
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         if _is_openai(request):
             return openai_error(429, str(error), "requests", "rate_limit_exceeded", headers=headers)
         return JSONResponse({"detail": str(error)}, status_code=429, headers=headers)
+
+    @app.exception_handler(IdempotencyConflict)
+    async def idempotency_conflict(request: Request, error: IdempotencyConflict) -> JSONResponse:
+        if _is_openai(request):
+            return openai_error(409, str(error), "invalid_request_error", "idempotency_key_reused")
+        return JSONResponse({"detail": str(error)}, status_code=409)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:

@@ -11,7 +11,8 @@ from fastapi import Depends, HTTPException, Request, status
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-def _presented_key(header: str) -> str | None:
+def presented_key(header: str) -> str | None:
+    """The API key in an Authorization header: Bearer, or the password of HTTP Basic; None if neither."""
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer":
         return value.strip()
@@ -33,7 +34,7 @@ def require_api_key(request: Request) -> None:
     expected: str | None = request.app.state.refinery.settings.api_key
     if not expected:
         return
-    presented = _presented_key(request.headers.get("authorization", ""))
+    presented = presented_key(request.headers.get("authorization", ""))
     if presented is None or not secrets.compare_digest(presented.encode(), expected.encode()):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

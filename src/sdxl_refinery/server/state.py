@@ -13,11 +13,19 @@ from ..jobs.events import JobEvents
 from ..jobs.metrics import QueueMetrics
 from ..jobs.models import Job
 from ..jobs.storage import FolderStorage, ImageStorage
-from ..jobs.store import JobStore
+from ..jobs.store import Dedup, JobStore
 from ..jobs.worker import Worker
 from ..request import GenerationRequest, Limits, enforce_limits
 from ..service import ImageService
 from .signing import UrlSigner, load_or_create_key
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key that named one request arrived again with another."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"this Idempotency-Key was used for job {job_id} with a different request")
 
 
 @dataclass
@@ -45,15 +53,24 @@ class AppState:
         s = self.settings
         return Limits(s.max_width, s.max_height, s.max_steps, s.max_images)
 
-    def submit(self, request: GenerationRequest, client: str) -> Job:
-        """Check the server's limits, persist the job, wake the worker.
+    def submit(self, request: GenerationRequest, client: str, dedup: Dedup | None = None) -> Job:
+        """Check the server's limits, persist the job (or attach to the one `dedup` names), wake the worker.
 
         Raises:
             InvalidRequest: a field over this server's caps.
             QueueFull: the queue is at `max_queue`.
+            IdempotencyConflict: an Idempotency-Key reused for a different request.
         """
         enforce_limits(request, self.limits)
-        job = self.store.create(request, client, self.settings.max_queue)
+        if dedup is not None:
+            job, attached = self.store.create_or_attach(request, client, self.settings.max_queue, dedup)
+            if attached:
+                if job.request != request:
+                    raise IdempotencyConflict(job.id)
+                self.metrics.attached.labels("idempotency-key" if not dedup.unanswered_only else "retry").inc()
+                return job
+        else:
+            job = self.store.create(request, client, self.settings.max_queue)
         self.metrics.depth.set(self.store.depth())
         self.events.publish(job.id, "queued", {"position": self.store.position(job.id)})
         if self.worker is not None:

@@ -7,17 +7,19 @@ at that point. Unknown fields are accepted and ignored, as A1111 does.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ...errors import InvalidRequest
 from ...jobs.models import Job, JobStatus
 from ...request import REQUEST_FIELDS, GenerationRequest, Mode
+from ..dedup import dedup_for
 from ..security import Authorized
 from ..state import AppState, State
 
@@ -86,17 +88,20 @@ def a1111_info(job: Job) -> str:
 
 
 @router.post("/sdapi/v1/txt2img")
-async def txt2img(body: Txt2ImgRequest, state: State, _: Authorized) -> Any:
+async def txt2img(body: Txt2ImgRequest, state: State, http: Request, _: Authorized) -> Any:
     """Render and answer `{images, parameters, info}` when done, as A1111 does: no time limit unless set.
 
     A client that disconnects leaves its job running (A1111 clients stop one with `/interrupt`).
     """
-    job = state.submit(body.to_request(), client="a1111")
+    generation = body.to_request()
+    job = state.submit(generation, client="a1111", dedup=dedup_for(http, generation, "a1111", True))
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
     parameters = body.model_dump()
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
         names = job.result["images"] if body.send_images else []
         images = [base64.b64encode(state.storage.read(job.id, name)).decode() for name in names]
+        if not await http.is_disconnected():  # a retry of this call would render again
+            await asyncio.to_thread(state.store.mark_answered, job.id)
         return {"images": images, "parameters": parameters, "info": a1111_info(job)}
     if job.status is JobStatus.CANCELLED:
         info = json.dumps({"job_id": job.id, "status": job.status.value, "error": job.error})

@@ -16,6 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 from ...jobs.models import JobStatus
 from ...jobs.store import JobNotFound
 from ...request import MAX_SEED, GenerationRequest, request_schema
+from ..dedup import dedup_for
 from ..security import Authorized, SignedOrAuthorized
 from ..state import AppState, State
 
@@ -41,7 +42,7 @@ def schema(state: State, _: Authorized) -> dict[str, Any]:
 @router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED)
 def submit_job(body: GenerationRequest, state: State, request: Request, _: Authorized) -> JSONResponse:
     """Queue a generation; answers once the job is stored, with its id and queue position."""
-    job = state.submit(body, client="native")
+    job = state.submit(body, client="native", dedup=dedup_for(request, body, "native", retries_attach=False))
     view: dict[str, Any] = {"id": job.id, "status": job.status.value, "position": state.store.position(job.id),
             "url": str(request.url_for("get_job", job_id=job.id))}  # fmt: skip
     return JSONResponse(view, status_code=202, headers={"Location": view["url"]})

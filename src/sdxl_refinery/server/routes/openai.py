@@ -7,6 +7,7 @@ answer is a 504 whose error names the job id, so the client can poll
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import re
@@ -22,6 +23,7 @@ from ...errors import InvalidRequest
 from ...jobs.models import Job, JobStatus
 from ...jobs.storage import ImageStorage
 from ...request import HIGH_QUALITY_GUIDANCE, STANDARD_GUIDANCE, GenerationRequest
+from ..dedup import dedup_for
 from ..security import Authorized
 from ..state import State
 
@@ -118,11 +120,15 @@ def openai_error(
 @router.post("/v1/images/generations")
 async def generate(body: ImagesRequest, state: State, request: Request, _: Authorized) -> JSONResponse:
     """Render `n` images; answers `{created, data: [{b64_json | url, revised_prompt}]}` when done."""
-    job = state.submit(body.to_request(), client="openai")
+    generation = body.to_request()
+    job = state.submit(generation, client="openai", dedup=dedup_for(request, generation, "openai", True))
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
         url_of = functools.partial(state.image_url, str(request.base_url), job.id, signed=True)
-        return JSONResponse(openai_images(job, body, state.storage, url_of))
+        answer = JSONResponse(openai_images(job, body, state.storage, url_of))
+        if not await request.is_disconnected():  # a retry of this call would render again
+            await asyncio.to_thread(state.store.mark_answered, job.id)
+        return answer
     if job.status.terminal:
         return openai_error(500, f"job {job.id} {job.status.value}: {job.error}", "server_error", "job_failed",
                             job_id=job.id)  # fmt: skip
