@@ -22,7 +22,7 @@ from .fields import Faces, FieldSpec, field_table
 from .options import Precision, SpeedOptions, Toggle, validate_device, validate_precision, validate_toggle
 from .steps import plan_steps, require_both_stages
 
-MIN_SIZE = 256
+MIN_SIZE = 64  # A1111 accepts 64x64 (8x8 latents); SDXL is trained around 1024x1024
 MAX_SIZE = 4096
 MAX_STEPS = 500
 MAX_IMAGES = 16
@@ -156,6 +156,8 @@ def invalid_request_from(error: ValidationError) -> InvalidRequest:
         name, message = message.split(": ", 1)
     if first["type"] == "extra_forbidden":
         message = "is not a known field"
+    if name in ("width", "height"):
+        message += f"; sizes that work are multiples of 8 from {MIN_SIZE} to {MAX_SIZE}"
     return InvalidRequest(name, message)
 
 
@@ -183,8 +185,12 @@ def enforce_limits(request: GenerationRequest, limits: Limits) -> GenerationRequ
     for name, cap in limits.caps().items():
         value = getattr(request, name)
         if value > cap:
-            raise InvalidRequest(name, f"must be at most {cap} on this server, not {value}")
+            works = f"; sizes that work here are multiples of 8 from {MIN_SIZE} to {cap}" if name in _SIZES else ""
+            raise InvalidRequest(name, f"must be at most {cap} on this server, not {value}{works}")
     return request
+
+
+_SIZES = ("width", "height")
 
 
 def request_schema(limits: Limits) -> list[dict[str, Any]]:

@@ -70,7 +70,7 @@ def test_models_options_and_samplers(server: RunningServer) -> None:
     api = _api(server)
     models = api.get_sd_models()
     assert [model["filename"] for model in models] == ["tiny", "tiny"]
-    assert api.get_options()["sd_model_checkpoint"] == "tiny"
+    assert api.get_options()["sd_model_checkpoint"] == models[0]["title"] == api.util_get_current_model()
     assert [sampler["name"] for sampler in api.get_samplers()] == ["Euler"]
 
 

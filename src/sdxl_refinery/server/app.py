@@ -30,7 +30,7 @@ from ..jobs.store import JobStore, QueueFull
 from ..jobs.worker import Worker
 from ..png import check_writable_folder
 from ..service import ImageService
-from .routes import a1111, jobs, openai, ops
+from .routes import a1111, a1111_options, jobs, openai, ops
 from .routes.openai import OPENAI_PATHS, openai_error, openai_param
 from .security import BodySizeLimit
 from .state import AppState, IdempotencyConflict
@@ -169,7 +169,7 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
                   redoc_url=None, description=description)  # fmt: skip
     app.state.refinery = state
     _install_error_handlers(app)
-    for router in (ops.router, ops.docs_router, jobs.router, openai.router, a1111.router):
+    for router in (ops.router, ops.docs_router, jobs.router, openai.router, a1111.router, a1111_options.router):
         app.include_router(router)
     web = resources.files("sdxl_refinery.server").joinpath("web")
     if web.joinpath("index.html").is_file():

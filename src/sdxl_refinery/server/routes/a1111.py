@@ -58,6 +58,9 @@ class _Txt2ImgBase(BaseModel):
                   if spec.faces.a1111 and sent.get(spec.faces.a1111) is not None}  # fmt: skip
         if fields.get("seed", 0) < 0:  # A1111: -1 is a random seed
             del fields["seed"]
+        for side in ("width", "height"):  # A1111 makes floor(size / 8) * 8: its latents are an eighth of the size
+            if isinstance(fields.get(side), int):
+                fields[side] -= fields[side] % 8
         if self.n_iter > 1:
             fields["n"] = fields.get("n", GenerationRequest.default("n")) * self.n_iter
         if "switch_at" in fields:  # A1111's refiner_switch_at is SDXL's handoff
@@ -165,13 +168,6 @@ def sd_models(state: State, _: Authorized) -> list[dict[str, Any]]:
                      "model_name": described.get(role, reference.split("/")[-1]), "hash": short, "sha256": None,
                      "filename": reference, "config": None})  # fmt: skip
     return rows
-
-
-@router.get("/sdapi/v1/options")
-def options(state: State, _: Authorized) -> dict[str, Any]:
-    """The options A1111 clients read: which checkpoint and refiner are active."""
-    return {"sd_model_checkpoint": state.settings.base_model, "sd_checkpoint_hash": state.service.describe().get(
-        "base_hash"), "refiner_checkpoint": state.settings.refiner_model, "samples_format": "png"}  # fmt: skip
 
 
 @router.get("/sdapi/v1/samplers")
