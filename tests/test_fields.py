@@ -43,7 +43,7 @@ def test_every_cli_name_in_the_table_is_a_generate_option() -> None:
     for spec in REQUEST_FIELDS:
         if spec.faces.cli:
             assert set(spec.faces.cli.split("/")) <= flags, spec.name
-    assert "Range [256, 4096], multiple of 8. Default 1024." in " ".join(help_text.split())
+    assert "Range [64, 4096], multiple of 8. Default 1024." in " ".join(help_text.split())
 
 
 def test_every_a1111_name_is_an_optional_adapter_field_that_falls_to_the_request_default() -> None:
