@@ -41,6 +41,12 @@ def test_a1111s_own_txt2img_payloads_pass_as_written_on_the_tiny_pair(real_serve
             assert all(image.size == (payload["width"], payload["height"]) for image in images), variant
             info = json.loads(answer.json()["info"])
             assert (info["width"], info["height"], info["refined"]) == (payload["width"], payload["height"], True)
+            count = len(images)
+            assert len(info["all_seeds"]) == len(info["all_prompts"]) == len(info["infotexts"]) == count
+            assert (
+                info["infotexts"][0].startswith(payload["prompt"]) and f"Seed: {info['seed']}" in info["infotexts"][0]
+            )
+            assert info["sd_model_hash"] and len(info["job_timestamp"]) == 14
 
 
 def test_a1111s_own_options_and_listing_tests_pass(server: RunningServer) -> None:

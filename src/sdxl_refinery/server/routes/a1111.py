@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ...errors import InvalidRequest
 from ...jobs.models import Job, JobStatus
+from ...png import a1111_parameters
 from ...request import REQUEST_FIELDS, GenerationRequest, Mode
 from ..dedup import dedup_for
 from ..security import Authorized
@@ -76,17 +78,27 @@ Txt2ImgRequest = create_model("Txt2ImgRequest", __base__=_Txt2ImgBase, **_table_
 
 
 def a1111_info(job: Job) -> str:
-    """A finished job as A1111's `info` JSON text."""
+    """A finished job as A1111's `info` JSON text: A1111's keys (infotexts are the PNGs' `parameters`), then ours."""
     result = job.result or {}
     metadata = result.get("metadata", {})
+    models = metadata.get("models", {})
     seeds = result.get("seeds", [])
     request = job.request
+    count = len(seeds)
+    infotexts = [a1111_parameters(metadata, index) for index in range(count)] if "request" in metadata else []
+    started = time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created))
     return json.dumps({
-        "prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": seeds[0] if seeds else -1,
-        "all_seeds": seeds, "steps": request.num_inference_steps, "cfg_scale": request.guidance_scale,
-        "width": request.width, "height": request.height, "sampler_name": SAMPLER,
-        "sd_model_name": metadata.get("models", {}).get("base"), "refiner_steps": metadata.get("refiner_steps"),
-        "refined": metadata.get("refined"), "job_id": job.id,
+        "prompt": request.prompt, "all_prompts": [request.prompt] * count, "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * count, "seed": seeds[0] if seeds else -1,
+        "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * count, "subseed_strength": 0,
+        "width": request.width, "height": request.height, "sampler_name": SAMPLER, "cfg_scale": request.guidance_scale,
+        "steps": request.num_inference_steps, "batch_size": request.n, "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": models.get("base"), "sd_model_hash": models.get("base_hash"),
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": 0, "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
+        "styles": [], "job_timestamp": started, "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "version": "refinery", "refiner_checkpoint": models.get("refiner"), "refiner_steps": metadata.get(
+            "refiner_steps"), "refined": metadata.get("refined"), "job_id": job.id,
     })  # fmt: skip
 
 
