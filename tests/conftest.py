@@ -23,12 +23,18 @@ def _one_core_per_test_worker() -> None:
     """Under pytest-xdist, pin each test process (and what it starts) to a core of its own.
 
     The engine uses one torch thread per usable CPU; two test processes each using both cores
-    oversubscribe them, and spinning OpenMP threads make every step several times slower.
+    oversubscribe them, and spinning OpenMP threads make every step several times slower. Code that
+    drives torch outside the engine (hand-driven diffusers, the benchmarks' baselines) gets one
+    thread too: torch's own default counts the machine's cores, not the process's.
     """
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
     if worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+        os.environ["OMP_NUM_THREADS"] = "1"  # the processes the tests start
+        import torch
+
+        torch.set_num_threads(1)
 
 
 _one_core_per_test_worker()
