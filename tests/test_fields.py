@@ -80,3 +80,14 @@ def test_the_schema_applies_the_servers_caps() -> None:
     assert fields["width"]["maximum"] == 2048 and fields["n"]["maximum"] == 3 and fields["height"]["maximum"] == 4096
     assert fields["guidance_scale"]["default"] == GenerationRequest.default("guidance_scale")
     assert fields["mode"]["choices"] == ["sequential", "handoff"] and fields["mode"]["default"] == "sequential"
+
+
+def test_every_generate_option_has_help_text() -> None:
+    import typer
+
+    from sdxl_refinery.cli import app
+
+    generate = typer.main.get_command(app).commands["generate"]  # type: ignore[attr-defined]
+    options = [param for param in generate.params if param.param_type_name == "option"]
+    assert len(options) > 20
+    assert [param.name for param in options if not getattr(param, "help", None)] == []

@@ -89,3 +89,18 @@ def test_parameters_text_reads_back_through_the_table(fields: dict[str, object])
     assert again == request
     labelled = {spec.name for spec in REQUEST_FIELDS if spec.faces.label} - request.inactive_fields()
     assert written == labelled
+
+
+def test_pngs_follow_the_umask_like_any_new_file(tmp_path: Path) -> None:
+    """mkstemp creates 0600; an image is meant to be shared, so it gets what open() would give it."""
+    metadata = {"request": GenerationRequest(prompt="x").model_dump(mode="json"), "seeds": [1], "base_steps": 1,
+                "refiner_steps": 1, "refined": True, "precision": "fp32", "device": "cpu"}  # fmt: skip
+    previous = os.umask(0o022)
+    try:
+        shared = write_png(Image.new("RGB", (8, 8)), tmp_path / "shared.png", metadata)
+        os.umask(0o077)
+        private = write_png(Image.new("RGB", (8, 8)), tmp_path / "private.png", metadata)
+    finally:
+        os.umask(previous)
+    assert shared.stat().st_mode & 0o777 == 0o644
+    assert private.stat().st_mode & 0o777 == 0o600

@@ -124,6 +124,7 @@ def write_png(image: Image.Image, path: Path, metadata: dict[str, Any], index: i
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.chmod(temporary, 0o666 & ~_umask())  # an image is meant to be shared: as open() would create it
         with os.fdopen(handle, "wb") as stream:
             image.save(stream, format="PNG", pnginfo=info)
             stream.flush()
@@ -136,6 +137,19 @@ def write_png(image: Image.Image, path: Path, metadata: dict[str, Any], index: i
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask would set it for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o077)  # elsewhere: set a strict mask for the instant it takes to read it
+    os.umask(current)
+    return current
 
 
 def check_writable_folder(path: Path) -> None:
