@@ -35,9 +35,10 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
         index: which image of the batch the text describes (picks its seed).
     """
     request = {**metadata["request"], "seed": metadata["seeds"][index]}
-    inactive = GenerationRequest(**metadata["request"]).inactive_fields()
-    if not metadata["refined"]:
-        inactive |= GenerationRequest(**{**metadata["request"], "use_refinement": False}).inactive_fields()
+    recipe = GenerationRequest(**metadata["request"])
+    # Not refined (disabled, or stage 2 failed): the refiner's fields had no effect on this image.
+    as_run = recipe.model_copy(update={"use_refinement": recipe.use_refinement and metadata["refined"]})
+    inactive = as_run.inactive_fields()
     models = metadata.get("models", {})
     labelled: dict[str, list[str]] = {}
     for spec in REQUEST_FIELDS:

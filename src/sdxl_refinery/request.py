@@ -19,7 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import Cancelled, InvalidRequest
 from .fields import Faces, FieldSpec, field_table
-from .options import Precision, SpeedOptions, Toggle, validate_device, validate_precision, validate_toggle
+
+# The run options live on the ground floor (options.py); re-exported here for the library's users.
+from .options import Precision as Precision
+from .options import SpeedOptions as SpeedOptions
+from .options import Toggle as Toggle
+from .options import validate_device as validate_device
+from .options import validate_precision as validate_precision
+from .options import validate_toggle as validate_toggle
 from .steps import plan_steps, require_both_stages
 
 MIN_SIZE = 64  # A1111 accepts 64x64 (8x8 latents); SDXL is trained around 1024x1024
@@ -138,11 +145,6 @@ class GenerationRequest(BaseModel):
 
 
 REQUEST_FIELDS: list[FieldSpec] = field_table(GenerationRequest)
-
-
-__all__ = [  # the run options live on the ground floor (options.py); re-exported for the faces' convenience
-    "Precision", "SpeedOptions", "Toggle", "validate_device", "validate_precision", "validate_toggle",
-]  # fmt: skip
 
 
 def invalid_request_from(error: ValidationError) -> InvalidRequest:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..request import CancelToken, GenerationRequest, Precision, ProgressCallback, SpeedOptions
+from ..options import Precision, SpeedOptions
+from ..request import CancelToken, GenerationRequest, ProgressCallback
 from .device import Placement, choose_placement
 from .loader import LoadedPair, load_pair, pair_modules, place_pair
 from .memory import initial_plan, module_bytes

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..request import Precision, validate_device, validate_precision
+from ..options import Precision, validate_device, validate_precision
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..request import SpeedOptions, Toggle
+from ..options import SpeedOptions, Toggle
 from .device import Placement
 
 log = logging.getLogger(__name__)

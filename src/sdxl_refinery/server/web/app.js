@@ -130,15 +130,14 @@ function applySchema(schema) {
     let input = form.elements[field.name];
     if (!input) input = generatedInput(field);
     if (field.type === "int" || field.type === "float") {
+      // An exclusive bound is still the nearest limit the browser can show; the server refuses the bound itself.
       const low = field.minimum ?? field.exclusive_minimum;
       const high = field.maximum ?? field.exclusive_maximum;
-      if (field.minimum !== null) input.min = field.minimum;
-      if (field.maximum !== null) input.max = field.maximum;
+      if (low !== null) input.min = low;
+      if (high !== null) input.max = high;
       if (field.multiple_of) input.step = field.multiple_of;
       else if (field.type === "int") input.step = 1;
       else if (!input.getAttribute("step")) input.step = "any";
-      if (field.exclusive_minimum !== null && !input.min) input.min = low;
-      if (field.exclusive_maximum !== null && !input.max) input.max = high;
     }
     input.title = field.description;
     setField(input, field, field.default);
