@@ -1,8 +1,9 @@
 """A fake engine for tests whose subject is the server or the queue, not diffusion.
 
 It runs the request's real step plan (`plan_steps`), reports every step, honours
-cancellation at every step as the real engine does (report, then check), and
-returns deterministic images: the same seed and prompt give the same pixels.
+cancellation and interrupts at every step as the real engine does (report, then
+check; an interrupt keeps the images and skips the rest), and returns
+deterministic images: the same seed and prompt give the same pixels.
 `pause_at(step)` holds a run after that base step until `resume()` or a cancel,
 so tests wait on an event instead of guessing how long a job takes.
 """
@@ -58,7 +59,7 @@ class FakeEngine:
         self.paused.set()
         try:
             while not self._resume.wait(0.01):
-                if cancel is not None and cancel.cancelled:
+                if cancel is not None and (cancel.cancelled or cancel.interrupted):
                     return
         finally:
             self.paused.clear()
@@ -76,18 +77,24 @@ class FakeEngine:
         started = time.perf_counter()
         if self._pause_at == 0:
             self._hold(cancel)
+        executed = {stage: 0 for stage in plan.totals}
         for stage, total in plan.totals.items():
             for step in range(1, total + 1):
+                if cancel is not None and cancel.interrupted:
+                    break
                 preview = _image(request, seeds[0], 64) if preview_every and step % preview_every == 0 else None
                 if on_progress is not None:
                     on_progress(Progress(stage, step, total, time.perf_counter() - started, 0.0, preview))
+                executed[stage] = step
                 if stage == 1 and step == self._pause_at:
                     self._hold(cancel)
                 if cancel is not None:
                     cancel.raise_if_cancelled()
+        interrupted = cancel is not None and cancel.interrupted
         images = [_image(request, seed) for seed in seeds]
         timings = {"base": 0.0, "refiner": 0.0, "decode": 0.0, "total": time.perf_counter() - started}
-        return EngineOutput(images, plan.base_steps, plan.refiner_steps, request.use_refinement, None, timings)
+        refined = request.use_refinement and not interrupted
+        return EngineOutput(images, executed[1], executed.get(2, 0), refined, None, timings, interrupted=interrupted)
 
 
 def _image(request: GenerationRequest, seed: int, size: int | None = None) -> Image.Image:

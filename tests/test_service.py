@@ -108,6 +108,30 @@ async def test_cancel_stops_within_one_step_and_writes_nothing(service: ImageSer
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("stage", "step", "executed"), [(1, 5, (5, 0)), (2, 3, (50, 3))])
+async def test_interrupt_keeps_the_image_as_it_stands(
+    service: ImageService, tmp_path: Path, stage: int, step: int, executed: tuple[int, int]
+) -> None:
+    token = CancelToken()
+    seen: list[Progress] = []
+
+    def interrupt_there(progress: Progress) -> None:
+        seen.append(progress)
+        if (progress.stage, progress.step) == (stage, step):
+            token.interrupt()
+
+    result = await service.generate(
+        GenerationRequest(prompt="x", seed=1, **SMALL),
+        output_path=tmp_path / "a.png",
+        on_progress=interrupt_there,
+        cancel=token,
+    )
+    assert len(seen) == sum(executed)  # stopped within one step, the refiner skipped if not reached
+    assert (result.interrupted, result.refined, (result.base_steps, result.refiner_steps)) == (True, False, executed)
+    assert result.images[0].size == (256, 256) and np.asarray(result.images[0]).std() > 0
+    assert read_metadata(tmp_path / "a.png")["interrupted"] is True
+
+
 async def test_cancelling_the_awaiting_task_stops_the_run(service: ImageService) -> None:
     steps: list[Progress] = []
     task = asyncio.create_task(

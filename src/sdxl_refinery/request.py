@@ -239,17 +239,31 @@ ProgressCallback = Callable[[Progress], None]
 
 
 class CancelToken:
-    """A flag a run checks at every step; thread-safe, set from any thread."""
+    """Flags a run checks at every step; thread-safe, set from any thread.
+
+    `cancel()` stops the run and discards it (`Cancelled` is raised); `interrupt()`
+    stops it too but keeps what was made: the images are decoded from the
+    latents as they stand (A1111's `/interrupt`).
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._interrupt = threading.Event()
 
     def cancel(self) -> None:
         self._event.set()
 
+    def interrupt(self) -> None:
+        """Stop within one step and keep the images as they stand (the refiner is skipped if not reached)."""
+        self._interrupt.set()
+
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
 
     def raise_if_cancelled(self) -> None:
         """Raises: Cancelled: once `cancel()` was called."""
@@ -278,6 +292,8 @@ class GenerationResult:
         memory_plan: how memory was used (`resident` unless an out-of-memory error forced a lighter plan).
         recoveries: faults survived on the way (NaN retried in fp32, lighter memory plans), in words.
         optimizations: speed options in effect, read from the models (`threads=2`, `compiled`, ...).
+        interrupted: the run was interrupted (`CancelToken.interrupt`): the images are the latents as they
+            stood, after `base_steps` + `refiner_steps` steps.
     """
 
     images: list[Image.Image]
@@ -296,6 +312,7 @@ class GenerationResult:
     memory_plan: str = "resident"
     recoveries: list[str] = field(default_factory=list)
     optimizations: list[str] = field(default_factory=list)
+    interrupted: bool = False
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the pixels, as plain JSON-able data."""
@@ -314,4 +331,5 @@ class GenerationResult:
             "memory_plan": self.memory_plan,
             "recoveries": list(self.recoveries),
             "optimizations": list(self.optimizations),
+            "interrupted": self.interrupted,
         }

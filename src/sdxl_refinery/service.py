@@ -221,6 +221,7 @@ class ImageService:
             memory_plan=output.memory_plan,
             recoveries=output.recoveries,
             optimizations=engine.optimizations,
+            interrupted=output.interrupted,
         )
         if output_path is not None:
             cancel.raise_if_cancelled()

@@ -162,6 +162,18 @@ def test_cancel_across_processes(cluster: tuple[RunningServer, Workers]) -> None
         server.wait_for(other, {"cancelled"})
 
 
+def test_a1111_interrupt_across_processes_keeps_the_image(cluster: tuple[RunningServer, Workers]) -> None:
+    server, _ = cluster
+    job_id = _submit(server, steps=500)
+    poll(lambda: server.job(job_id)["progress"]["step"] >= 3, "the job to reach step 3")
+    assert server.client.post("/sdapi/v1/interrupt").json() == {"interrupted": job_id}
+    job = server.wait_for(job_id, {"succeeded"})
+    metadata = job["result"]["metadata"]
+    assert metadata["interrupted"] is True and 3 <= metadata["base_steps"] < 500 and metadata["refined"] is False
+    image = server.client.get(f"/v1/images/{job_id}/{job['result']['images'][0]}")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+
+
 def test_sse_progress_and_previews_travel_through_redis(cluster: tuple[RunningServer, Workers]) -> None:
     server, _ = cluster
     job_id = _submit(server, steps=12)

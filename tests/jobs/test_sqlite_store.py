@@ -77,6 +77,26 @@ def test_cancel_queued_now_and_running_by_flag(store: SQLiteJobStore) -> None:
     assert store.get(running.id).status is JobStatus.CANCELLED
 
 
+def test_interrupt_flags_only_the_running_job(store: SQLiteJobStore) -> None:
+    running, queued = store.create(REQUEST, "a1111"), store.create(REQUEST, "a1111")
+    store.claim_next("w")
+    assert not store.interrupt(queued.id).interrupt_requested and not store.interrupt_requested(queued.id)
+    flagged = store.interrupt(running.id)
+    assert flagged.status is JobStatus.RUNNING and flagged.interrupt_requested and not flagged.cancel_requested
+    assert store.interrupt_requested(running.id) and not store.cancel_requested(running.id)
+    with pytest.raises(JobNotFound):
+        store.interrupt("0" * 32)
+
+
+def test_an_interrupt_asked_before_a_crash_ends_the_job_on_recovery(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    job = store.create(REQUEST, "a1111")
+    store.claim_next("w")
+    store.interrupt(job.id)
+    assert store.recover() == [job.id]
+    assert store.get(job.id).status is JobStatus.CANCELLED  # its partial image died with the process
+
+
 def test_a_cancel_asked_before_a_crash_is_honoured_on_recovery(tmp_path: Path) -> None:
     store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
     job = store.create(REQUEST, "native")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 from typing import Any
 
@@ -45,7 +46,7 @@ def test_refiner_switch_at_selects_handoff_and_unknown_fields_are_ignored(server
     assert job["result"]["metadata"]["base_steps"] == 7
 
 
-def test_progress_shows_step_and_preview_and_interrupt_stops(
+def test_progress_shows_step_and_preview_and_interrupt_keeps_the_image(
     server_factory: ServerFactory, fake_engine: FakeEngine
 ) -> None:
     with server_factory(preview_every=1) as server:
@@ -61,9 +62,41 @@ def test_progress_shows_step_and_preview_and_interrupt_stops(
         assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).format == "PNG"
         assert server.client.post("/sdapi/v1/interrupt").json()["interrupted"]
         worker.join(timeout=patience(60))
-        assert '"status": "cancelled"' in outcome["info"]
+        assert len(outcome["images"]) == 1  # as A1111 does: the image as it stood
+        info = json.loads(outcome["info"])
+        assert info["interrupted"] is True and info["refined"] is False
+        job = server.client.get(f"/v1/jobs/{info['job_id']}").json()
+        assert job["status"] == "succeeded" and job["result"]["metadata"]["base_steps"] == 1
         idle = server.client.get("/sdapi/v1/progress").json()
         assert idle["progress"] == 0.0 and idle["current_image"] is None
+
+
+@pytest.mark.parametrize("route", ["/sdapi/v1/skip", "/sdapi/v1/interrupt"])
+def test_skip_and_interrupt_leave_queued_jobs_alone(server: RunningServer, fake_engine: FakeEngine, route: str) -> None:
+    fake_engine.pause_at(2)
+    first = server.client.post("/v1/jobs", json={"prompt": "first", "num_inference_steps": 4}).json()["id"]
+    second = server.client.post("/v1/jobs", json={"prompt": "second", "num_inference_steps": 4}).json()["id"]
+    assert fake_engine.paused.wait(patience(60))
+    assert server.client.post(route).json() == {"interrupted": first}
+    stopped = server.wait_for(first, {"succeeded"})
+    assert stopped["result"]["metadata"]["interrupted"] is True and stopped["result"]["images"] == ["image.png"]
+    fake_engine.resume()  # the second job runs to its end
+    finished = server.wait_for(second, {"succeeded"})
+    assert finished["result"]["metadata"]["interrupted"] is False
+    assert finished["result"]["metadata"]["base_steps"] == 4
+
+
+def test_the_native_cancel_still_discards_an_a1111_job(server: RunningServer, fake_engine: FakeEngine) -> None:
+    fake_engine.pause_at(1)
+    outcome: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: outcome.update(server.client.post("/sdapi/v1/txt2img", json={
+        "prompt": "x", "steps": 4}).json()))  # fmt: skip
+    caller.start()
+    assert fake_engine.paused.wait(patience(60))
+    job_id = server.client.get("/v1/jobs").json()["items"][0]["id"]
+    assert server.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    caller.join(timeout=patience(60))
+    assert outcome["images"] == [] and json.loads(outcome["info"])["status"] == "cancelled"
 
 
 def test_models_options_and_samplers(server: RunningServer) -> None:

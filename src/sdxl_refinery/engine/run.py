@@ -41,6 +41,7 @@ class EngineOutput:
     memory_plan: str = "resident"
     recoveries: list[str] = field(default_factory=list)
     decode_tiled: bool = False  # tiled for this run only, because a whole decode did not fit
+    interrupted: bool = False  # stopped early by CancelToken.interrupt: the latents as they stood
 
 
 class NonFinite(Exception):
@@ -190,12 +191,15 @@ class TwoStageRunner:
             refined, refinement_error = False, None
             if not request.use_refinement:
                 log.info("   Refinement: DISABLED (use_refinement=False): stage 2 skipped")
+            elif tracker.interrupted:
+                log.info("   Interrupted after %d base steps: stage 2 skipped, keeping the image as it stands",
+                         tracker.executed[1])  # fmt: skip
             else:
                 try:
                     latents_2 = self._run_refiner(request, plan, latents, generators, tracker, timings)
                     if not all_finite(latents_2):
                         raise NonFinite("NaN/Inf in the refiner stage's latents")
-                    latents, refined = latents_2, True
+                    latents, refined = latents_2, not tracker.interrupted
                 except Cancelled:
                     raise
                 except Exception as error:  # refiner faults fall back to the base image, reported, never silent
@@ -215,11 +219,12 @@ class TwoStageRunner:
         return EngineOutput(
             images=images,
             base_steps=tracker.executed[1],
-            refiner_steps=tracker.executed.get(2, 0) if refined else 0,
+            refiner_steps=tracker.executed.get(2, 0) if refined or tracker.interrupted else 0,
             refined=refined,
             refinement_error=refinement_error,
             timings=timings,
             decode_tiled=decode_tiled,
+            interrupted=tracker.interrupted,
         )
 
     @contextlib.contextmanager

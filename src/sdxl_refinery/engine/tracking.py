@@ -2,7 +2,9 @@
 
 A `StepTracker` is handed to diffusers as `callback_on_step_end`. It counts the
 steps each stage really executes, raises `Cancelled` at the first step after a
-cancellation, and reports progress with an ETA over both stages.
+cancellation, stops the pipeline's loop at the first step after an interrupt
+(diffusers' own `_interrupt` flag: the stage returns its latents as they stand),
+and reports progress with an ETA over both stages.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class StepTracker:
         if self._cancel is not None:
             self._cancel.raise_if_cancelled()
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether the run was asked to stop and keep what it has."""
+        return self._cancel is not None and self._cancel.interrupted
+
     def _eta(self, now: float) -> float:
         done = self.executed[self._stage]
         per_step = (now - self._stage_started) / max(done, 1)
@@ -64,7 +71,7 @@ class StepTracker:
         return max(remaining, 0) * per_step
 
     def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        """diffusers' `callback_on_step_end` hook: count, report, maybe cancel."""
+        """diffusers' `callback_on_step_end` hook: count, report, maybe cancel or interrupt."""
         self.executed[self._stage] += 1
         now = time.perf_counter()
         if self._on_progress is not None:
@@ -77,4 +84,6 @@ class StepTracker:
                 Progress(self._stage, done, self.planned[self._stage], now - self._started, self._eta(now), preview)
             )
         self.check_cancelled()
+        if self.interrupted:
+            pipe._interrupt = True  # the pipeline skips its remaining steps and returns the latents
         return {}

@@ -80,6 +80,7 @@ class CeleryJobStore(JobStore):
             error=record.get("error"),
             attempts=record.get("attempts", 0),
             cancel_requested=bool(record.get("cancel_requested")),
+            interrupt_requested=bool(record.get("interrupt_requested")),
             worker=record.get("worker"),
             client=record.get("client"),
             fingerprint=record.get("fingerprint"),
@@ -170,6 +171,9 @@ class CeleryJobStore(JobStore):
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(f"{PREFIX}cancel:{job_id}"))
 
+    def interrupt_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(f"{PREFIX}interrupt:{job_id}"))
+
     def update_progress(self, job_id: str, progress: JobProgress) -> None:
         self._move(job_id, "running", JobStatus.RUNNING, {"progress": json.dumps(progress.__dict__)})
 
@@ -189,6 +193,11 @@ class CeleryJobStore(JobStore):
         self._move(job_id, "queued", JobStatus.CANCELLED, {"finished": time.time(), "error": "cancelled by request",
                                                           "cancel_requested": True})  # fmt: skip
         self._move(job_id, "running", JobStatus.RUNNING, {"cancel_requested": True})
+        return self.get(job_id)
+
+    def interrupt(self, job_id: str) -> Job:
+        if self._move(job_id, "running", JobStatus.RUNNING, {"interrupt_requested": True}) is not None:
+            self.redis.set(f"{PREFIX}interrupt:{job_id}", 1, ex=7 * 24 * 3600)
         return self.get(job_id)
 
     def requeue(self, job_id: str) -> None:

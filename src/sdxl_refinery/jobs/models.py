@@ -60,6 +60,7 @@ class Job:
     error: str | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    interrupt_requested: bool = False  # stop within one step and keep the image as it stands (A1111 /interrupt)
     worker: str | None = None
     client: str | None = None  # which API accepted it: native, openai, a1111, web
     fingerprint: str | None = None  # who asked for what (see store.Dedup): retries attach to this job

@@ -64,10 +64,16 @@ def _retry_attachment(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS jobs_fingerprint ON jobs (fingerprint, seq)")
 
 
+def _interrupt_flag(db: sqlite3.Connection) -> None:
+    # A1111's /interrupt stops a job and keeps its image: a flag apart from cancel, which discards it.
+    db.execute("ALTER TABLE jobs ADD COLUMN interrupt_requested INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs table and queue index", _jobs_table),
     Migration(2, "index for listing jobs of one status newest first", _listing_index),
     Migration(3, "fingerprint and answered flag, so that retries attach to their job", _retry_attachment),
+    Migration(4, "interrupt flag: stop a running job and keep its image", _interrupt_flag),
 )
 LATEST = MIGRATIONS[-1].version
 

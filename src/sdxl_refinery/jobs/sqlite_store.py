@@ -65,6 +65,7 @@ class SQLiteJobStore(JobStore):
             error=row["error"],
             attempts=row["attempts"],
             cancel_requested=bool(row["cancel_requested"]),
+            interrupt_requested=bool(row["interrupt_requested"]),
             worker=row["worker"],
             client=row["client"],
             fingerprint=row["fingerprint"],
@@ -152,6 +153,10 @@ class SQLiteJobStore(JobStore):
         rows = self._execute("SELECT cancel_requested FROM jobs WHERE id = ?", job_id)
         return bool(rows and rows[0][0])
 
+    def interrupt_requested(self, job_id: str) -> bool:
+        rows = self._execute("SELECT interrupt_requested FROM jobs WHERE id = ?", job_id)
+        return bool(rows and rows[0][0])
+
     def update_progress(self, job_id: str, progress: JobProgress) -> None:
         self._execute(
             "UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'", json.dumps(progress.__dict__), job_id
@@ -181,6 +186,10 @@ class SQLiteJobStore(JobStore):
         self._execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", job_id)
         return self.get(job_id)
 
+    def interrupt(self, job_id: str) -> Job:
+        self._execute("UPDATE jobs SET interrupt_requested = 1 WHERE id = ? AND status = 'running'", job_id)
+        return self.get(job_id)
+
     def _head_of_queue(self) -> float:
         (lowest,) = self._execute("SELECT COALESCE(MIN(queue_order), 1) FROM jobs WHERE status = 'queued'")[0]
         return float(lowest) - 1
@@ -193,10 +202,12 @@ class SQLiteJobStore(JobStore):
 
     def recover(self) -> builtins.list[str]:
         """At start: jobs left running by a dead process go back to the head of the queue (or to
-        cancelled, if a cancel was asked). Returns their ids."""
-        rows = self._execute("SELECT id, cancel_requested FROM jobs WHERE status = 'running' ORDER BY queue_order")
+        cancelled, if a cancel or an interrupt was asked: its partial image died with the process).
+        Returns their ids."""
+        rows = self._execute("SELECT id, cancel_requested, interrupt_requested FROM jobs WHERE status = 'running' "
+                             "ORDER BY queue_order")  # fmt: skip
         for row in reversed(rows):
-            if row["cancel_requested"]:
+            if row["cancel_requested"] or row["interrupt_requested"]:
                 self.mark_cancelled(row["id"])
             else:
                 self.requeue(row["id"])

@@ -123,6 +123,10 @@ class JobStore(ABC):
         """Whether someone asked to cancel the job (checked by workers every step)."""
 
     @abstractmethod
+    def interrupt_requested(self, job_id: str) -> bool:
+        """Whether someone asked to interrupt the running job, keeping its image (checked by workers every step)."""
+
+    @abstractmethod
     def update_progress(self, job_id: str, progress: JobProgress) -> None: ...
 
     @abstractmethod
@@ -138,6 +142,15 @@ class JobStore(ABC):
     @abstractmethod
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job at once, or flag a running one; terminal jobs are left as they are.
+
+        Raises:
+            JobNotFound.
+        """
+
+    @abstractmethod
+    def interrupt(self, job_id: str) -> Job:
+        """Flag a running job to stop within one step and finish with its image as it stands (A1111's
+        `/interrupt`); queued and finished jobs are left as they are.
 
         Raises:
             JobNotFound.

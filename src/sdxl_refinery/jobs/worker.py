@@ -27,7 +27,7 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress rows written to the store
-CANCEL_POLL_INTERVAL = 0.25  # seconds between checks of the store's cancel flag (other processes' cancels)
+CANCEL_POLL_INTERVAL = 0.25  # seconds between checks of the store's cancel and interrupt flags (other processes')
 
 
 class EventSink(Protocol):
@@ -87,6 +87,8 @@ class _JobReporter:
             self._last_poll = now
             if self.store.cancel_requested(self.job.id):
                 self.token.cancel()  # the engine stops at the end of this step
+            elif self.store.interrupt_requested(self.job.id):
+                self.token.interrupt()  # the engine stops at the end of this step and keeps the image
 
     def flush(self) -> None:
         """Store the latest progress if the write interval held it back (so a stopped job shows where it stopped)."""
@@ -106,7 +108,7 @@ class Worker:
         metrics: Prometheus metrics, or None.
         preview_every: a live preview every this many steps (0: none).
         name: this worker's name in job records.
-        poll_cancel: check the store's cancel flag every step (when cancels come from other processes).
+        poll_cancel: check the store's cancel and interrupt flags every step (when they come from other processes).
     """
 
     def __init__(
@@ -139,6 +141,13 @@ class Worker:
         """Stop the job if it is the one running here; True if it was."""
         if self.current is not None and self.current[0] == job_id:
             self.current[1].cancel()
+            return True
+        return False
+
+    def interrupt(self, job_id: str) -> bool:
+        """Stop the job within one step, keeping its image, if it is the one running here; True if it was."""
+        if self.current is not None and self.current[0] == job_id:
+            self.current[1].interrupt()
             return True
         return False
 

@@ -90,6 +90,17 @@ class AppState:
             self.events.publish(job_id, "done", {"status": job.status.value, "error": job.error})
         return job
 
+    def interrupt(self, job_id: str) -> Job:
+        """Stop a running job within one step and keep its image as it stands; other jobs are left as they are.
+
+        Raises:
+            JobNotFound.
+        """
+        job = self.store.interrupt(job_id)
+        if self.worker is not None and job.interrupt_requested:
+            self.worker.interrupt(job_id)
+        return job
+
     async def wait(self, job_id: str, timeout: float | None) -> Job:
         """The job once it is terminal, or as it is when `timeout` seconds have passed (None: no limit)."""
         queue = self.events.subscribe(job_id)

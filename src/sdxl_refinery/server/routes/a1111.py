@@ -98,7 +98,8 @@ def a1111_info(job: Job) -> str:
         "denoising_strength": 0, "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
         "styles": [], "job_timestamp": started, "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "version": "refinery", "refiner_checkpoint": models.get("refiner"), "refiner_steps": metadata.get(
-            "refiner_steps"), "refined": metadata.get("refined"), "job_id": job.id,
+            "refiner_steps"), "refined": metadata.get("refined"), "interrupted": metadata.get("interrupted", False),
+        "job_id": job.id,
     })  # fmt: skip
 
 
@@ -154,18 +155,29 @@ def progress(state: State, _: Authorized, skip_current_image: bool = False) -> d
         "current_image": base64.b64encode(preview).decode() if preview else None,
         "textinfo": f"{stage} step {job.progress.step}/{job.progress.total}",
         "state": {"job": job.id, "job_count": queued + 1, "job_no": 0, "sampling_step": job.progress.step,
-                  "sampling_steps": job.progress.total, "interrupted": job.cancel_requested, "skipped": False,
+                  "sampling_steps": job.progress.total, "interrupted": job.interrupt_requested or job.cancel_requested,
+                  "skipped": False,
                   "job_timestamp": str(int(job.started or 0))},
     }  # fmt: skip
 
 
 @router.post("/sdapi/v1/interrupt")
 def interrupt(state: State, _: Authorized) -> dict[str, Any]:
-    """Stop the running job within one step."""
+    """Stop the running job within one step; its caller gets the image as it stands, `info` says interrupted.
+
+    Queued jobs are left as they are, as in A1111 (the native `POST /v1/jobs/{id}/cancel` discards instead).
+    """
     job = _running(state)
     if job is not None:
-        state.cancel(job.id)
+        state.interrupt(job.id)
     return {"interrupted": job.id if job else None}
+
+
+@router.post("/sdapi/v1/skip")
+def skip(state: State, _: Authorized) -> dict[str, Any]:
+    """A1111's skip ends the current batch iteration and goes on to the next. Refinery renders all of a
+    request's images as one batch, so there is no next iteration: skip is `/interrupt` (the image as it stands)."""
+    return interrupt(state, _)
 
 
 @router.get("/sdapi/v1/sd-models")
