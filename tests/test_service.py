@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sdxl_refinery import Cancelled, CancelToken, GenerationRequest, ImageService, InvalidRequest, Progress
 from sdxl_refinery.png import read_metadata
@@ -286,3 +287,17 @@ def test_models_come_from_arguments_then_environment_then_sdxl(monkeypatch: pyte
     assert ImageService("my/base", "my/refiner").base_model == "my/base"
     for service in (default,):
         service.close()
+
+
+async def test_clip_skip_changes_the_image_and_a_deeper_one_than_the_encoders_is_refused(
+    service: ImageService, tmp_path: Path
+) -> None:
+    plain = GenerationRequest(prompt="a lighthouse", num_inference_steps=3, refiner_steps=2, seed=3, **SMALL)
+    skipped = plain.model_copy(update={"clip_skip": 2})
+    first = await service.generate(plain)
+    second = await service.generate(skipped, output_path=tmp_path / "skip.png")
+    assert not np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+    assert "Clip skip: 2" in Image.open(tmp_path / "skip.png").text["parameters"]
+    with pytest.raises(InvalidRequest) as caught:
+        await service.generate(plain.model_copy(update={"clip_skip": 4}))  # the tiny encoders have 3 layers
+    assert caught.value.field == "clip_skip" and "at most 3" in caught.value.rule

@@ -29,6 +29,9 @@ class Faces:
         cli: the command line flag, e.g. `--steps` (a bool gets `--flag/--no-flag`).
         cli_short: an optional one-letter alias, e.g. `-n`.
         a1111: the field's name in A1111's txt2img API.
+        a1111_option: the A1111 option (settings key) that also sets it, e.g. `CLIP_stop_at_last_layers`:
+            read from the options clients store (`POST /sdapi/v1/options`) and from a request's
+            `override_settings`; the body field, when sent, wins.
         label: its label in A1111's PNG `parameters` text (fields sharing a label are joined by `x`).
         web: whether the web page offers it.
     """
@@ -36,6 +39,7 @@ class Faces:
     cli: str | None = None
     cli_short: str | None = None
     a1111: str | None = None
+    a1111_option: str | None = None
     label: str | None = None
     web: bool = True
 
@@ -97,7 +101,8 @@ class FieldSpec:
             "default": default, "description": self.description, "minimum": self.minimum, "maximum": self.maximum,
             "exclusive_minimum": self.exclusive_minimum, "exclusive_maximum": self.exclusive_maximum,
             "multiple_of": self.multiple_of, "choices": self.choices, "cli": self.faces.cli,
-            "a1111": self.faces.a1111, "label": self.faces.label, "web": self.faces.web,
+            "a1111": self.faces.a1111, "a1111_option": self.faces.a1111_option, "label": self.faces.label,
+            "web": self.faces.web,
         }  # fmt: skip
         return entry
 

@@ -35,6 +35,7 @@ MAX_STEPS = 500
 MAX_IMAGES = 16
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
+MAX_CLIP_SKIP = 12  # CLIP ViT-L's layer count, A1111's slider; a model with fewer layers refuses more
 HIGH_QUALITY_GUIDANCE = 8.0  # the default: the documented call's high_quality=True
 STANDARD_GUIDANCE = 7.5  # the documented call's high_quality=False, OpenAI's standard quality
 
@@ -97,6 +98,13 @@ class GenerationRequest(BaseModel):
     use_refinement: Annotated[bool, Faces(cli="--refine/--no-refine")] = Field(
         True, description="Run the refiner after the base (the quality promise; off only on request)."
     )
+    clip_skip: Annotated[
+        int, Faces(cli="--clip-skip", a1111="clip_skip", a1111_option="CLIP_stop_at_last_layers", label="Clip skip")
+    ] = Field(
+        1, ge=1, le=MAX_CLIP_SKIP,
+        description="Condition on the text encoders' output this many layers from the end: 1 is the model's own "
+        "(SDXL's penultimate layer), 2 one layer earlier (A1111's Clip skip, ComfyUI's CLIPSetLastLayer).",
+    )  # fmt: skip
     aesthetic_score: Annotated[float, Faces(cli="--aesthetic-score", label="Aesthetic score")] = Field(
         6.0, ge=0.0, le=10.0, description="Refiner's aesthetic conditioning."
     )
@@ -129,13 +137,15 @@ class GenerationRequest(BaseModel):
         return cls.model_fields[name].default
 
     def inactive_fields(self) -> set[str]:
-        """Fields this request's mode ignores, left out of the PNG's `parameters` text."""
+        """Fields without effect on this request, left out of the PNG's `parameters` text: those its
+        mode ignores, and a clip skip of 1 (the model's own layer; A1111 writes Clip skip only above 1)."""
+        inactive = {"clip_skip"} if self.clip_skip == 1 else set()
         if not self.use_refinement:
-            return {"refiner_steps", "refiner_strength", "mode", "switch_at", "aesthetic_score",
-                    "negative_aesthetic_score"}  # fmt: skip
+            return inactive | {"refiner_steps", "refiner_strength", "mode", "switch_at", "aesthetic_score",
+                               "negative_aesthetic_score"}  # fmt: skip
         if self.mode is Mode.HANDOFF:
-            return {"refiner_steps", "refiner_strength"}
-        return {"switch_at"}
+            return inactive | {"refiner_steps", "refiner_strength"}
+        return inactive | {"switch_at"}
 
     def seeds_or_none(self) -> list[int] | None:
         """The seeds of all `n` images, or None when the seed is left random."""

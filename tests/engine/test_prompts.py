@@ -60,10 +60,22 @@ def test_weight_moves_the_conditioning_the_way_asked(encoder: PromptEncoder) -> 
     assert word_share("the [cat!]") < plain
 
 
-def test_plain_short_prompt_matches_diffusers_encode_prompt(service: ImageService, encoder: PromptEncoder) -> None:
+@pytest.mark.parametrize("clip_skip", [1, 2, 3])
+def test_plain_short_prompt_matches_diffusers_encode_prompt(
+    service: ImageService, encoder: PromptEncoder, clip_skip: int
+) -> None:
     base = service._engine.pair.base  # type: ignore[union-attr]
-    ours = encoder.encode("a small house", "ugly", True, torch.float32)
-    embeds, negative, pooled, negative_pooled = base.encode_prompt("a small house", negative_prompt="ugly")
-    assert torch.equal(ours.embeds, embeds) and torch.equal(ours.negative_embeds, negative)
+    ours = encoder.encode("a small house", "ugly", True, torch.float32, clip_skip)
+    # diffusers counts clip skip from the penultimate layer: its clip_skip=1 is A1111's Clip skip 2.
+    diffusers_skip = clip_skip - 1 or None
+    embeds, negative, pooled, negative_pooled = base.encode_prompt(
+        "a small house", negative_prompt="ugly", clip_skip=diffusers_skip
+    )
+    assert torch.equal(ours.embeds, embeds)
     assert torch.equal(ours.pooled, pooled) and torch.equal(ours.negative_pooled, negative_pooled)
+    if clip_skip == 1:
+        assert torch.equal(ours.negative_embeds, negative)
+    else:  # diffusers skips on the prompt side only; A1111 and ComfyUI (and we) skip on both sides
+        assert torch.equal(ours.negative_embeds, encoder.encode("ugly", "", True, torch.float32, clip_skip).embeds)
+        assert not torch.equal(ours.negative_embeds, negative)
     assert CHUNK == 75

@@ -10,7 +10,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from sdxl_refinery.server.routes.a1111_options import OPTIONS_FILE
+from sdxl_refinery.server.routes.a1111_settings import OPTIONS_FILE
 from sdxl_refinery.server.signing import KEY_FILE
 
 from ..fakes import fake_service

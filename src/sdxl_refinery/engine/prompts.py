@@ -133,8 +133,12 @@ class PromptEncoder:
         return chunks
 
     @torch.no_grad()
-    def _encode_one(self, text: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (1, 77*count, sum of widths) and pooled embedding of the last encoder."""
+    def _encode_one(self, text: str, count: int, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (1, 77*count, sum of widths) and pooled embedding of the last encoder.
+
+        `clip_skip` 1 takes the penultimate layer (SDXL's own), each more one layer earlier, in every
+        encoder, as diffusers' `clip_skip=clip_skip - 1` does; the pooled embedding is unchanged.
+        """
         per_encoder = []
         pooled = torch.empty(0)
         for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
@@ -142,7 +146,7 @@ class PromptEncoder:
             states = []
             for chunk_index, (chunk_ids, chunk_weights) in enumerate(self._chunks(tokenizer, ids, weights, count)):
                 output = encoder(torch.tensor([chunk_ids], device=encoder.device), output_hidden_states=True)
-                hidden = output.hidden_states[-2]
+                hidden = output.hidden_states[-(clip_skip + 1)]
                 if any(w != 1.0 for w in chunk_weights):
                     scale = torch.tensor(chunk_weights, device=hidden.device, dtype=hidden.dtype)
                     original_mean = hidden.mean()
@@ -159,17 +163,20 @@ class PromptEncoder:
         longest = max(len(tokenize_weighted(tokenizer, text)[0]) for tokenizer in self.tokenizers)
         return max(1, math.ceil(longest / CHUNK))
 
-    def encode(self, prompt: str, negative_prompt: str, zero_empty_negative: bool, dtype: torch.dtype) -> Conditioning:
+    def encode(
+        self, prompt: str, negative_prompt: str, zero_empty_negative: bool, dtype: torch.dtype, clip_skip: int = 1
+    ) -> Conditioning:
         """Encode a prompt pair; both sides get the same number of chunks.
 
         Args:
             zero_empty_negative: an empty negative prompt becomes zeros (SDXL base's
                 `force_zeros_for_empty_prompt`) instead of the encoding of "".
+            clip_skip: which layer from the end conditions the UNet (1: the penultimate, SDXL's own).
         """
         count = max(self.chunk_count(prompt), self.chunk_count(negative_prompt))
-        embeds, pooled = self._encode_one(prompt, count)
+        embeds, pooled = self._encode_one(prompt, count, clip_skip)
         if zero_empty_negative and not negative_prompt:
             negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled = self._encode_one(negative_prompt, count)
+            negative_embeds, negative_pooled = self._encode_one(negative_prompt, count, clip_skip)
         return Conditioning(embeds.to(dtype), pooled.to(dtype), negative_embeds.to(dtype), negative_pooled.to(dtype))

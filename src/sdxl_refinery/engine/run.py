@@ -17,7 +17,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 
-from ..errors import Cancelled, GenerationFailed
+from ..errors import Cancelled, GenerationFailed, InvalidRequest
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
 from ..steps import Schedule, StagePlan, plan_steps, require_both_stages
 from .device import Placement
@@ -65,10 +65,18 @@ def plan_stages(pair: LoadedPair, request: GenerationRequest) -> StagePlan:
     """The request's step plan under the base's own scheduler configuration.
 
     Raises:
-        InvalidRequest: a handoff `switch_at` that leaves one stage no step under this scheduler.
+        InvalidRequest: a handoff `switch_at` that leaves one stage no step under this scheduler, or a
+            `clip_skip` deeper than these text encoders.
     """
     plan = plan_steps(request, Schedule.from_config(pair.base.scheduler.config))
     require_both_stages(request, plan)
+    encoders = [pair.base.text_encoder, pair.base.text_encoder_2]
+    if request.use_refinement:
+        encoders.append(pair.refiner.text_encoder_2)
+    layers = min(int(encoder.config.num_hidden_layers) for encoder in encoders)
+    if request.clip_skip > layers:
+        raise InvalidRequest("clip_skip", f"must be at most {layers} for these models (their text encoders have "
+                                          f"{layers} layers), not {request.clip_skip}")  # fmt: skip
     return plan
 
 
@@ -91,7 +99,7 @@ class TwoStageRunner:
     def _condition(self, encoder: PromptEncoder, pipe: object, request: GenerationRequest) -> Conditioning:
         zero_negative = bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt", False))
         dtype = self.pair.base.text_encoder_2.dtype
-        return encoder.encode(request.prompt, request.negative_prompt, zero_negative, dtype)
+        return encoder.encode(request.prompt, request.negative_prompt, zero_negative, dtype, request.clip_skip)
 
     def run(
         self,

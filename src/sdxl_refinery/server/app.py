@@ -31,6 +31,7 @@ from ..jobs.worker import Worker
 from ..png import check_writable_folder
 from ..service import ImageService
 from .routes import a1111, a1111_options, jobs, openai, ops
+from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import OPENAI_PATHS, openai_error, openai_param
 from .security import BodySizeLimit
 from .state import AppState, IdempotencyConflict
@@ -83,6 +84,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         if _is_openai(request):
             return openai_error(409, str(error), "invalid_request_error", "idempotency_key_reused")
         return JSONResponse({"detail": str(error)}, status_code=409)
+
+    @app.exception_handler(NotServed)
+    async def not_served(request: Request, error: NotServed) -> JSONResponse:
+        return a1111_error(404, error.kind, str(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:

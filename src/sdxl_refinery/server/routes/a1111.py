@@ -11,10 +11,10 @@ import asyncio
 import base64
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ...errors import InvalidRequest
@@ -24,6 +24,7 @@ from ...request import REQUEST_FIELDS, GenerationRequest, Mode
 from ..dedup import dedup_for
 from ..security import Authorized
 from ..state import AppState, State
+from .a1111_settings import a1111_error, check_settings, stored_options
 
 router = APIRouter(tags=["a1111"])
 SAMPLER = "Euler"
@@ -48,16 +49,29 @@ class _Txt2ImgBase(BaseModel):
     refiner_checkpoint: str | None = None
     send_images: bool = True
     save_images: bool = False
+    override_settings: dict[str, Any] = Field(default_factory=dict, description="A1111 options for this request.")
+    override_settings_restore_afterwards: bool = Field(True, description="Overrides never outlive their request.")
 
-    def to_request(self) -> GenerationRequest:
+    def to_request(self, options: Mapping[str, Any] | None = None) -> GenerationRequest:
         """The request this body asks for: table fields by their A1111 names, then A1111's conventions.
 
+        A field the body leaves out is taken from its A1111 option (`Faces.a1111_option`), in
+        `override_settings` first, then in the stored `options`.
+
         Raises:
-            InvalidRequest: naming the A1111 field and its rule.
+            InvalidRequest: naming the A1111 field (or option) and its rule.
         """
         sent = self.model_dump(exclude_unset=True)
-        fields = {spec.name: sent[spec.faces.a1111] for spec in REQUEST_FIELDS
-                  if spec.faces.a1111 and sent.get(spec.faces.a1111) is not None}  # fmt: skip
+        fields: dict[str, Any] = {}
+        origin: dict[str, str] = {}  # which A1111 name each value came from, for errors
+        for spec in REQUEST_FIELDS:
+            option = spec.faces.a1111_option
+            if spec.faces.a1111 and sent.get(spec.faces.a1111) is not None:
+                fields[spec.name], origin[spec.name] = sent[spec.faces.a1111], spec.faces.a1111
+            elif option and self.override_settings.get(option) is not None:
+                fields[spec.name], origin[spec.name] = self.override_settings[option], f"override_settings.{option}"
+            elif option and options and options.get(option) is not None:
+                fields[spec.name], origin[spec.name] = options[option], option
         if fields.get("seed", 0) < 0:  # A1111: -1 is a random seed
             del fields["seed"]
         for side in ("width", "height"):  # A1111 makes floor(size / 8) * 8: its latents are an eighth of the size
@@ -70,10 +84,9 @@ class _Txt2ImgBase(BaseModel):
         try:
             return GenerationRequest(**fields)
         except InvalidRequest as error:
-            raise InvalidRequest(_A1111_NAMES.get(error.field, error.field), error.rule) from None
+            raise InvalidRequest(origin.get(error.field, error.field), error.rule) from None
 
 
-_A1111_NAMES = {spec.name: spec.faces.a1111 for spec in REQUEST_FIELDS if spec.faces.a1111}
 Txt2ImgRequest = create_model("Txt2ImgRequest", __base__=_Txt2ImgBase, **_table_fields())
 
 
@@ -96,7 +109,8 @@ def a1111_info(job: Job) -> str:
         "face_restoration_model": None, "sd_model_name": models.get("base"), "sd_model_hash": models.get("base_hash"),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": 0, "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
-        "styles": [], "job_timestamp": started, "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "styles": [], "job_timestamp": started, "clip_skip": request.clip_skip,
+        "is_using_inpainting_conditioning": False,
         "version": "refinery", "refiner_checkpoint": models.get("refiner"), "refiner_steps": metadata.get(
             "refiner_steps"), "refined": metadata.get("refined"), "interrupted": metadata.get("interrupted", False),
         "job_id": job.id,
@@ -109,7 +123,8 @@ async def txt2img(body: Txt2ImgRequest, state: State, http: Request, _: Authoriz
 
     A client that disconnects leaves its job running (A1111 clients stop one with `/interrupt`).
     """
-    generation = body.to_request()
+    check_settings(state, body.override_settings, prefix="override_settings.")
+    generation = body.to_request(stored_options(state))
     job = state.submit(generation, client="a1111", dedup=dedup_for(http, generation, "a1111", True))
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
     parameters = body.model_dump()
@@ -127,11 +142,6 @@ async def txt2img(body: Txt2ImgRequest, state: State, http: Request, _: Authoriz
     waited = f"{state.settings.sync_wait_seconds:.0f} s"
     message = f"job {job.id} is still {job.status.value} after {waited}; poll GET /v1/jobs/{job.id}"
     return a1111_error(504, "Timeout", message, job_id=job.id)
-
-
-def a1111_error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
-    """A1111's error body: `{error, detail, body, errors}`."""
-    return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message, **extra}, status_code=status)
 
 
 def _running(state: AppState) -> Job | None:

@@ -1,0 +1,115 @@
+"""A1111's options: the ones clients store, the ones Refinery honours, and A1111's error body.
+
+A1111 keeps global options (`POST /sdapi/v1/options`) and lets one request
+override them (`override_settings`). Refinery stores what clients send in
+`<data-dir>/a1111-options.json`; the options the request table names
+(`Faces.a1111_option`, e.g. `CLIP_stop_at_last_layers`) set their field on every
+A1111 request, `sd_model_checkpoint` and `sd_vae` must name what this server
+runs, and every other option is kept and echoed without effect (docs/api.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from ...errors import InvalidRequest, StorageError
+from ...request import REQUEST_FIELDS, GenerationRequest
+from ..state import AppState
+
+OPTIONS_FILE = "a1111-options.json"
+# A1111's own defaults of the options its clients read back; echoed until a client sets them.
+A1111_DEFAULTS: dict[str, Any] = {
+    "send_seed": True, "send_size": True, "samples_format": "png", "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
+    "eta_noise_seed_delta": 0, "sd_checkpoints_limit": 1, "show_progress_every_n_steps": 5,
+}  # fmt: skip
+# A1111's names for "the checkpoint's own VAE", the only one Refinery decodes with.
+OWN_VAE = ("Automatic", "None")
+HONOURED = {spec.faces.a1111_option: spec.name for spec in REQUEST_FIELDS if spec.faces.a1111_option}
+
+
+class NotServed(Exception):
+    """A setting names a checkpoint or a VAE this server does not have (A1111 answers 404)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+def a1111_error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
+    """A1111's error body: `{error, detail, body, errors}`."""
+    return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message, **extra}, status_code=status)
+
+
+def checkpoint(state: AppState) -> dict[str, Any]:
+    """The base checkpoint as A1111 names it: title `name [hash10]`, name, file."""
+    reference = state.settings.base_model
+    short = state.service.describe().get("base_hash")
+    return {"title": f"{reference} [{short}]" if short else reference, "model_name": reference.split("/")[-1],
+            "hash": short, "filename": reference}  # fmt: skip
+
+
+def check_settings(state: AppState, settings: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse settings Refinery cannot honour, before anything is stored or queued.
+
+    Args:
+        settings: options as a client sends them (`POST /sdapi/v1/options`, or `override_settings`).
+        prefix: how errors name the options (`override_settings.` for a request's overrides).
+
+    Raises:
+        NotServed: `sd_model_checkpoint` or `sd_vae` names something this server does not run.
+        InvalidRequest: an honoured option's value breaks its field's rule, named by the option.
+    """
+    wanted = settings.get("sd_model_checkpoint")
+    if wanted is not None:
+        served = checkpoint(state)
+        if str(wanted) not in {str(value) for value in served.values() if value}:
+            raise NotServed("CheckpointNotFound", f"{prefix}sd_model_checkpoint {wanted!r} is not a loaded "
+                                                  f"checkpoint; this server runs {served['title']!r}")  # fmt: skip
+    vae = settings.get("sd_vae")
+    if vae is not None and str(vae) not in OWN_VAE:
+        own = " or ".join(OWN_VAE)
+        raise NotServed("VaeNotFound", f"{prefix}sd_vae {vae!r} is not installed; images decode with the "
+                                       f"checkpoint's own VAE ({own}; /sdapi/v1/sd-vae lists none)")  # fmt: skip
+    for option, name in HONOURED.items():
+        if settings.get(option) is not None:
+            try:
+                GenerationRequest(prompt="x", **{name: settings[option]})
+            except InvalidRequest as error:
+                raise InvalidRequest(prefix + option, error.rule) from None
+
+
+def _options_path(state: AppState) -> Path:
+    return state.settings.data_dir / OPTIONS_FILE
+
+
+def stored_options(state: AppState) -> dict[str, Any]:
+    """What clients stored with `POST /sdapi/v1/options` (empty before any)."""
+    path = _options_path(state)
+    if not path.exists():
+        return {}
+    stored: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return stored
+
+
+def store_options(state: AppState, options: dict[str, Any]) -> None:
+    """Write the options atomically (temporary file, then rename).
+
+    Raises:
+        StorageError: the data folder cannot be written; the old file is kept whole.
+    """
+    path = _options_path(state)
+    handle, temporary = tempfile.mkstemp(prefix=f".{OPTIONS_FILE}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(options, stream, indent=1, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError as error:
+        os.unlink(temporary)
+        raise StorageError(f"could not store the A1111 options: {error.strerror or error}") from error
