@@ -181,8 +181,9 @@ def test_clip_skip_from_override_settings_stored_options_and_the_body(server: Ru
     assert clip_skip_of({}) == 3  # the stored option applies to every later A1111 request
     assert clip_skip_of({"override_settings": {"CLIP_stop_at_last_layers": 2}}) == 2  # the override wins
     assert clip_skip_of({"clip_skip": 1, "override_settings": {"CLIP_stop_at_last_layers": 2}}) == 1  # the body wins
+    # A1111's options belong to the A1111 face, not to the native API.
     native = server.client.post("/v1/jobs", json={"prompt": "x", "num_inference_steps": 2}).json()
-    assert server.job(native["id"])["request"]["clip_skip"] == 1  # A1111's options are the A1111 face's, not the native API's
+    assert server.job(native["id"])["request"]["clip_skip"] == 1
 
 
 @pytest.mark.parametrize(
