@@ -30,7 +30,9 @@ async def test_metadata_round_trip_reproduces_the_image(service: ImageService, t
     parameters = metadata["parameters"]
     lines = parameters.splitlines()
     assert lines[0] == "a blue bird" and lines[1] == "Negative prompt: blurry"
-    assert lines[2].startswith("Steps: 5, Sampler: Euler, CFG scale: 8.0, Seed: 77, Size: 256x256, ")
+    assert lines[2].startswith(
+        "Steps: 5, Sampler: Euler, Schedule type: Automatic, CFG scale: 8.0, Seed: 77, Size: 256x256, "
+    )
     assert "Refiner: refiner" in lines[2] and "Refiner steps: 3" in lines[2]
     assert result.paths == [str(tmp_path / "bird.png")]
 
@@ -75,6 +77,15 @@ def test_parameters_text_without_refinement_names_no_refiner() -> None:
         {"prompt": "a cat, on a mat: at noon", "negative_prompt": "blur", "width": 1152, "height": 896, "seed": 9},
         {"prompt": "two\nlines", "mode": "handoff", "switch_at": 0.7, "num_inference_steps": 40, "seed": 3},
         {"prompt": "plain", "use_refinement": False, "guidance_scale": 5.5, "seed": 0},
+        {
+            "prompt": "x",
+            "sampler": "DPM++ 2M SDE",
+            "scheduler": "Exponential",
+            "refiner_sampler": "Euler a",
+            "refiner_scheduler": "SGM Uniform",
+            "clip_skip": 2,
+            "seed": 5,
+        },
     ],
 )
 def test_parameters_text_reads_back_through_the_table(fields: dict[str, object]) -> None:

@@ -21,7 +21,7 @@ from .request import REQUEST_FIELDS, GenerationRequest
 
 PARAMETERS_KEY = "parameters"  # what A1111, ComfyUI and Civitai read
 METADATA_KEY = "refinery"  # our JSON: the whole request and result
-_A1111_ORDER = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
+_A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size")
 
 
 def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
@@ -45,7 +45,6 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
         if spec.faces.label and spec.name not in inactive and request.get(spec.name) is not None:
             labelled.setdefault(spec.faces.label, []).append(str(request[spec.name]))
     values = {label: "x".join(parts) for label, parts in labelled.items()}
-    values["Sampler"] = "Euler"
     # A1111's own order first (readers such as Civitai expect it), then our fields in table order.
     fields: list[tuple[str, Any]] = [(label, values.pop(label, None)) for label in _A1111_ORDER]
     fields += [("Model hash", models.get("base_hash")), ("Model", models.get("base"))]

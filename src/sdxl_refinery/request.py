@@ -27,6 +27,7 @@ from .options import Toggle as Toggle
 from .options import validate_device as validate_device
 from .options import validate_precision as validate_precision
 from .options import validate_toggle as validate_toggle
+from .samplers import Sampler, ScheduleType, check_pair, split_combined
 from .steps import plan_steps, require_both_stages
 
 MIN_SIZE = 64  # A1111 accepts 64x64 (8x8 latents); SDXL is trained around 1024x1024
@@ -89,6 +90,20 @@ class GenerationRequest(BaseModel):
     guidance_scale: Annotated[float, Faces(cli="--guidance", a1111="cfg_scale", label="CFG scale")] = Field(
         HIGH_QUALITY_GUIDANCE, ge=0.0, le=MAX_GUIDANCE, description="How closely to follow the prompt (CFG scale)."
     )
+    sampler: Annotated[Sampler, Faces(cli="--sampler", a1111="sampler_name", label="Sampler")] = Field(
+        Sampler.EULER, description="How each step moves toward the image, by its A1111 name (any case; "
+        "'DPM++ 2M Karras' also sets the schedule).",
+    )  # fmt: skip
+    scheduler: Annotated[ScheduleType, Faces(cli="--schedule", a1111="scheduler", label="Schedule type")] = Field(
+        ScheduleType.AUTOMATIC, description="How the noise levels are spaced; Automatic is the sampler's own "
+        "default, as in A1111 (the model's own schedule for Euler).",
+    )  # fmt: skip
+    refiner_sampler: Annotated[Sampler | None, Faces(cli="--refiner-sampler", label="Refiner sampler")] = Field(
+        None, description="The refiner's sampler; the base's when absent."
+    )
+    refiner_scheduler: Annotated[
+        ScheduleType | None, Faces(cli="--refiner-schedule", label="Refiner schedule type")
+    ] = Field(None, description="The refiner's schedule type; the base's when absent.")
     seed: Annotated[int | None, Faces(cli="--seed", a1111="seed", label="Seed")] = Field(
         None, ge=0, le=MAX_SEED, description="First image's seed; random when absent."
     )
@@ -125,6 +140,40 @@ class GenerationRequest(BaseModel):
             raise ValueError("must not be empty or blank")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _split_combined_sampler_names(cls, data: Any) -> Any:
+        """A1111's older names: sampler "DPM++ 2M Karras" is sampler "DPM++ 2M" with schedule "Karras"."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for sampler_field, schedule_field in (("sampler", "scheduler"), ("refiner_sampler", "refiner_scheduler")):
+            name = data.get(sampler_field)
+            split = split_combined(name) if isinstance(name, str) else None
+            if split is None:
+                continue
+            schedule = data.get(schedule_field)
+            if schedule not in (None, ScheduleType.AUTOMATIC) and ScheduleType(schedule) is not split[1]:
+                raise ValueError(f"{schedule_field}: {name!r} names schedule {split[1].value}, but "
+                                 f"{schedule_field} says {schedule!r}")  # fmt: skip
+            data[sampler_field], data[schedule_field] = split
+        return data
+
+    @model_validator(mode="after")
+    def _samplers_support_their_schedules(self) -> GenerationRequest:
+        for name, (sampler, schedule) in (
+            ("scheduler", (self.sampler, self.scheduler)),
+            ("refiner_scheduler", self.refiner_sampling),
+        ):
+            if (why := check_pair(sampler, schedule)) is not None:
+                raise ValueError(f"{name}: {why}")
+        return self
+
+    @property
+    def refiner_sampling(self) -> tuple[Sampler, ScheduleType]:
+        """The refiner's sampler and schedule type: its own fields, else the base's."""
+        return self.refiner_sampler or self.sampler, self.refiner_scheduler or self.scheduler
+
     @model_validator(mode="after")
     def _handoff_leaves_both_stages_a_step(self) -> GenerationRequest:
         if self.mode is Mode.HANDOFF:
@@ -138,11 +187,13 @@ class GenerationRequest(BaseModel):
 
     def inactive_fields(self) -> set[str]:
         """Fields without effect on this request, left out of the PNG's `parameters` text: those its
-        mode ignores, and a clip skip of 1 (the model's own layer; A1111 writes Clip skip only above 1)."""
+        mode ignores, a clip skip of 1 (the model's own layer; A1111 writes Clip skip only above 1), and
+        refiner samplers left to the base's."""
         inactive = {"clip_skip"} if self.clip_skip == 1 else set()
+        inactive |= {name for name in ("refiner_sampler", "refiner_scheduler") if getattr(self, name) is None}
         if not self.use_refinement:
             return inactive | {"refiner_steps", "refiner_strength", "mode", "switch_at", "aesthetic_score",
-                               "negative_aesthetic_score"}  # fmt: skip
+                               "negative_aesthetic_score", "refiner_sampler", "refiner_scheduler"}  # fmt: skip
         if self.mode is Mode.HANDOFF:
             return inactive | {"refiner_steps", "refiner_strength"}
         return inactive | {"switch_at"}

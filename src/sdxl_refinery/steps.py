@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -58,6 +58,15 @@ class Schedule:
         raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not one of leading, trailing, linspace")
 
 
+class Timesteps(Protocol):
+    """Anything that lists a run's timesteps: `Schedule` here, the engine's real scheduler at run time."""
+
+    @property
+    def num_train_timesteps(self) -> int: ...
+
+    def timesteps(self, steps: int) -> list[float]: ...
+
+
 SDXL_SCHEDULE = Schedule()  # SDXL base and refiner 1.0 (EulerDiscreteScheduler, leading spacing, offset 1)
 
 
@@ -87,7 +96,7 @@ class StagePlan:
         return self.base_steps + self.refiner_steps
 
 
-def handoff_base_steps(steps: int, switch_at: float, schedule: Schedule = SDXL_SCHEDULE) -> int:
+def handoff_base_steps(steps: int, switch_at: float, schedule: Timesteps = SDXL_SCHEDULE) -> int:
     """Base steps before `switch_at`: the timesteps at or above diffusers' `denoising_end` cutoff."""
     total = schedule.num_train_timesteps
     cutoff = round(total - switch_at * total)  # the same float expression as diffusers
@@ -108,11 +117,13 @@ def sequential_refiner_schedule(refiner_steps: int, strength: float) -> tuple[in
     return schedule, min(effective, 1.0)
 
 
-def plan_steps(request: GenerationRequest, schedule: Schedule = SDXL_SCHEDULE) -> StagePlan:
+def plan_steps(request: GenerationRequest, schedule: Timesteps = SDXL_SCHEDULE) -> StagePlan:
     """How many steps the base and the refiner execute for `request` under `schedule`.
 
     In handoff mode a stage may be left with no step; callers that must refuse
-    that (validation) check `base_steps` and `refiner_steps`.
+    that (validation) check `base_steps` and `refiner_steps`. Validation uses the model's
+    own schedule (`SDXL_SCHEDULE`); the engine passes the run's real scheduler, whose
+    timesteps differ for other schedule types (Karras, ...), and checks again before work.
     """
     from .request import Mode
 

@@ -64,8 +64,11 @@ def test_a1111s_own_options_and_listing_tests_pass(server: RunningServer) -> Non
 def test_webuiapi_lists_and_sets_the_model(server: RunningServer) -> None:
     host, port = server.url.removeprefix("http://").split(":")
     api = webuiapi.WebUIApi(host=host, port=int(port))
-    assert api.util_get_scheduler_names() == ["automatic"]
-    assert api.util_get_sampler_names() == ["Euler"]
+    assert sorted(api.util_get_scheduler_names()) == ["automatic", "beta", "exponential", "karras", "normal",
+                                                      "sgm_uniform", "uniform"]  # fmt: skip
+    assert api.util_get_sampler_names() == ["Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2M",
+                                            "DPM++ 2M SDE", "DPM++ 3M SDE", "DPM++ SDE", "DDIM", "PLMS", "UniPC",
+                                            "DEIS"]  # fmt: skip
     title = api.util_get_model_names()[0]
     api.util_set_model(title, find_closest=False)
     assert api.util_get_current_model() == title

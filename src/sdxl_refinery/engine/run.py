@@ -15,16 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from ..errors import Cancelled, GenerationFailed, InvalidRequest
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
-from ..steps import Schedule, StagePlan, plan_steps, require_both_stages
+from ..steps import StagePlan, plan_steps, require_both_stages
 from .device import Placement
 from .loader import LoadedPair
 from .memory import GIB, decode_bytes, free_bytes
 from .prompts import Conditioning, PromptEncoder
 from .recovery import MemoryPlan, all_finite, apply_plan, free_memory, is_out_of_memory, plans_for, upcast
+from .schedulers import RunSchedule, make_scheduler
 from .tracking import StepTracker
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,14 @@ class _Run:
     recoveries: list[str] = field(default_factory=list)
 
 
-def plan_stages(pair: LoadedPair, request: GenerationRequest) -> StagePlan:
-    """The request's step plan under the base's own scheduler configuration.
+def plan_stages(pair: LoadedPair, request: GenerationRequest, base_scheduler: SchedulerMixin) -> StagePlan:
+    """The request's step plan under the scheduler the base will run with.
 
     Raises:
         InvalidRequest: a handoff `switch_at` that leaves one stage no step under this scheduler, or a
             `clip_skip` deeper than these text encoders.
     """
-    plan = plan_steps(request, Schedule.from_config(pair.base.scheduler.config))
+    plan = plan_steps(request, RunSchedule(base_scheduler))
     require_both_stages(request, plan)
     encoders = [pair.base.text_encoder, pair.base.text_encoder_2]
     if request.use_refinement:
@@ -87,6 +89,8 @@ class TwoStageRunner:
         self.pair = pair
         self.placement = placement
         self._base_as_img2img: StableDiffusionXLImg2ImgPipeline | None = None
+        # The models' own scheduler configs: every run builds its samplers over them (engine/schedulers.py).
+        self._scheduler_configs = (pair.base.scheduler.config, pair.refiner.scheduler.config)
         plans = plans_for(placement.device)
         # index into plans_for(device); only ever moves to lighter plans
         self._plan_index = plans.index(memory_plan) if memory_plan else 0
@@ -117,7 +121,8 @@ class TwoStageRunner:
             GenerationFailed: NaN/Inf survived the fp32 retries, or memory ran out under every plan.
         """
         # 1. Plan both stages before any model work (bad switch points fail here).
-        run = _Run(request, plan_stages(self.pair, request), seeds, on_progress, cancel, preview_every)
+        base_scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
+        run = _Run(request, plan_stages(self.pair, request, base_scheduler), seeds, on_progress, cancel, preview_every)
         plans = plans_for(self.placement.device)
         # 2. Run under the current memory plan; on out-of-memory, free memory and step to a lighter plan.
         while True:
@@ -277,6 +282,7 @@ class TwoStageRunner:
         log.info("   Stage 1/2: Base generation (%d steps)...", plan.base_steps)
         tracker.begin_stage(1)
         stage_started = time.perf_counter()
+        self.pair.base.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
         conditioning = self._condition(self.base_prompts, self.pair.base, request)
         latents: torch.Tensor = self.pair.base(
             **conditioning.as_kwargs(),
@@ -307,6 +313,7 @@ class TwoStageRunner:
         tracker.begin_stage(2)
         stage_started = time.perf_counter()
         handoff = request.mode is Mode.HANDOFF
+        self.pair.refiner.scheduler = make_scheduler(self._scheduler_configs[1], *request.refiner_sampling)
         conditioning = self._condition(self.refiner_prompts, self.pair.refiner, request)
         refined: torch.Tensor = self.pair.refiner(
             **conditioning.as_kwargs(),
@@ -343,6 +350,7 @@ class TwoStageRunner:
             )
             self._base_as_img2img.set_progress_bar_config(disable=True)
         tracker.begin_stage(2)
+        self._base_as_img2img.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
         conditioning = self._condition(self.base_prompts, self.pair.base, request)
         finished: torch.Tensor = self._base_as_img2img(
             **conditioning.as_kwargs(),

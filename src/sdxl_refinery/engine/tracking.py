@@ -43,6 +43,7 @@ class StepTracker:
         self._started = time.perf_counter()
         self._stage = 1
         self._stage_started = self._started
+        self._evaluations = 0  # model evaluations in this stage (two per step for second-order samplers)
 
     def begin_stage(self, stage: int, planned: int | None = None) -> None:
         """Mark the start of `stage`, optionally re-planning its step count."""
@@ -51,6 +52,7 @@ class StepTracker:
         if planned is not None:
             self.planned[stage] = planned
         self.executed[stage] = 0
+        self._evaluations = 0
         self._stage_started = time.perf_counter()
 
     def check_cancelled(self) -> None:
@@ -71,8 +73,15 @@ class StepTracker:
         return max(remaining, 0) * per_step
 
     def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        """diffusers' `callback_on_step_end` hook: count, report, maybe cancel or interrupt."""
-        self.executed[self._stage] += 1
+        """diffusers' `callback_on_step_end` hook, after each model evaluation: count, report, maybe cancel or
+        interrupt. A step counts when its last evaluation is done, as A1111 counts Heun's or PLMS's steps."""
+        self._evaluations += 1
+        planned = self.planned[self._stage]
+        evaluations = getattr(pipe, "num_timesteps", None) or planned
+        done = min(self._evaluations * planned // evaluations, planned)
+        if done == self.executed[self._stage]:  # an evaluation inside a step
+            return self._checked(pipe)
+        self.executed[self._stage] = done
         now = time.perf_counter()
         if self._on_progress is not None:
             done = self.executed[self._stage]
@@ -83,6 +92,9 @@ class StepTracker:
             self._on_progress(
                 Progress(self._stage, done, self.planned[self._stage], now - self._started, self._eta(now), preview)
             )
+        return self._checked(pipe)
+
+    def _checked(self, pipe: Any) -> dict[str, Any]:
         self.check_cancelled()
         if self.interrupted:
             pipe._interrupt = True  # the pipeline skips its remaining steps and returns the latents

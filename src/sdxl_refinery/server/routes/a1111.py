@@ -21,13 +21,13 @@ from ...errors import InvalidRequest
 from ...jobs.models import Job, JobStatus
 from ...png import a1111_parameters
 from ...request import REQUEST_FIELDS, GenerationRequest, Mode
+from ...samplers import a1111_samplers
 from ..dedup import dedup_for
 from ..security import Authorized
 from ..state import AppState, State
 from .a1111_settings import a1111_error, check_settings, stored_options
 
 router = APIRouter(tags=["a1111"])
-SAMPLER = "Euler"
 
 
 def _table_fields() -> dict[str, Any]:
@@ -47,6 +47,7 @@ class _Txt2ImgBase(BaseModel):
 
     n_iter: int = Field(1, ge=1, description="Batches; Refinery renders batch_size x n_iter images in one job.")
     refiner_checkpoint: str | None = None
+    sampler_index: str | None = Field(None, description="A1111's older name for sampler_name (used when it is absent).")
     send_images: bool = True
     save_images: bool = False
     override_settings: dict[str, Any] = Field(default_factory=dict, description="A1111 options for this request.")
@@ -72,6 +73,8 @@ class _Txt2ImgBase(BaseModel):
                 fields[spec.name], origin[spec.name] = self.override_settings[option], f"override_settings.{option}"
             elif option and options and options.get(option) is not None:
                 fields[spec.name], origin[spec.name] = options[option], option
+        if "sampler" not in fields and self.sampler_index is not None:
+            fields["sampler"], origin["sampler"] = self.sampler_index, "sampler_index"
         if fields.get("seed", 0) < 0:  # A1111: -1 is a random seed
             del fields["seed"]
         for side in ("width", "height"):  # A1111 makes floor(size / 8) * 8: its latents are an eighth of the size
@@ -104,7 +107,9 @@ def a1111_info(job: Job) -> str:
         "prompt": request.prompt, "all_prompts": [request.prompt] * count, "negative_prompt": request.negative_prompt,
         "all_negative_prompts": [request.negative_prompt] * count, "seed": seeds[0] if seeds else -1,
         "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * count, "subseed_strength": 0,
-        "width": request.width, "height": request.height, "sampler_name": SAMPLER, "cfg_scale": request.guidance_scale,
+        "width": request.width, "height": request.height, "sampler_name": request.sampler.value,
+        "scheduler": request.scheduler.value,
+        "cfg_scale": request.guidance_scale,
         "steps": request.num_inference_steps, "batch_size": request.n, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": models.get("base"), "sd_model_hash": models.get("base_hash"),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
@@ -206,8 +211,8 @@ def sd_models(state: State, _: Authorized) -> list[dict[str, Any]]:
 
 @router.get("/sdapi/v1/samplers")
 def samplers(_: Authorized) -> list[dict[str, Any]]:
-    """The one sampler Refinery runs (SDXL's Euler schedule, for both stages)."""
-    return [{"name": SAMPLER, "aliases": ["euler"], "options": {}}]
+    """Every sampler that runs, as A1111 lists them: name, aliases, options (its Automatic schedule)."""
+    return a1111_samplers()
 
 
 @router.get("/sdapi/v1/scripts")

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from ...samplers import a1111_schedulers
 from ..security import Authorized
 from ..state import State
 from .a1111_settings import A1111_DEFAULTS, check_settings, checkpoint, store_options, stored_options
@@ -40,8 +41,8 @@ def set_options(body: dict[str, Any], state: State, _: Authorized) -> None:
 
 @router.get("/sdapi/v1/schedulers")
 def schedulers(_: Authorized) -> list[dict[str, Any]]:
-    """The schedule types that work: the model's own (A1111's "Automatic")."""
-    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+    """Every schedule type that runs, as A1111 lists them (which sampler supports which: docs/api.md)."""
+    return a1111_schedulers()
 
 
 @router.get("/sdapi/v1/cmd-flags")

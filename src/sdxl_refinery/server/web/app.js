@@ -161,6 +161,7 @@ function generatedInput(field) {
   let input;
   if (field.type === "enum") {
     input = document.createElement("select");
+    if (field.optional) input.add(new Option("(same as the base)", "")); // refiner_sampler, refiner_scheduler
     for (const choice of field.choices) input.add(new Option(choice, choice));
   } else {
     input = document.createElement("input");
@@ -189,6 +190,7 @@ function setField(input, field, value) {
 function readField(input, field) {
   if (field.type === "bool") return input.checked;
   if (field.type === "int" || field.type === "float") return input.value === "" ? null : Number(input.value);
+  if (field.optional && input.value === "") return null;
   return input.value;
 }
 
