@@ -100,6 +100,10 @@ def test_from_reproduces_the_same_pixels(tiny_pair: tuple[Path, Path], tmp_path:
                 "0.6",
                 "-N",
                 "fog",
+                "--sampler",
+                "dpm++ 2m sde karras",  # any case, A1111's combined name: a stochastic sampler reproduces too
+                "--clip-skip",
+                "2",
                 "-o",
                 str(original),
             ],
@@ -116,6 +120,9 @@ def test_from_reproduces_the_same_pixels(tiny_pair: tuple[Path, Path], tmp_path:
     )
     assert done.returncode == 0, done.stderr
     assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(again)))
+    recipe = read_metadata(again)["request"]
+    assert (recipe["sampler"], recipe["scheduler"], recipe["clip_skip"]) == ("DPM++ 2M SDE", "Karras", 2)
+    assert "Sampler: DPM++ 2M SDE, Schedule type: Karras" in read_metadata(again)["parameters"]
     changed = tmp_path / "c.png"
     assert _run(["generate", "--from", str(original), "--seed", "99", "-o", str(changed)], tiny_pair).returncode == 0
     assert read_metadata(changed)["seeds"] == [99]
@@ -129,11 +136,15 @@ def test_bad_input_exits_2_naming_the_field(tiny_pair: tuple[Path, Path], tmp_pa
         [["x", "--size", "big"], "size"],
         [["x", "--mode", "fast"], "mode"],
         [["x", "--device", "gpu"], "device"],
+        [["x", "--sampler", "DPM fast"], "sampler"],
+        [["x", "--sampler", "DDIM", "--schedule", "Karras"], "scheduler"],
         [["  "], "prompt"],
     ):
         done = _run(["generate", *args, "-o", str(tmp_path)], tiny_pair)
         assert done.returncode == 2, (args, done.stderr)
         assert f"error: {field}:" in done.stderr
+        if field in ("sampler", "scheduler"):  # the valid names are listed
+            assert "DPM++ 2M" in done.stderr if field == "sampler" else "SGM Uniform" in done.stderr
     assert list(tmp_path.iterdir()) == []
 
 

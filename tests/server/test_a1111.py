@@ -136,3 +136,34 @@ def test_a_client_that_disconnects_leaves_its_job_running(server: RunningServer,
     job_id = server.client.get("/v1/jobs").json()["items"][0]["id"]
     fake_engine.resume()
     assert server.wait_for(job_id, {"succeeded"})["client"] == "a1111"
+
+
+@pytest.mark.parametrize(
+    ("body", "sampler", "schedule"),
+    [({"sampler_name": "DPM++ 2M Karras"}, "DPM++ 2M", "Karras"),  # A1111's older combined name
+     ({"sampler_name": "euler a", "scheduler": "sgm_uniform"}, "Euler a", "SGM Uniform"),  # any case, machine names
+     ({"sampler_index": "UniPC"}, "UniPC", "Automatic"),  # A1111's older field
+     ({"sampler_name": "Heun", "sampler_index": "DDIM", "scheduler": "Karras"}, "Heun", "Karras")],
+)  # fmt: skip
+def test_samplers_by_a1111_names(server: RunningServer, body: dict[str, Any], sampler: str, schedule: str) -> None:
+    answer = server.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 3, **body})
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    assert (info["sampler_name"], info["scheduler"]) == (sampler, schedule)
+    assert f"Sampler: {sampler}, Schedule type: {schedule}" in info["infotexts"][0]
+
+
+@pytest.mark.parametrize(
+    ("body", "named", "listed"),
+    [({"sampler_name": "DPM fast"}, "sampler_name", "DPM++ 2M SDE"),
+     ({"sampler_name": "DDIM", "scheduler": "Karras"}, "scheduler", "SGM Uniform"),
+     ({"scheduler": "Align Your Steps"}, "scheduler", "Exponential")],
+)  # fmt: skip
+def test_unknown_sampler_names_are_refused_listing_the_valid_ones(
+    server: RunningServer, body: dict[str, Any], named: str, listed: str
+) -> None:
+    answer = server.client.post("/sdapi/v1/txt2img", json={"prompt": "x", **body})
+    assert answer.status_code == 422
+    detail = answer.json()["detail"][0]
+    assert detail["loc"][-1] == named and listed in detail["msg"]
+    assert server.client.get("/v1/jobs").json()["total"] == 0

@@ -142,6 +142,7 @@ def test_sillytavern_generates_at_its_presets(
     assert _png(data["images"][0]).size == made  # SillyTavern shows data.images[0]
     info = json.loads(data["info"])
     assert (info["width"], info["height"], info["clip_skip"]) == (*made, 1)
+    assert (info["sampler_name"], info["scheduler"]) == ("DDIM", "Normal")  # its defaults, honoured
 
 
 def test_sillytavern_abort_interrupts_and_the_next_image_renders(
