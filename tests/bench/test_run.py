@@ -57,3 +57,15 @@ def test_the_attention_benchmark_checks_every_kernel_against_fp32(tmp_path: Path
     assert {row["kernel"] for row in rows} == {"sdpa (flash)", "matmul + fp32 softmax", "flex_attention (compiled)"}
     # every kernel is exact attention: bf16 rounding only, far from a wrong result (outputs are of order 1)
     assert all(row["seconds"] > 0 and row["max_error"] < 0.1 for row in rows)
+
+
+def test_the_samplers_benchmark_times_each_sampler_against_the_first(tmp_path: Path) -> None:
+    report_path = tmp_path / "samplers.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "samplers.py"), "--quick", "--device", "cpu",
+                           "--samplers", "Euler", "Heun", "--json", str(report_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {row["sampler"]: row for row in json.loads(report_path.read_text())["rows"]}
+    assert rows["Euler"]["step_vs_first"] == 1.0 and rows["Euler"]["evaluations_per_step"] == 1.0
+    assert rows["Heun"]["evaluations_per_step"] > 1.0  # its own work: two model evaluations a step
+    assert all(row["evaluation_s"] > 0 and 0 < row["scheduler_share"] < 1 for row in rows.values())

@@ -85,6 +85,8 @@ async def test_every_combination_equals_hand_driven_diffusers(
         assert ours.shape == expected.shape == (n, 64, 64, 3)
         assert np.abs(ours - expected).max() <= 2.0, (mode, n)  # 2/255: float order only
         assert result.refined
+        if mode == "sequential":  # the refiner executes exactly refiner_steps, for every sampler
+            assert (result.base_steps, result.refiner_steps) == (6, 3)
 
 
 @pytest.mark.parametrize("sampler", [s for s in Sampler if s.info.stochastic], ids=lambda s: s.value)

@@ -231,3 +231,19 @@ def test_full_queue_banner_and_failed_job_reason(
         shot(p, "11-queue-full")
         for job in server.client.get("/v1/jobs", params={"status": "running"}).json()["items"]:
             server.client.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_samplers_and_schedules_are_offered_and_sent(web: RunningServer, page: Page) -> None:
+    p = page
+    p.goto(web.url + "/")
+    p.wait_for_selector("#app:not([hidden])")
+    fill_small_job(p, steps=4, refiner_steps=2)
+    offered = p.eval_on_selector("#sampler", "s => [...s.options].map(o => o.value)")
+    assert "DPM++ 2M" in offered and "UniPC" in offered and p.input_value("#sampler") == "Euler"
+    assert p.input_value("#refiner_sampler") == ""  # "(same as the base)"
+    p.select_option("#sampler", "DPM++ 2M")
+    p.select_option("#scheduler", "Karras")
+    p.keyboard.press("Control+Enter")
+    p.wait_for_selector(".job.succeeded")
+    request = web.client.get("/v1/jobs").json()["items"][0]["request"]
+    assert (request["sampler"], request["scheduler"], request["refiner_sampler"]) == ("DPM++ 2M", "Karras", None)
