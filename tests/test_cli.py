@@ -201,6 +201,7 @@ def test_info_prints_parameters_and_metadata(tiny_pair: tuple[Path, Path], tmp_p
     )
     done = _run(["info", str(tmp_path / "owl.png")], tiny_pair)
     assert done.returncode == 0
-    assert done.stdout.startswith("an owl\nSteps: 2, Sampler: Euler, CFG scale: 8.0, Seed: 4, Size: 256x256")
+    expected = "an owl\nSteps: 2, Sampler: Euler, Schedule type: Automatic, CFG scale: 8.0, Seed: 4, Size: 256x256"
+    assert done.stdout.startswith(expected)
     assert '"refined": true' in done.stdout
     assert _run(["info", str(tmp_path / "none.png")], tiny_pair).returncode == 2
