@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sdxl_refinery.png import read_metadata
@@ -153,6 +154,42 @@ def test_missing_model_exits_1(tiny_pair: tuple[Path, Path], tmp_path: Path) -> 
     assert done.returncode == 1 and "base model" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("base", "refiner", "said"),
+    [("models/sd_xl_base_1.0.safetensors", None, "no such file"),  # a path, not a Hub id
+     ("{tmp}/notes.safetensors", None, "not a safetensors"),
+     ("{tmp}/refiner.safetensors", None, "is an sdxl-refiner checkpoint, expected sdxl-base"),
+     ("{tmp}/model.ckpt", "tiny", "refused: pickle checkpoints"),  # the refusal, not "tiny comes as a pair"
+     (None, "{tmp}/nothing/", "no such folder")],
+)  # fmt: skip
+def test_a_bad_model_fails_before_anything_loads(
+    tiny_pair: tuple[Path, Path], tmp_path: Path, base: str | None, refiner: str | None, said: str
+) -> None:
+    (tmp_path / "notes.safetensors").write_text("not a checkpoint")
+    (tmp_path / "model.ckpt").write_bytes(b"pickle")
+    if "refiner.safetensors" in (base or ""):
+        _run(["export", str(tiny_pair[1]), str(tmp_path / "refiner.safetensors")], tiny_pair)
+    arguments = ["generate", "x", "-v", "-o", str(tmp_path / "x.png")]
+    for flag, value in (("--base", base), ("--refiner", refiner)):
+        if value is not None:
+            arguments += [flag, value.format(tmp=tmp_path)]
+    done = _run(arguments, tiny_pair)
+    assert done.returncode == 1, done.stderr
+    assert said in done.stderr and "Loaded base" not in done.stderr  # refused from paths and headers alone
+    assert not list(tmp_path.glob("x*.png"))
+
+
+def test_no_network_and_no_cache_says_what_to_do(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    done = _run(["generate", "x", "-v", "--base", "stabilityai/stable-diffusion-xl-base-1.0", "--refiner",
+                 "stabilityai/stable-diffusion-xl-refiner-1.0", "-o", str(tmp_path)], tiny_pair,
+                HF_HOME=str(tmp_path / "hf"))  # fmt: skip
+    assert done.returncode == 1
+    message = " ".join(done.stderr.split())  # rich wraps lines
+    assert "not in the local Hugging Face cache" in message and "about 13 GB" in message
+    assert "refinery models pull" in message and "--base tiny --refiner tiny" in message
+    assert "Traceback" in done.stderr  # -v shows where it failed
+
+
 def test_ctrl_c_cancels_and_leaves_no_file(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
     base, refiner = tiny_pair
     environment = {
@@ -205,3 +242,22 @@ def test_info_prints_parameters_and_metadata(tiny_pair: tuple[Path, Path], tmp_p
     assert done.stdout.startswith(expected)
     assert '"refined": true' in done.stdout
     assert _run(["info", str(tmp_path / "none.png")], tiny_pair).returncode == 2
+
+
+def test_progress_bars_time_each_stage_from_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 refiner steps in 145 s read about 0.21 it/s (not the whole run's rate), and a one-step stage
+    shows its time, not 0:00:00."""
+    from sdxl_refinery import cli
+    from sdxl_refinery.request import Progress
+
+    clock = iter([10.0, 155.0, 1.5])
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    bars = cli._ProgressBar()
+    bars(Progress(1, 50, 50, elapsed=10.0, eta=145.0))  # the base's 50 steps took the first 10 s
+    bars(Progress(2, 30, 30, elapsed=155.0, eta=0.0))  # the refiner's 30 took the next 145 s
+    base, refiner = (task.fields for task in bars.bar.tasks)
+    assert (base["rate"], base["elapsed"]) == ("5.00 it/s", "0:00:10.0")
+    assert (refiner["rate"], refiner["elapsed"]) == ("0.21 it/s", "0:02:25")
+    one_step = cli._ProgressBar()
+    one_step(Progress(1, 1, 1, elapsed=1.5, eta=0.0))  # a one-step run, 1.5 s in
+    assert one_step.bar.tasks[0].fields["elapsed"] == "0:00:01.5"

@@ -23,16 +23,17 @@ def _run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_doctor_reports_policy_memory_models_and_offline_readiness(tiny_pair: tuple[Path, Path]) -> None:
     done = _run(["doctor", "--json"], REFINERY_DEVICE="cpu", REFINERY_PRECISION="full",
-                REFINERY_BASE_MODEL=str(tiny_pair[0]), REFINERY_REFINER_MODEL="stabilityai/not-cached")  # fmt: skip
+                REFINERY_BASE_MODEL="stabilityai/not-cached", REFINERY_REFINER_MODEL=str(tiny_pair[1]))  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert (report["device"], report["precision"]) == ("cpu", "fp32")
     assert report["why"] == "precision=full forces fp32"
-    # base 2,567,463,684 + encoders + VAE + refiner UNet, at 4 bytes each
-    assert report["parameters"]["unet"] == 2_567_463_684
+    # base 2,567,463,684 (SDXL's shipped config: not downloaded yet) + encoders + VAE + the tiny refiner's UNet
+    assert report["parameters"]["unet"] == 2_567_463_684 and report["parameters"]["refiner unet"] < 10**7
+    assert "not downloaded yet" in report["parameters_from"] and "its folder's configs" in report["parameters_from"]
     assert report["weights_bytes_needed"] == 4 * sum(report["parameters"].values())
     assert report["memory_available_bytes"] > 0 and isinstance(report["fits"], bool)
-    assert report["models_present"] == {"base": True, "refiner": False}
+    assert report["models_present"] == {"base": False, "refiner": True}
     assert report["offline"] is True and report["offline_ready"] is False
     # the plan the engine would start under here (CPU: no offload), and its speed plan
     assert report["memory_plan"].startswith(("resident", "sliced")) and "GiB free" in report["memory_plan"]
@@ -43,6 +44,17 @@ def test_doctor_reports_policy_memory_models_and_offline_readiness(tiny_pair: tu
                  REFINERY_THREADS="1")  # fmt: skip
     assert "Precision:  fp32  (precision=full forces fp32)" in human.stdout
     assert "Speed:      threads=1, compiled(frozen)" in human.stdout and "Plan:" in human.stdout
+
+
+def test_doctor_describes_the_tiny_pair_when_it_is_configured() -> None:
+    done = _run(["doctor", "--json"], REFINERY_DEVICE="cpu", REFINERY_PRECISION="full", REFINERY_BASE_MODEL="tiny",
+                REFINERY_REFINER_MODEL="tiny")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["parameters_from"] == "the tiny random-weight pair"
+    assert sum(report["parameters"].values()) < 10**7 and report["weights_bytes_needed"] < 2**27 and report["fits"]
+    human = _run(["doctor"], REFINERY_BASE_MODEL="tiny", REFINERY_REFINER_MODEL="tiny")
+    assert " M parameters" in human.stdout and "MiB in" in human.stdout and "Writing" not in human.stderr
 
 
 def test_doctor_bad_precision_exits_2() -> None:

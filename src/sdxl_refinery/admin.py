@@ -26,15 +26,30 @@ def _is_local(reference: str) -> bool:
     return isinstance(found, str)
 
 
+def check_models(base_model: str, refiner_model: str) -> None:
+    """Refuse model references that cannot load, from paths and file headers alone: no torch, well under a
+    second, so a typo fails at once instead of after loading everything else.
+
+    Raises:
+        ModelLoadError: no such file or folder, a pickle or foreign file, a checkpoint of the other role, or
+            only one of the pair is `tiny`.
+    """
+    from .engine.sources import check_sources, resolve
+
+    check_sources(resolve(base_model, "base"), resolve(refiner_model, "refiner"))
+
+
 def doctor_report(settings: Settings) -> dict[str, Any]:
     """Device, precision policy and why, memory against need, models present, offline readiness.
 
     Raises:
         InvalidRequest: the configured device or precision is unknown or absent.
+        ModelLoadError: a configured model reference cannot be resolved or its file is refused.
     """
     from .engine.memory import describe_plans
 
-    report = describe_plans(settings.device, settings.precision, settings.speed())
+    report = describe_plans(settings.device, settings.precision, settings.speed(), settings.base_model,
+                            settings.refiner_model)  # fmt: skip
     models = {"base": settings.base_model, "refiner": settings.refiner_model}
     present = {role: _is_local(reference) for role, reference in models.items()}
     return {

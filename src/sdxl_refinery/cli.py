@@ -15,6 +15,7 @@ import re
 import secrets
 import signal
 import time
+import traceback
 import typing
 from enum import Enum
 from pathlib import Path
@@ -22,8 +23,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import admin
 from .cli_admin import doctor, export, load_settings, models_app
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .fields import FieldSpec
@@ -40,6 +42,13 @@ EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
 def _fail(message: str, code: int) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
+
+
+def _print_cause(error: BaseException) -> None:
+    """The stack trace of what caused `error` (`-v`): the library's own frames, where the fault is."""
+    cause = error.__cause__
+    console.print("".join(traceback.format_exception(cause)) if cause is not None else repr(error), markup=False,
+                  highlight=False)  # fmt: skip
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -104,22 +113,35 @@ class _ProgressBar:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
+            TextColumn("{task.fields[elapsed]}"),  # the stage's own time, from its start (not the bar's first draw)
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=console,
         )
         self._tasks: dict[int, Any] = {}
         self._stage_start: dict[int, float] = {}
+        self._last_report: float | None = None
 
     def __call__(self, progress: StepProgress) -> None:
+        now = time.perf_counter()
         if progress.stage not in self._tasks:
             label = "Stage 1/2 base" if progress.stage == 1 else "Stage 2/2 refiner"
-            self._tasks[progress.stage] = self.bar.add_task(label, total=progress.total, rate="")
-            self._stage_start[progress.stage] = time.perf_counter() - progress.elapsed / max(progress.step, 1)
-        elapsed = time.perf_counter() - self._stage_start[progress.stage]
+            self._tasks[progress.stage] = self.bar.add_task(label, total=progress.total, rate="", elapsed="")
+            # A stage starts where the previous one ended; the first where the run started.
+            self._stage_start[progress.stage] = self._last_report or now - progress.elapsed
+        self._last_report = now
+        elapsed = now - self._stage_start[progress.stage]
         rate = f"{progress.step / elapsed:.2f} it/s" if elapsed > 0 else ""
-        self.bar.update(self._tasks[progress.stage], completed=progress.step, rate=rate)
+        self.bar.update(self._tasks[progress.stage], completed=progress.step, rate=rate,
+                        elapsed=_clock(elapsed))  # fmt: skip
+
+
+def _clock(seconds: float) -> str:
+    """H:MM:SS, with tenths under a minute so a one-step stage does not read 0:00:00."""
+    if seconds < 60:
+        return f"0:00:{seconds:04.1f}"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 async def _run_with_interrupt(service: ImageService, request: GenerationRequest, output: Path) -> Any:
@@ -205,6 +227,7 @@ def _generate(
             device=device or (recorded.get("device") if recorded.get("device") == "cpu" else None),
             precision=precision or recorded.get("precision"), compile=compile_models, threads=threads,
         )  # fmt: skip
+        admin.check_models(settings.base_model, settings.refiner_model)  # a bad path fails now, not after loading
         service = ImageService.from_settings(settings)
         # 3. The run, with progress bars and Ctrl-C as cancel.
         target = _output_file(output, pattern, request.prompt, request.seed or 0)
@@ -216,6 +239,8 @@ def _generate(
     except StorageError as error:
         raise _fail(str(error), EXIT_BAD_INPUT if from_png and not from_png.exists() else EXIT_FAILURE) from None
     except RefineryError as error:
+        if verbose:  # the cause's stack trace, for a report
+            _print_cause(error)
         raise _fail(str(error), EXIT_FAILURE) from None
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     refined = "refined" if result.refined else f"NOT refined ({result.refinement_error or 'disabled'})"

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from . import admin
 from .config import Settings
-from .errors import InvalidRequest, RefineryError
+from .errors import InvalidRequest, ModelLoadError, RefineryError
 
 models_app = typer.Typer(help="Download, list and check models.", no_args_is_help=True)
 out = Console()
@@ -40,15 +40,19 @@ def load_settings(**flags: Any) -> Settings:
 
 
 def _gib(value: int | None) -> str:
-    return "unknown" if value is None else f"{value / 2**30:.1f} GiB"
+    if value is None:
+        return "unknown"
+    return f"{value / 2**30:.1f} GiB" if value >= 2**27 else f"{value / 2**20:.1f} MiB"
 
 
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Device, precision and why, memory against what SDXL needs, models present, offline readiness."""
+    """Device, precision and why, memory against what the configured models need, models present, offline readiness."""
     try:
         report = admin.doctor_report(load_settings())
     except InvalidRequest as error:
         raise _fail(str(error), 2) from None
+    except ModelLoadError as error:
+        raise _fail(str(error), 1) from None
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -56,8 +60,10 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     out.print(f"Device:     {report['device']}")
     out.print(f"Precision:  {report['precision']}  ({report['why']})")
     params = sum(report["parameters"].values())
-    out.print(f"Weights:    {params / 1e9:.2f} B parameters (base + refiner UNet, shared encoder 2 and VAE) "
+    count = f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params / 1e6:.2f} M"
+    out.print(f"Weights:    {count} parameters (base + refiner UNet, shared encoder 2 and VAE) "
               f"= {_gib(report['weights_bytes_needed'])} in {report['precision'].split('+')[0]}")  # fmt: skip
+    out.print(f"            from {report['parameters_from']}")
     out.print(f"Memory:     {report['memory_label']} {_gib(report['memory_available_bytes'])}: {fits}")
     if report["memory_plan"]:
         out.print(f"Plan:       {report['memory_plan']}")

@@ -8,6 +8,7 @@ device: no weights are allocated.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from . import sgm_keys
 from .single_file import inspect_checkpoint, read_header, shipped_config
-from .sources import short_hash, weights_file
+from .sources import ModelSource, SourceKind, check_sources, resolve, short_hash, weights_file
+from .tiny import build_tiny_pair
 
 
 def _meta_components(config: dict[str, Any]) -> dict[str, torch.nn.Module]:
@@ -34,11 +36,60 @@ def _meta_components(config: dict[str, Any]) -> dict[str, torch.nn.Module]:
     return parts
 
 
-def parameter_counts(kind: str) -> dict[str, int]:
-    """Parameters of each component of shipped SDXL `kind` (`sdxl-base` or `sdxl-refiner`)."""
-    return {
-        name: sum(p.numel() for p in part.parameters()) for name, part in _meta_components(shipped_config(kind)).items()
-    }
+def parameter_counts(kind: str, config: dict[str, Any] | None = None) -> dict[str, int]:
+    """Parameters of each component of `config`, by default shipped SDXL `kind` (`sdxl-base`, `sdxl-refiner`)."""
+    parts = _meta_components(config or shipped_config(kind))
+    return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    """The component configs of a diffusers folder."""
+    config = {}
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        path = folder / component / "config.json"
+        if path.is_file():
+            config[component] = json.loads(path.read_text(encoding="utf-8"))
+    return config
+
+
+def configured_counts(base_model: str, refiner_model: str) -> tuple[dict[str, int], str]:
+    """Parameters of the configured pair (base components, then the refiner's UNet; encoder 2 and the VAE are
+    shared), and where the figures come from. Nothing is loaded: configs only, on the meta device.
+
+    Raises:
+        ModelLoadError: a reference cannot be resolved or its file is refused.
+    """
+    base, refiner = resolve(base_model, "base"), resolve(refiner_model, "refiner")
+    check_sources(base, refiner)
+    if base.kind is SourceKind.TINY:
+        with tempfile.TemporaryDirectory(prefix="refinery-doctor-") as scratch:
+            tiny_base, tiny_refiner = build_tiny_pair(Path(scratch))
+        modules = {"unet": tiny_base.unet, "vae": tiny_base.vae, "text_encoder_2": tiny_base.text_encoder_2,
+                   "text_encoder": tiny_base.text_encoder, "refiner unet": tiny_refiner.unet}  # fmt: skip
+        return {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}, (
+            "the tiny random-weight pair"
+        )
+    (base_config, base_origin), (refiner_config, refiner_origin) = (
+        _source_config(base, "sdxl-base"),
+        _source_config(refiner, "sdxl-refiner"),
+    )
+    counts = parameter_counts("sdxl-base", base_config)
+    counts["refiner unet"] = parameter_counts("sdxl-refiner", refiner_config)["unet"]
+    return counts, f"base {base.describe()} ({base_origin}); refiner {refiner.describe()} ({refiner_origin})"
+
+
+def _source_config(source: ModelSource, kind: str) -> tuple[dict[str, Any], str]:
+    if source.kind is SourceKind.SINGLE_FILE:
+        return inspect_checkpoint(Path(source.location)).config, "its file's header"
+    if source.kind is SourceKind.FOLDER:
+        return _folder_config(Path(source.location)), "its folder's configs"
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(source.location, local_files_only=True, allow_patterns=["*.json"]))
+        return _folder_config(folder), "its cached configs"
+    except OSError:
+        return shipped_config(kind), "SDXL 1.0's configs: not downloaded yet"
 
 
 def expected_sgm_shapes(config: dict[str, Any], kind: str) -> dict[str, tuple[int, ...]]:

@@ -18,12 +18,10 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from ..errors import ModelLoadError
 from .device import Placement
 from .single_file import inspect_checkpoint, materialize_config
-from .sources import ModelSource, SourceKind, default_hash_cache, short_hash, weights_file
+from .sources import ModelSource, SourceKind, check_sources, default_hash_cache, short_hash, weights_file
 from .tiny import build_tiny_pair
 
 log = logging.getLogger(__name__)
-
-_EXPECTED_KIND = {"base": "sdxl-base", "refiner": "sdxl-refiner"}
 
 
 @dataclass
@@ -44,13 +42,11 @@ class LoadedPair:
 def _from_single_file(pipeline_class: Any, source: ModelSource, role: str, placement: Placement, **shared: Any) -> Any:
     """Load an SGM single file with configs shipped in the package: no network."""
     path = Path(source.location)
-    info = inspect_checkpoint(path)
-    if info.kind != _EXPECTED_KIND[role]:
-        raise ModelLoadError(f"{role} model {path}: is an {info.kind} checkpoint, expected {_EXPECTED_KIND[role]}")
+    info = inspect_checkpoint(path)  # its kind was checked with the pair (sources.check_sources)
     with tempfile.TemporaryDirectory(prefix="refinery-config-") as scratch:
         config_folder = materialize_config(info.config, Path(scratch))
         return pipeline_class.from_single_file(
-            str(path), config=str(config_folder), local_files_only=True, torch_dtype=placement.dtype, **shared
+            str(path), config=str(config_folder), local_files_only=True, dtype=placement.dtype, **shared
         )
 
 
@@ -80,7 +76,7 @@ def _load(pipeline_class: Any, source: ModelSource, role: str, placement: Placem
             return _from_single_file(pipeline_class, source, role, placement, **shared)
         return pipeline_class.from_pretrained(
             source.location,
-            torch_dtype=placement.dtype,
+            dtype=placement.dtype,
             use_safetensors=True,
             variant=_variant(source, placement),
             **shared,
@@ -88,8 +84,41 @@ def _load(pipeline_class: Any, source: ModelSource, role: str, placement: Placem
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:
+        if source.kind is SourceKind.HUB and _hub_unreachable(error):
+            raise ModelLoadError(_offline_message(role, source.location, error)) from error
         hint = " (safetensors only: .bin/pickle weights are refused)" if "safetensors" in str(error) else ""
         raise ModelLoadError(f"{role} model {source.location}: could not be loaded{hint}: {error}") from error
+
+
+_UNREACHABLE = ("outgoing traffic has been disabled", "couldn't connect", "could not connect", "local_files_only",
+                "connection", "offline", "name resolution", "timed out")  # fmt: skip
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether a Hub load failed because the files are not cached and the Hub cannot be reached."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, LocalEntryNotFoundError) or any(mark in str(seen).lower() for mark in _UNREACHABLE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _offline_message(role: str, hub_id: str, error: BaseException) -> str:
+    """What happened and what to do next, for weights that are neither cached nor downloadable."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = first_line if len(first_line) <= 160 else first_line[:160].rsplit(" ", 1)[0] + " ..."
+    return (
+        f"{role} model {hub_id}: not in the local Hugging Face cache ({HF_HUB_CACHE}) and the Hub cannot be "
+        f"reached ({cause}). SDXL base and refiner 1.0 come from the Hub: about 13 GB, downloaded once into "
+        "that cache. Next: with network, run `refinery models pull` (or run this again); offline, pass local "
+        "weights with --base/--refiner (a .safetensors checkpoint or a diffusers folder), or prove the install "
+        "with the tiny random-weight pair: --base tiny --refiner tiny (make generate MODEL=tiny)."
+    )
 
 
 def _hash(source: ModelSource) -> str | None:
@@ -114,10 +143,9 @@ def load_pair(base_source: ModelSource, refiner_source: ModelSource, placement: 
     """Load base and refiner onto `placement`'s device and dtypes.
 
     Raises:
-        ModelLoadError: a model cannot be loaded, or only one of the pair is `tiny`.
+        ModelLoadError: a model cannot be loaded, or the pair is refused by `check_sources`.
     """
-    if (base_source.kind is SourceKind.TINY) != (refiner_source.kind is SourceKind.TINY):
-        raise ModelLoadError("the tiny model comes as a pair: set both base and refiner to `tiny`")
+    check_sources(base_source, refiner_source)
     if base_source.kind is SourceKind.TINY:
         with tempfile.TemporaryDirectory(prefix="refinery-tiny-") as workdir:
             base, refiner = build_tiny_pair(Path(workdir))

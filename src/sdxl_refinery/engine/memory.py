@@ -103,19 +103,19 @@ def initial_plan(
     return choose_plan(device, weights, largest_part, working, free)
 
 
-def describe_plans(device: str, precision: str, speed: Any) -> dict[str, Any]:
-    """What the engine would choose for the configured SDXL pair, without loading it (for `refinery doctor`).
+def describe_plans(device: str, precision: str, speed: Any, base_model: str, refiner_model: str) -> dict[str, Any]:
+    """What the engine would choose for the configured pair, without loading it (for `refinery doctor`).
 
     Raises:
         InvalidRequest: unknown or absent device, unknown precision.
+        ModelLoadError: a model reference cannot be resolved or its file is refused.
     """
     from .device import choose_placement
-    from .inventory import parameter_counts
+    from .inventory import configured_counts
     from .speed import choose_speed_plan
 
     placement = choose_placement(device, precision)
-    counts = {**parameter_counts("sdxl-base")}
-    counts["refiner unet"] = parameter_counts("sdxl-refiner")["unet"]  # encoder 2 and VAE are shared
+    counts, described = configured_counts(base_model, refiner_model)
     element_size = placement.dtype.itemsize
     need = sum(counts.values()) * element_size
     free = free_bytes(placement.device)
@@ -125,6 +125,7 @@ def describe_plans(device: str, precision: str, speed: Any) -> dict[str, Any]:
         "precision": placement.precision_name,
         "why": placement.reason,
         "parameters": counts,
+        "parameters_from": described,
         "weights_bytes_needed": need,
         "memory_label": "GPU memory free" if placement.device.startswith("cuda") else "RAM available",
         "memory_available_bytes": free,

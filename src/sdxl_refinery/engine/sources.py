@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
-from .tiny import TINY_NAME
+from .single_file import inspect_checkpoint
+
+TINY_NAME = "tiny"  # the random-weight pair built from configs (engine/tiny.py)
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +76,32 @@ def resolve(reference: str, role: str) -> ModelSource:
         return ModelSource(SourceKind.FOLDER, str(path.resolve()), path.resolve().name)
     if path.is_file():
         return ModelSource(SourceKind.SINGLE_FILE, str(path.resolve()), path.stem)
+    if path.suffix.lower() in _FILE_SUFFIXES:  # "models/x.safetensors" would pass for a Hub id
+        raise ModelLoadError(f"{role} model {reference}: no such file")
     if _HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
         return ModelSource(SourceKind.HUB, reference, reference.split("/")[-1])
     raise ModelLoadError(f"{role} model {reference!r}: no such folder, and not a Hub id of the form owner/name")
+
+
+_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+_EXPECTED_KIND = {"base": "sdxl-base", "refiner": "sdxl-refiner"}
+
+
+def check_sources(base: ModelSource, refiner: ModelSource) -> None:
+    """Refuse a pair that cannot load, from file headers alone (no torch, well under a second).
+
+    Raises:
+        ModelLoadError: a single file that is pickle, truncated, foreign or of the other role; or only
+            one of the pair is `tiny`.
+    """
+    for role, source in (("base", base), ("refiner", refiner)):
+        if source.kind is SourceKind.SINGLE_FILE:
+            path = Path(source.location)
+            kind = inspect_checkpoint(path).kind
+            if kind != _EXPECTED_KIND[role]:
+                raise ModelLoadError(f"{role} model {path}: is an {kind} checkpoint, expected {_EXPECTED_KIND[role]}")
+    if (base.kind is SourceKind.TINY) != (refiner.kind is SourceKind.TINY):
+        raise ModelLoadError("the tiny model comes as a pair: set both base and refiner to `tiny`")
 
 
 def default_hash_cache() -> Path:

@@ -24,7 +24,6 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-TINY_NAME = "tiny"
 # Different widths for the two encoders, as in SDXL (768 and 1280), so nothing can confuse one for the other.
 _TEXT_HIDDEN = 32
 _TEXT_HIDDEN_2 = 48

@@ -1,0 +1,105 @@
+"""`Engine`: a loaded base + refiner pair on one device, ready to run requests."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..options import Precision, SpeedOptions
+from ..request import CancelToken, GenerationRequest, ProgressCallback
+from .device import Placement, choose_placement
+from .loader import LoadedPair, load_pair, pair_modules, place_pair
+from .memory import initial_plan, module_bytes
+from .recovery import MemoryPlan
+from .run import EngineOutput, TwoStageRunner
+from .sources import ModelSource, resolve
+from .speed import SpeedPlan, active_optimizations, apply_speed_plan, choose_speed_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    """A loaded base + refiner pair on one device, ready to run requests.
+
+    Not thread-safe: diffusers pipelines keep scheduler state, so one caller
+    at a time (the service's single engine thread) owns an `Engine`.
+    """
+
+    placement: Placement
+    pair: LoadedPair
+    runner: TwoStageRunner
+    speed: SpeedPlan
+
+    @classmethod
+    def load(
+        cls,
+        base_model: str,
+        refiner_model: str,
+        device: str = "auto",
+        precision: Precision | str = Precision.AUTO,
+        speed: SpeedOptions | None = None,
+    ) -> Engine:
+        """Resolve, place and load the pair, then apply the speed plan for the device.
+
+        Raises:
+            InvalidRequest: unknown or absent device, unknown precision.
+            ModelLoadError: a model reference cannot be resolved or loaded.
+        """
+        placement = choose_placement(device, precision)
+        log.info("Device %s, precision %s: %s", placement.device, placement.precision_name, placement.reason)
+        base_source: ModelSource = resolve(base_model, "base")
+        refiner_source: ModelSource = resolve(refiner_model, "refiner")
+        # 1. Load both pipelines into CPU memory, in the policy's dtypes.
+        pair = load_pair(base_source, refiner_source, placement)
+        # 2. Pick the memory plan from the device's free memory, then place the models.
+        memory_plan = _initial_memory_plan(pair, placement)
+        place_pair(pair, placement, offload=memory_plan.offload is not None)
+        # 3. Layout, fused projections, compilation, threads.
+        plan = choose_speed_plan(placement, speed, offload=memory_plan.offload is not None)
+        pair.base.unet, pair.refiner.unet = apply_speed_plan([pair.base.unet, pair.refiner.unet], pair.base.vae, plan)
+        log.info("Speed plan: %s", ", ".join(plan.names()) or "plain eager models")
+        return cls(placement, pair, TwoStageRunner(pair, placement, memory_plan), plan)
+
+    @property
+    def memory_plan(self) -> str:
+        """The memory plan the next run starts under."""
+        return self.runner.memory_plan.name
+
+    @property
+    def optimizations(self) -> list[str]:
+        """Speed options in effect, read from the models themselves."""
+        return active_optimizations([self.pair.base.unet, self.pair.refiner.unet], self.pair.base.vae)
+
+    @property
+    def models(self) -> dict[str, str]:
+        """The resolved references, for every image's metadata."""
+        return {
+            "base": self.pair.base_source.name,
+            "base_source": self.pair.base_source.describe(),
+            "refiner": self.pair.refiner_source.name,
+            "refiner_source": self.pair.refiner_source.describe(),
+            **{f"{role}_hash": value for role, value in self.pair.hashes.items()},
+        }
+
+    def run(
+        self,
+        request: GenerationRequest,
+        seeds: list[int],
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        preview_every: int = 0,
+    ) -> EngineOutput:
+        """Run one request; see `TwoStageRunner.run`."""
+        return self.runner.run(request, seeds, on_progress, cancel, preview_every)
+
+
+def _initial_memory_plan(pair: LoadedPair, placement: Placement) -> MemoryPlan:
+    """The lightest plan not needed for the documented recipe (1024x1024, one image); see memory.py."""
+    modules = pair_modules(pair)
+    weights = module_bytes(modules)
+    largest = max(module_bytes([module]) for module in modules)
+    # On CPU the weights already sit in the RAM being measured; elsewhere they are still to be placed.
+    plan, reason = initial_plan(placement.device, weights, largest, placement.dtype.itemsize, placement.device == "cpu")
+    log.info("Memory plan %s", reason)
+    return plan
