@@ -247,3 +247,58 @@ def test_samplers_and_schedules_are_offered_and_sent(web: RunningServer, page: P
     p.wait_for_selector(".job.succeeded")
     request = web.client.get("/v1/jobs").json()["items"][0]["request"]
     assert (request["sampler"], request["scheduler"], request["refiner_sampler"]) == ("DPM++ 2M", "Karras", None)
+
+
+SELECT_TEXT_FITS = """() => {
+  const context = document.createElement('canvas').getContext('2d');
+  return [...document.querySelectorAll('select')].filter(s => s.offsetParent !== null).map(select => {
+    const style = getComputedStyle(select);
+    context.font = `${style.fontSize} ${style.fontFamily}`;
+    const widest = Math.max(...[...select.options].map(o => context.measureText(o.text).width));
+    const room = select.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight) - 20;
+    return {id: select.id, fits: widest <= room, widest, room};
+  }).filter(row => !row.fits);
+}"""
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_the_page_looks_finished(web: RunningServer, browser: Browser, width: int) -> None:
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    p = context.new_page()
+    p.goto(web.url + "/")
+    p.wait_for_selector("#app:not([hidden])")
+    # Empty states say what to do; an empty gallery has no pager.
+    p.wait_for_selector("#no-images:not([hidden])")
+    assert "No images yet" in p.inner_text("#no-images") and p.is_hidden("#pager")
+    assert "press Generate" in p.inner_text("#no-jobs")
+    if width > 720:  # beside the form, the idle Jobs panel is as tall as its content, not the form
+        jobs_height = p.evaluate("document.querySelector('#jobs-title').parentElement.offsetHeight")
+        assert jobs_height < 0.5 * p.evaluate("document.querySelector('#generate-form').offsetHeight")
+    p.click("#advanced summary")
+    assert p.evaluate(SELECT_TEXT_FITS) == []  # no option text cut off, Advanced's selects included
+    shot(p, f"09-idle-{width}")
+    p.click("#advanced summary")  # closed again: fill_small_job opens it
+    # A favicon, for the tab and for browsers that ask for /favicon.ico.
+    assert p.get_attribute("link[rel=icon]", "href") == "favicon.svg"
+    for name in ("favicon.ico", "favicon.svg"):
+        icon = web.client.get(f"/{name}")
+        assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/")
+    # A finished image: a thumbnail with its prompt and seed, alt text readable before the image loads.
+    fill_small_job(p, steps=4, refiner_steps=2, prompt="a quiet harbour")
+    p.uncheck("#random-seed")
+    p.fill("#seed", "77")
+    p.click("#submit")
+    p.wait_for_selector("#gallery button.thumb")
+    captions = p.inner_text("#gallery button.thumb")
+    assert "a quiet harbour" in captions and "seed 77" in captions
+    assert p.evaluate("getComputedStyle(document.querySelector('#gallery img')).color") != "rgb(255, 255, 255)"
+    shot(p, f"10-done-{width}")
+    # The viewer's backdrop covers the whole page.
+    p.wait_for_selector("#gallery img[src^='blob:']")
+    p.click("#gallery button.thumb")
+    p.wait_for_selector("#viewer[open]")
+    backdrop = p.evaluate("""(() => { const s = getComputedStyle(document.querySelector('#viewer'), '::backdrop');
+        return [s.position, s.backgroundColor]; })()""")
+    assert backdrop == ["fixed", "rgba(0, 0, 0, 0.6)"]
+    shot(p, f"11-viewer-{width}")
+    context.close()

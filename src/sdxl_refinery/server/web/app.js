@@ -157,7 +157,8 @@ function generatedInput(field) {
   const wrapper = document.createElement("div");
   const label = document.createElement("label");
   label.htmlFor = field.name;
-  label.textContent = field.name.replaceAll("_", " ").replace(/^./, (c) => c.toUpperCase());
+  // A1111's wording where the field has a PNG label ("Schedule type"), else its name in words.
+  label.textContent = field.label || field.name.replaceAll("_", " ").replace(/^./, (c) => c.toUpperCase());
   let input;
   if (field.type === "enum") {
     input = document.createElement("select");
@@ -400,12 +401,20 @@ async function loadGallery() {
       button.dataset.job = job.id;
       const image = document.createElement("img");
       image.alt = `${job.request.prompt} (seed ${job.result.seeds[index]})`;
-      button.append(image);
+      const caption = document.createElement("span");
+      caption.className = "caption";
+      caption.textContent = job.request.prompt;
+      const seed = document.createElement("span");
+      seed.className = "caption seed";
+      seed.textContent = `seed ${job.result.seeds[index]}`;
+      button.append(image, caption, seed);
       button.addEventListener("click", () => openViewer(job, index));
       gallery.append(button);
       blobUrl(`/v1/images/${job.id}/${name}`).then((url) => (image.src = url)).catch(() => {});
     }
   }
+  $("#no-images").hidden = page.total > 0;
+  $("#pager").hidden = page.total <= PAGE_SIZE;
   const pages = Math.max(1, Math.ceil(page.total / PAGE_SIZE));
   $("#page-info").textContent = `Page ${Math.floor(state.galleryOffset / PAGE_SIZE) + 1} of ${pages}`;
   $("#newer").disabled = state.galleryOffset === 0;
