@@ -25,9 +25,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-## Render PROMPT with SDXL base + refiner (MODEL=tiny for the offline tiny pair).
+## Render PROMPT with SDXL base + refiner (MODEL=tiny for the offline tiny pair: the same 50 + 30 steps at
+## 256x256, a smoke run of seconds that proves the install).
 generate: install
-	$(VENV)/bin/refinery generate "$(PROMPT)" -o "$(OUTPUT)" $(if $(MODEL),--base $(MODEL) --refiner $(MODEL))
+	$(VENV)/bin/refinery generate "$(PROMPT)" -o "$(OUTPUT)" $(if $(MODEL),--base $(MODEL) --refiner $(MODEL)) \
+		$(if $(filter tiny,$(MODEL)),--size 256x256)
 
 ## Debian packages the tests drive for real (browser, Redis); installed only when missing.
 system-deps:

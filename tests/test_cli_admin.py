@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from sdxl_refinery.engine.speed import usable_cpus
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REFINERY = [sys.executable, "-m", "sdxl_refinery"]
 
@@ -105,3 +108,27 @@ def test_models_list_shows_the_configured_pair(tiny_pair: tuple[Path, Path], tmp
     done = _run(["models", "list"], REFINERY_BASE_MODEL=str(tiny_pair[0]), HF_HOME=str(tmp_path), COLUMNS="300")
     assert done.returncode == 0
     assert "base" in done.stdout and str(tiny_pair[0]) in done.stdout
+
+
+def test_a_run_says_up_front_what_it_will_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    from sdxl_refinery import admin
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    notice = admin.download_notice("stabilityai/stable-diffusion-xl-base-1.0",
+                                   "stabilityai/stable-diffusion-xl-refiner-1.0")  # fmt: skip
+    assert notice is not None and "about 13 GB" in notice and str(tmp_path / "hub") in notice
+    assert "--base tiny --refiner tiny" in notice
+    assert admin.download_notice("tiny", "tiny") is None
+
+
+def test_the_smoke_run_renders_the_full_recipe_small() -> None:
+    """`make generate MODEL=tiny` proves the install in seconds: the same 50 + 30 steps, at 256x256."""
+    done = subprocess.run(["make", "-n", "generate", "MODEL=tiny"], cwd=ROOT, capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    command = done.stdout[done.stdout.rindex("refinery generate") :]
+    assert "--base tiny --refiner tiny" in command and "--size 256x256" in command and "--steps" not in command
+    default = subprocess.run(["make", "-n", "generate"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "--size" not in default.stdout[default.stdout.rindex("refinery generate") :]

@@ -39,6 +39,19 @@ def check_models(base_model: str, refiner_model: str) -> None:
     check_sources(resolve(base_model, "base"), resolve(refiner_model, "refiner"))
 
 
+def download_notice(base_model: str, refiner_model: str) -> str | None:
+    """What a run is about to download, said before it starts (None when everything is local, or when the
+    Hub is switched off: the load then fails saying what to do)."""
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    missing = [reference for reference in (base_model, refiner_model) if not _is_local(reference)]
+    if not missing or HF_HUB_OFFLINE:
+        return None
+    size = " (SDXL base + refiner 1.0: about 13 GB)" if len(missing) == 2 else ""
+    return (f"Downloading {' and '.join(missing)} from the Hugging Face Hub{size} into {HF_HUB_CACHE}, once; "
+            "later runs load from there. To try the install without it: --base tiny --refiner tiny.")  # fmt: skip
+
+
 def doctor_report(settings: Settings) -> dict[str, Any]:
     """Device, precision policy and why, memory against need, models present, offline readiness.
 

@@ -228,6 +228,8 @@ def _generate(
             precision=precision or recorded.get("precision"), compile=compile_models, threads=threads,
         )  # fmt: skip
         admin.check_models(settings.base_model, settings.refiner_model)  # a bad path fails now, not after loading
+        if (notice := admin.download_notice(settings.base_model, settings.refiner_model)) is not None:
+            console.print(notice)
         service = ImageService.from_settings(settings)
         # 3. The run, with progress bars and Ctrl-C as cancel.
         target = _output_file(output, pattern, request.prompt, request.seed or 0)
