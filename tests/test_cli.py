@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -261,3 +262,16 @@ def test_progress_bars_time_each_stage_from_its_own_start(monkeypatch: pytest.Mo
     one_step = cli._ProgressBar()
     one_step(Progress(1, 1, 1, elapsed=1.5, eta=0.0))  # a one-step run, 1.5 s in
     assert one_step.bar.tasks[0].fields["elapsed"] == "0:00:01.5"
+
+
+def test_info_never_prints_raw_control_characters(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """A PNG from elsewhere can carry terminal escape sequences in its text; `info` shows them escaped."""
+    from PIL import PngImagePlugin
+
+    chunks = PngImagePlugin.PngInfo()
+    chunks.add_text("parameters", "a \x1b[2J\x1b[31mred\x1b[0m cat\nSteps: 2, Seed: 1")
+    chunks.add_text("refinery", json.dumps({"request": {"prompt": "x"}, "seeds": [1]}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "odd.png", pnginfo=chunks)
+    done = _run(["info", str(tmp_path / "odd.png")], tiny_pair)
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "a \\x1b[2J\\x1b[31mred\\x1b[0m cat\nSteps: 2" in done.stdout

@@ -17,6 +17,7 @@ import signal
 import time
 import traceback
 import typing
+import unicodedata
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,6 +50,12 @@ def _print_cause(error: BaseException) -> None:
     cause = error.__cause__
     console.print("".join(traceback.format_exception(cause)) if cause is not None else repr(error), markup=False,
                   highlight=False)  # fmt: skip
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters other than newline and tab shown as escapes (`\\x1b`), never sent raw."""
+    return "".join(char if char in "\n\t" or unicodedata.category(char) != "Cc" else repr(char)[1:-1]
+                   for char in text)  # fmt: skip
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -276,9 +283,9 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by Refinery."
         raise _fail(str(error), EXIT_BAD_INPUT) from None
     parameters = metadata.pop("parameters", None)
     if parameters:
-        typer.echo(parameters)
+        typer.echo(_printable(parameters))  # a PNG from elsewhere may carry terminal escape sequences
         typer.echo("")
-    typer.echo(json.dumps(metadata, indent=2, sort_keys=True))
+    typer.echo(json.dumps(metadata, indent=2, sort_keys=True))  # JSON escapes control characters itself
 
 
 @app.command()

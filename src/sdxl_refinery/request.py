@@ -9,6 +9,7 @@ rule before any model work starts.
 from __future__ import annotations
 
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -133,10 +134,16 @@ class GenerationRequest(BaseModel):
         except ValidationError as error:
             raise invalid_request_from(error) from None
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _text_is_plain(cls, value: str) -> str:
+        return check_prompt_text(value)
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
+        # Zero-width and other invisible format characters (Unicode category Cf) are blank too.
+        if all(char.isspace() or unicodedata.category(char) == "Cf" for char in value):
             raise ValueError("must not be empty or blank")
         return value
 
@@ -206,6 +213,27 @@ class GenerationRequest(BaseModel):
 
 
 REQUEST_FIELDS: list[FieldSpec] = field_table(GenerationRequest)
+
+_NEGATIVE_LINE = "negative prompt:"
+
+
+def check_prompt_text(value: str) -> str:
+    """A prompt is text a PNG can carry back unchanged: valid Unicode, no control characters but tab and newline,
+    and no line that would read back as the `Negative prompt:` line of A1111's parameters text.
+
+    Raises:
+        ValueError: naming the character and its place, or the line.
+    """
+    for position, char in enumerate(value):
+        if 0xD800 <= ord(char) <= 0xDFFF:
+            raise ValueError(f"must be valid Unicode text: a lone surrogate U+{ord(char):04X} at position {position}")
+        if unicodedata.category(char) == "Cc" and char not in "\t\n\r":
+            raise ValueError(f"must not contain control characters: U+{ord(char):04X} at position {position}")
+    for line in value.replace("\r", "\n").split("\n"):
+        if line.lower().startswith(_NEGATIVE_LINE):
+            raise ValueError("must not have a line starting with 'Negative prompt:' (in a PNG's parameters it would "
+                             "read back as the negative prompt; use the negative prompt field)")  # fmt: skip
+    return value
 
 
 def invalid_request_from(error: ValidationError) -> InvalidRequest:

@@ -30,6 +30,7 @@ from ..jobs.store import JobStore, QueueFull
 from ..jobs.worker import Worker
 from ..png import check_writable_folder
 from ..service import ImageService
+from .head import HeadAsGet
 from .routes import a1111, a1111_options, jobs, openai, ops
 from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import OPENAI_PATHS, openai_error, openai_param
@@ -183,4 +184,5 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])  # fmt: skip
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(HeadAsGet)
     return app

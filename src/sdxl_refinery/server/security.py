@@ -15,7 +15,7 @@ def presented_key(header: str) -> str | None:
     """The API key in an Authorization header: Bearer, or the password of HTTP Basic; None if neither."""
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer":
-        return value.strip()
+        return _utf8(value.strip())
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
@@ -23,6 +23,14 @@ def presented_key(header: str) -> str | None:
             return None
         return decoded.partition(":")[2]  # A1111's --api-auth user:password: the password is the key
     return None
+
+
+def _utf8(header_text: str) -> str:
+    """A header value as the client wrote it: HTTP servers decode header bytes as latin-1, clients send UTF-8."""
+    try:
+        return header_text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return header_text
 
 
 def require_api_key(request: Request) -> None:

@@ -1,0 +1,52 @@
+"""Careless and hostile input gets a 4xx naming the field, never a 500 (part of the hardening issue)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from .conftest import RunningServer, ServerFactory
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "said"),
+    [("\ud800 a lone surrogate", "lone surrogate U+D800"),
+     ("a \x1b[31mred\x1b[0m cat", "control characters: U+001B"),
+     ("\u200b\u200c\u200d\ufeff", "must not be empty or blank"),
+     ("a cat\nNegative prompt: forged", "Negative prompt:")],
+)  # fmt: skip
+def test_bad_prompt_text_is_a_422_naming_the_prompt(server: RunningServer, prompt: str, said: str) -> None:
+    def post(route: str) -> httpx.Response:  # JSON escapes (\\ud800), as a browser's JSON.stringify sends them
+        return server.client.post(route, content=json.dumps({"prompt": prompt}), headers=JSON)
+
+    for route in ("/v1/jobs", "/sdapi/v1/txt2img"):
+        answer = post(route)
+        assert answer.status_code == 422, (route, answer.text)
+        detail = answer.json()["detail"][0]
+        assert detail["loc"][-1] == "prompt" and said in detail["msg"]
+    openai = post("/v1/images/generations")
+    assert openai.status_code == 400 and openai.json()["error"]["param"] == "prompt"
+    assert server.client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_multiline_prompts_still_work(server: RunningServer) -> None:
+    answer = server.client.post("/v1/jobs", json={"prompt": "a cat\non a mat\twith a hat", "num_inference_steps": 2})
+    assert answer.status_code == 202
+
+
+def test_head_answers_every_get_route(server: RunningServer) -> None:
+    for path in ("/health", "/ready", "/v1/jobs", "/v1/schema", "/sdapi/v1/options", "/", "/favicon.ico"):
+        head, get = httpx.head(server.url + path), httpx.get(server.url + path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+
+
+def test_a_key_with_spaces_and_non_ascii_characters_matches(server_factory: ServerFactory) -> None:
+    with server_factory(api_key="clé secrète 42") as server:
+        bearer = {"Authorization": "Bearer clé secrète 42".encode()}  # UTF-8 bytes on the wire
+        assert httpx.get(server.url + "/v1/jobs", headers=bearer).status_code == 200
+        assert httpx.get(server.url + "/v1/jobs", headers={"Authorization": "Bearer cle secrete 42"}).status_code == 401
