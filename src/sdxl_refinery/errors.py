@@ -39,3 +39,44 @@ class GenerationFailed(RefineryError):
 
 class StorageError(RefineryError):
     """An image or record could not be written; nothing partial was left behind."""
+
+
+class StoreUnavailable(RefineryError):
+    """The job store cannot be read or written now: a full disk, a read-only or damaged database, a lost
+    connection. The server answers 503 (507 for a full disk) and its worker retries until it works again.
+
+    Attributes:
+        disk_full: the cause is a full disk.
+    """
+
+    def __init__(self, message: str, disk_full: bool = False) -> None:
+        self.disk_full = disk_full
+        super().__init__(message)
+
+
+def is_read_only(error: BaseException) -> bool:
+    """Whether `error`, or anything that caused it, is a read-only file system or database."""
+    import errno
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if (isinstance(seen, OSError) and seen.errno == errno.EROFS) or "readonly database" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or anything that caused it, is a full disk (ENOSPC, EDQUOT, SQLite's "disk is full")."""
+    import errno
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, StoreUnavailable) and seen.disk_full:
+            return True
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "disk is full" in str(seen) or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

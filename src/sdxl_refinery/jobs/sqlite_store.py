@@ -8,13 +8,16 @@ on the oldest queued row, so two workers never take the same job.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import StoreUnavailable, is_disk_full
 from ..request import GenerationRequest
 from .models import Job, JobProgress, JobStatus
 from .sqlite_migrations import migrate
@@ -47,8 +50,16 @@ class SQLiteJobStore(JobStore):
     # -- helpers -------------------------------------------------------------------------------
 
     def _execute(self, sql: str, *args: Any) -> builtins.list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._guarded():
             return self._db.execute(sql, args).fetchall()
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """SQLite's errors as `StoreUnavailable`: a full disk, a read-only file, damaged pages."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"job database {self.path}: {error}", disk_full=is_disk_full(error)) from error
 
     @staticmethod
     def _job(row: sqlite3.Row) -> Job:
@@ -87,7 +98,7 @@ class SQLiteJobStore(JobStore):
     ) -> tuple[Job, bool]:
         """One transaction: find the job `dedup` accepts, or check the depth and insert a new one."""
         job = Job(id=Job.new_id(), request=request, client=client, fingerprint=dedup.fingerprint if dedup else None)
-        with self._lock:
+        with self._lock, self._guarded():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if dedup is not None:
@@ -108,7 +119,8 @@ class SQLiteJobStore(JobStore):
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         return job, False
 

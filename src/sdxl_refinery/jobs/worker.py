@@ -8,6 +8,7 @@ and never leaves duplicates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import Cancelled, RefineryError
+from ..errors import Cancelled, RefineryError, StorageError, StoreUnavailable, is_disk_full, is_read_only
 from ..request import CancelToken, Progress
 from ..service import ImageService
 from ..steps import plan_steps
@@ -27,6 +28,8 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress rows written to the store
+RETRY_FIRST_SECONDS = 0.5  # a failing job store is retried after this, doubling up to RETRY_MAX_SECONDS
+RETRY_MAX_SECONDS = 10.0
 CANCEL_POLL_INTERVAL = 0.25  # seconds between checks of the store's cancel and interrupt flags (other processes')
 
 
@@ -51,8 +54,10 @@ class _JobReporter:
         metrics: QueueMetrics | None,
         token: CancelToken,
         poll_cancel: bool,
+        on_store_fault: Callable[[StoreUnavailable], None],
     ) -> None:
         self.job = job
+        self.on_store_fault = on_store_fault
         self.store = store
         self.events = events
         self.metrics = metrics
@@ -75,8 +80,11 @@ class _JobReporter:
                               100.0 * done / max(sum(self.totals.values()), 1), progress.eta)  # fmt: skip
         self._unwritten = overall
         if now - self._last_write >= PROGRESS_WRITE_INTERVAL or progress.step == progress.total:
-            self.flush()
             self._last_write = now
+            try:
+                self.flush()
+            except StoreUnavailable as error:  # progress can wait; the job goes on
+                self.on_store_fault(error)
         self.events.publish(self.job.id, "progress", overall.as_dict())
         if progress.preview is not None:
             buffer = io.BytesIO()
@@ -85,10 +93,13 @@ class _JobReporter:
             self.events.publish(self.job.id, "preview", {"step": progress.step, "stage": progress.stage})
         if self.poll_cancel and now - self._last_poll >= CANCEL_POLL_INTERVAL:
             self._last_poll = now
-            if self.store.cancel_requested(self.job.id):
-                self.token.cancel()  # the engine stops at the end of this step
-            elif self.store.interrupt_requested(self.job.id):
-                self.token.interrupt()  # the engine stops at the end of this step and keeps the image
+            try:
+                if self.store.cancel_requested(self.job.id):
+                    self.token.cancel()  # the engine stops at the end of this step
+                elif self.store.interrupt_requested(self.job.id):
+                    self.token.interrupt()  # the engine stops at the end of this step and keeps the image
+            except StoreUnavailable as error:
+                self.on_store_fault(error)
 
     def flush(self) -> None:
         """Store the latest progress if the write interval held it back (so a stopped job shows where it stopped)."""
@@ -131,7 +142,37 @@ class Worker:
         self.name = name
         self.poll_cancel = poll_cancel
         self.current: tuple[str, CancelToken] | None = None
+        self.store_fault: StoreUnavailable | None = None  # the job store fails: cleared when a store call works
+        self.output_fault: StorageError | None = None  # images cannot be written: cleared when a job succeeds
         self._wake = asyncio.Event()
+
+    @property
+    def problem(self) -> RefineryError | None:
+        """What keeps this worker from running jobs now (the server's /ready says it), or None."""
+        return self.store_fault or self.output_fault
+
+    def _store_failed(self, error: StoreUnavailable) -> None:
+        if self.store_fault is None or str(self.store_fault) != str(error):
+            log.error("Job store unavailable: %s; retrying until it works", error)
+        self.store_fault = error
+
+    async def _stored(self, function: Callable[..., Any], *args: Any, stop: asyncio.Event | None = None) -> Any:
+        """A store call, retried with backoff until it works (or `stop` is set: then StoreUnavailable)."""
+        delay = RETRY_FIRST_SECONDS
+        while True:
+            try:
+                result = await asyncio.to_thread(function, *args)
+            except StoreUnavailable as error:
+                self._store_failed(error)
+                if stop is not None and stop.is_set():
+                    raise
+                await _pause(delay, stop)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            if self.store_fault is not None:
+                log.warning("Job store works again")
+                self.store_fault = None
+            return result
 
     def wake(self) -> None:
         """A job was queued: stop waiting."""
@@ -152,9 +193,18 @@ class Worker:
         return False
 
     async def run(self, stop: asyncio.Event, claim_next: Callable[[str], Job | None]) -> None:
-        """Claim and run jobs until `stop` is set; a job still running then goes back to the queue."""
+        """Claim and run jobs until `stop` is set; a job still running then goes back to the queue.
+
+        Store faults never end the loop: they are retried with backoff and shown by `problem`
+        (the server's /ready) until they pass.
+        """
         while not stop.is_set():
-            job = await asyncio.to_thread(claim_next, self.name)
+            if self.output_fault is not None:  # a full disk: give it time before the job is tried again
+                await _pause(RETRY_MAX_SECONDS, stop)
+            try:
+                job = await self._stored(claim_next, self.name, stop=stop)
+            except StoreUnavailable:
+                return  # stopping while the store fails: recovery at the next start takes over
             if job is None:
                 self._wake.clear()
                 waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
@@ -171,7 +221,8 @@ class Worker:
         output = self.storage.output_path(job.id)
         for stale in output.parent.glob(".*.part"):  # a previous attempt died while writing
             stale.unlink()
-        reporter = _JobReporter(job, self.store, self.events, self.metrics, token, self.poll_cancel)
+        reporter = _JobReporter(job, self.store, self.events, self.metrics, token, self.poll_cancel,
+                                self._store_failed)  # fmt: skip
         self.events.publish(job.id, "started", {"attempt": job.attempts})
         started = time.perf_counter()
         status, outcome = await self._generate(job, output, token, reporter, stop)
@@ -192,27 +243,46 @@ class Worker:
                 preview_every=self.preview_every,
             )  # fmt: skip
         except Cancelled:
-            await asyncio.to_thread(reporter.flush)
-            if stop is not None and stop.is_set() and not self.store.get(job.id).cancel_requested:
-                await asyncio.to_thread(self.store.requeue, job.id)  # shutting down: run it again later
+            await self._stored(reporter.flush, stop=stop)
+            if stop is not None and stop.is_set() and not (await self._stored(self.store.get, job.id)).cancel_requested:
+                await self._stored(self.store.requeue, job.id, stop=stop)  # shutting down: run it again later
                 log.info("Job %s re-queued at shutdown", job.id)
                 return JobStatus.QUEUED, {}
-            await asyncio.to_thread(self.store.mark_cancelled, job.id)
+            await self._stored(self.store.mark_cancelled, job.id, stop=stop)
             return JobStatus.CANCELLED, {"error": "cancelled by request"}
+        except StorageError as error:
+            if not (is_disk_full(error) or is_read_only(error)):
+                await self._stored(self.store.fail, job.id, str(error), stop=stop)
+                return JobStatus.FAILED, {"error": str(error)}
+            # A full or read-only disk is not the job's fault: it goes back to the queue and runs once it can.
+            log.error("Job %s back in the queue: %s", job.id, error)
+            self.output_fault = error
+            await self._stored(self.store.requeue, job.id, stop=stop)
+            return JobStatus.QUEUED, {}
         except RefineryError as error:
-            await asyncio.to_thread(self.store.fail, job.id, str(error))
+            await self._stored(self.store.fail, job.id, str(error), stop=stop)
             return JobStatus.FAILED, {"error": str(error)}
         except Exception as error:
             log.exception("Job %s failed", job.id)
             message = f"internal error: {type(error).__name__}: {error}"
-            await asyncio.to_thread(self.store.fail, job.id, message)
+            await self._stored(self.store.fail, job.id, message, stop=stop)
             return JobStatus.FAILED, {"error": message}
         outcome = {"images": [Path(p).name for p in result.paths], "seeds": result.seeds,
                    "metadata": result.metadata()}  # fmt: skip
-        await asyncio.to_thread(self.store.succeed, job.id, outcome)
+        await self._stored(self.store.succeed, job.id, outcome, stop=stop)
+        self.output_fault = None
         return JobStatus.SUCCEEDED, {"result": outcome}
 
     def stop_current(self) -> None:
         """At shutdown: stop the running job within one step (it is re-queued, not cancelled)."""
         if self.current is not None:
             self.current[1].cancel()
+
+
+async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
+    """Wait `seconds`, or less if `stop` is set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

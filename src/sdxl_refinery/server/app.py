@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Settings
-from ..errors import InvalidRequest, RefineryError, StorageError
+from ..errors import InvalidRequest, RefineryError, StorageError, StoreUnavailable
 from ..jobs.events import JobEvents
 from ..jobs.metrics import QueueMetrics
 from ..jobs.sqlite_store import SQLiteJobStore
@@ -85,6 +85,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         if _is_openai(request):
             return openai_error(409, str(error), "invalid_request_error", "idempotency_key_reused")
         return JSONResponse({"detail": str(error)}, status_code=409)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, error: StoreUnavailable) -> JSONResponse:
+        status = 507 if error.disk_full else 503
+        headers = {"Retry-After": "30"}
+        if _is_openai(request):
+            return openai_error(status, str(error), "server_error", "storage_unavailable", headers=headers)
+        return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
 
     @app.exception_handler(NotServed)
     async def not_served(request: Request, error: NotServed) -> JSONResponse:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from ..config import Settings
+from ..errors import StoreUnavailable, is_disk_full
 from ..jobs.events import JobEvents
 from ..jobs.metrics import QueueMetrics
 from ..jobs.models import Job
@@ -60,8 +61,11 @@ class AppState:
             InvalidRequest: a field over this server's caps.
             QueueFull: the queue is at `max_queue`.
             IdempotencyConflict: an Idempotency-Key reused for a different request.
+            StoreUnavailable: the job store or the image disk fails now (503, or 507 for a full disk).
         """
         enforce_limits(request, self.limits)
+        if self.worker is not None and (problem := self.worker.problem) is not None:
+            raise StoreUnavailable(f"not accepting jobs until this passes: {problem}", disk_full=is_disk_full(problem))
         if dedup is not None:
             job, attached = self.store.create_or_attach(request, client, self.settings.max_queue, dedup)
             if attached:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from ...errors import StoreUnavailable
 from ..security import Authorized
 from ..state import AppState, State
 
@@ -51,11 +52,16 @@ def ready(state: State, _: Authorized) -> JSONResponse:
                 "workers": len(live), "error": None}  # fmt: skip
         return JSONResponse(body, status_code=200 if live else 503)
     described: dict[str, Any] = state.service.describe()
+    problem = state.worker.problem if state.worker is not None else None
+    try:
+        depth: int | None = state.store.depth()
+    except StoreUnavailable as error:
+        problem, depth = problem or error, None
     body = {"sdxl_available": state.service.loaded, "device": described.get("device"),
-            "precision": described.get("precision"), "queue_depth": state.store.depth(),
+            "precision": described.get("precision"), "queue_depth": depth,
             "models": {k: described.get(k) for k in ("base", "refiner", "base_hash", "refiner_hash")},
-            "error": state.load_error}  # fmt: skip
-    return JSONResponse(body, status_code=200 if state.service.loaded else 503)
+            "error": state.load_error or (str(problem) if problem else None)}  # fmt: skip
+    return JSONResponse(body, status_code=200 if state.service.loaded and problem is None else 503)
 
 
 @router.get("/metrics")
