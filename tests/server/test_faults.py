@@ -13,12 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..waiting import patience
+from ..waiting import patience, poll
 from .conftest import SMALL_JOB, ServerFactory, free_port
 from .test_durability import _start, _wait_for_step, _wait_ready, _wait_succeeded
 
 
-def test_full_disk_fails_the_job_cleanly_and_the_next_one_runs(
+def test_a_full_disk_sends_the_job_back_to_the_queue_until_there_is_room(
     server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with server_factory() as server:
@@ -29,11 +29,14 @@ def test_full_disk_fails_the_job_cleanly_and_the_next_one_runs(
 
         monkeypatch.setattr(os, "fsync", full_disk)
         job_id = server.client.post("/v1/jobs", json=SMALL_JOB).json()["id"]
-        failed = server.wait_for(job_id, {"failed", "succeeded"})
-        assert failed["status"] == "failed" and "No space left on device" in failed["error"]
+        poll(lambda: server.client.get("/ready").status_code == 503, "/ready to report the full disk")
+        assert "No space left on device" in server.client.get("/ready").json()["error"]
+        assert server.job(job_id)["status"] in ("queued", "running")  # not failed: the disk is not the job's fault
         folder = server.settings.data_dir / "images" / job_id
         assert not folder.exists() or list(folder.iterdir()) == []  # no PNG, no temporary file
         monkeypatch.setattr(os, "fsync", real_fsync)
+        done = server.wait_for(job_id, {"succeeded", "failed"})
+        assert done["status"] == "succeeded" and done["attempts"] >= 2
         next_job = server.client.post("/v1/jobs", json=SMALL_JOB).json()["id"]
         assert server.wait_for(next_job, {"succeeded", "failed"})["status"] == "succeeded"
         assert server.client.get("/v1/jobs").json()["total"] == 2  # the database is intact
