@@ -70,6 +70,8 @@ class Settings(BaseSettings):
 
     # limits
     max_queue: int = Field(100, ge=1)
+    crash_limit: int = Field(3, ge=1, description="A job left running by this many dead processes is failed, not "
+                             "run again (it may be what kills them).")  # fmt: skip
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_width: int = Field(2048, ge=256, le=4096)
     max_height: int = Field(2048, ge=256, le=4096)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-from sdxl_refinery import GenerationRequest
+from sdxl_refinery import GenerationRequest, ImageService
 from sdxl_refinery.engine.schedulers import scheduler_config
 from sdxl_refinery.samplers import Sampler, ScheduleType
 
@@ -63,9 +63,16 @@ def sampler_request(sampler: Sampler, schedule: ScheduleType, mode: str, n: int)
                              seed=42, n=n, **steps, **SIZE)  # fmt: skip
 
 
-def check_combination(result_images: list[Any], seeds: list[int], request: GenerationRequest, hand: HandDriven) -> None:
-    """Our images equal the hand-driven ones within 2/255 (float order only)."""
-    ours = np.stack([np.asarray(image, dtype=np.float64) for image in result_images])
-    expected = hand.render(request, seeds)
-    assert ours.shape == expected.shape == (request.n, 64, 64, 3)
-    assert np.abs(ours - expected).max() <= 2.0, (request.mode.value, request.n)
+async def check_both_modes(service: ImageService, hand: HandDriven, sampler: Sampler, schedule: ScheduleType) -> None:
+    """Sequential with a batch of two, handoff alone: both modes, n=1 and n=2, for one combination. Our images
+    equal the hand-driven ones within 2/255 (float order only), and the refiner runs exactly refiner_steps."""
+    for mode, n in (("sequential", 2), ("handoff", 1)):
+        request = sampler_request(sampler, schedule, mode, n)
+        result = await service.generate(request)
+        ours = np.stack([np.asarray(image, dtype=np.float64) for image in result.images])
+        expected = hand.render(request, result.seeds)
+        assert ours.shape == expected.shape == (n, 64, 64, 3)
+        assert np.abs(ours - expected).max() <= 2.0, (mode, n)
+        assert result.refined
+        if mode == "sequential":
+            assert (result.base_steps, result.refiner_steps) == (6, 3)

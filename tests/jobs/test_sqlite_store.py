@@ -97,6 +97,20 @@ def test_an_interrupt_asked_before_a_crash_ends_the_job_on_recovery(tmp_path: Pa
     assert store.get(job.id).status is JobStatus.CANCELLED  # its partial image died with the process
 
 
+def test_a_job_left_running_by_three_crashes_is_failed_not_run_again(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    job, other = store.create(REQUEST, "native"), store.create(REQUEST, "native")
+    for crash in (1, 2):
+        assert store.claim_next("w").id == job.id  # type: ignore[union-attr]
+        assert store.recover(crash_limit=3) == [job.id]  # the process died while it ran
+        assert store.get(job.id).status is JobStatus.QUEUED, crash
+    assert store.claim_next("w").id == job.id  # type: ignore[union-attr]
+    assert store.recover(crash_limit=3) == [job.id]
+    failed = store.get(job.id)
+    assert failed.status is JobStatus.FAILED and "crashed the worker 3 times" in (failed.error or "")
+    assert store.claim_next("w").id == other.id  # type: ignore[union-attr]  # the queue goes on
+
+
 def test_a_cancel_asked_before_a_crash_is_honoured_on_recovery(tmp_path: Path) -> None:
     store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
     job = store.create(REQUEST, "native")

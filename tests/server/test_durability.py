@@ -79,3 +79,29 @@ def test_sigkill_mid_job_then_restart_completes_every_job_once(tmp_path: Path) -
         folder = data / "images" / job["id"]
         assert sorted(path.name for path in folder.iterdir()) == ["image-1.png", "image-2.png"]
     assert sorted(path.name for path in (data / "images").iterdir() if path.is_dir()) == sorted(jobs)
+
+
+def test_a_job_that_kills_its_server_three_times_ends_failed(tmp_path: Path) -> None:
+    """SIGKILL while the same job runs, three times: the third restart fails it instead of running it again."""
+    data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    process = _start(data, port, log)
+    try:
+        _wait_ready(url, process)
+        body = {"prompt": "the fatal one", "width": 256, "height": 256, "num_inference_steps": 400}
+        job_id = httpx.post(url + "/v1/jobs", json=body).json()["id"]
+        for crash in range(3):
+            _wait_for_step(url, job_id, 2)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=patience(30))
+            process = _start(data, port, log)
+            _wait_ready(url, process)
+            if crash < 2:
+                assert _job(url, job_id)["status"] in ("queued", "running")
+        job = _job(url, job_id)
+        assert job["status"] == "failed" and "crashed the worker 3 times" in job["error"]
+        after = httpx.post(url + "/v1/jobs", json={**body, "num_inference_steps": 3, "refiner_steps": 2}).json()["id"]
+        assert _wait_succeeded(url, after)["status"] == "succeeded"  # the server goes on with the queue
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=patience(60))

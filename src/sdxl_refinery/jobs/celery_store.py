@@ -216,7 +216,7 @@ class CeleryJobStore(JobStore):
     def claim_next(self, worker: str) -> Job | None:
         return None  # the broker hands jobs to workers; nothing is claimed from the store
 
-    def recover(self) -> builtins.list[str]:
+    def recover(self, crash_limit: int = 3) -> builtins.list[str]:
         return []  # the broker redelivers the messages of dead workers (acks_late)
 
     async def relay_events(self, events: JobEvents, stop: asyncio.Event) -> None:

@@ -69,11 +69,17 @@ def _interrupt_flag(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN interrupt_requested INTEGER NOT NULL DEFAULT 0")
 
 
+def _crash_count(db: sqlite3.Connection) -> None:
+    # How many dead processes left the job running: at the crash limit it is failed, not run again.
+    db.execute("ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs table and queue index", _jobs_table),
     Migration(2, "index for listing jobs of one status newest first", _listing_index),
     Migration(3, "fingerprint and answered flag, so that retries attach to their job", _retry_attachment),
     Migration(4, "interrupt flag: stop a running job and keep its image", _interrupt_flag),
+    Migration(5, "crash count, so that a job that kills its worker is not run forever", _crash_count),
 )
 LATEST = MIGRATIONS[-1].version
 

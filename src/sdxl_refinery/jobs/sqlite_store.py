@@ -212,18 +212,24 @@ class SQLiteJobStore(JobStore):
             "WHERE id = ? AND status = 'running'", self._head_of_queue(), job_id,
         )  # fmt: skip
 
-    def recover(self) -> builtins.list[str]:
-        """At start: jobs left running by a dead process go back to the head of the queue (or to
-        cancelled, if a cancel or an interrupt was asked: its partial image died with the process).
-        Returns their ids."""
-        rows = self._execute("SELECT id, cancel_requested, interrupt_requested FROM jobs WHERE status = 'running' "
-                             "ORDER BY queue_order")  # fmt: skip
-        for row in reversed(rows):
+    def recover(self, crash_limit: int = 3) -> builtins.list[str]:
+        """At start: jobs left running by a dead process go back to the head of the queue; to cancelled if
+        a cancel or an interrupt was asked (a partial image died with the process); to failed at the
+        `crash_limit`-th crash. Returns their ids."""
+        rows = self._execute("UPDATE jobs SET crashes = crashes + 1 WHERE status = 'running' "
+                             "RETURNING id, queue_order, crashes, cancel_requested, interrupt_requested")  # fmt: skip
+        for row in sorted(rows, key=lambda row: row["queue_order"], reverse=True):
             if row["cancel_requested"] or row["interrupt_requested"]:
                 self.mark_cancelled(row["id"])
+            elif row["crashes"] >= crash_limit:
+                self.fail(
+                    row["id"],
+                    f"crashed the worker {row['crashes']} times; not run again (a process died "
+                    f"while running it each time; the limit is REFINERY_CRASH_LIMIT={crash_limit})",
+                )
             else:
                 self.requeue(row["id"])
-        return [row["id"] for row in rows]
+        return [row["id"] for row in sorted(rows, key=lambda row: row["queue_order"])]
 
     def position(self, job_id: str) -> int | None:
         rows = self._execute(

@@ -70,8 +70,12 @@ class JobStore(ABC):
         """Atomically take the oldest queued job for `worker` (None when none is queued, or work is brokered)."""
 
     @abstractmethod
-    def recover(self) -> builtins.list[str]:
-        """At start: decide what becomes of jobs a dead process left running; returns their ids."""
+    def recover(self, crash_limit: int = 3) -> builtins.list[str]:
+        """At start: decide what becomes of jobs a dead process left running; returns their ids.
+
+        A job that was running when a process died for the `crash_limit`-th time is failed ("crashed the
+        worker N times") rather than run again: it may be what kills the process.
+        """
 
     @abstractmethod
     def workers(self) -> builtins.list[dict[str, Any]] | None:

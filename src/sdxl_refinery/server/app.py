@@ -131,9 +131,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.refinery
     state.events.bind(asyncio.get_running_loop())
     tasks: list[asyncio.Task[Any]] = []
-    recovered = await asyncio.to_thread(state.store.recover)
+    recovered = await asyncio.to_thread(state.store.recover, state.settings.crash_limit)
     if recovered:
-        log.warning("Re-queued %d job(s) left running by a previous process: %s", len(recovered), recovered)
+        log.warning("Recovered %d job(s) left running by a previous process: %s", len(recovered), recovered)
     if state.store.hands_out_work:  # embedded: this process runs the jobs
         state.worker = Worker(state.store, state.service, state.storage, state.events, state.metrics,
                               state.settings.preview_every)  # fmt: skip
