@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("refinery-data")
     api_key: str | None = None
     allow_open: bool = False
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)  # other sites allowed to call (and to POST)
+    allowed_hosts: list[str] = Field(default_factory=list)  # Host names served; default: see served_hosts()
     load_on_start: bool = True
     preview_every: int = Field(5, ge=0, le=100)
     # How long OpenAI and A1111 calls wait for their job: unset, until it is done (as A1111 does); when set, a
@@ -82,6 +83,18 @@ class Settings(BaseSettings):
     backend: Literal["embedded", "celery"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
     visibility_timeout: int = Field(7200, ge=5)  # seconds; must exceed the longest job (a CPU job can take an hour)
+
+    def served_hosts(self) -> list[str]:
+        """The Host header values this server answers (others are refused, against DNS rebinding).
+
+        `allowed_hosts` when set; else the name it is bound to plus localhost's forms; any host when bound
+        to every interface (the API key, required there, protects it).
+        """
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        if self.host in ("0.0.0.0", "::", ""):
+            return ["*"]
+        return list(dict.fromkeys([self.host, "localhost", "127.0.0.1", "::1"]))
 
     def speed(self) -> SpeedOptions:
         """The speed options these settings ask for."""

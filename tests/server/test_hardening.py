@@ -7,6 +7,8 @@ import json
 import httpx
 import pytest
 
+from ..fakes import FakeEngine
+from ..waiting import patience
 from .conftest import RunningServer, ServerFactory
 
 JSON = {"content-type": "application/json"}
@@ -50,3 +52,44 @@ def test_a_key_with_spaces_and_non_ascii_characters_matches(server_factory: Serv
         bearer = {"Authorization": "Bearer clé secrète 42".encode()}  # UTF-8 bytes on the wire
         assert httpx.get(server.url + "/v1/jobs", headers=bearer).status_code == 200
         assert httpx.get(server.url + "/v1/jobs", headers={"Authorization": "Bearer cle secrete 42"}).status_code == 401
+
+
+def test_a_foreign_host_header_is_refused(server: RunningServer) -> None:
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends Host: evil.example."""
+    assert httpx.get(server.url + "/v1/jobs", headers={"Host": "evil.example"}).status_code == 400
+    for name in ("localhost", "127.0.0.1"):
+        port = server.url.rsplit(":", 1)[1]
+        assert httpx.get(server.url + "/v1/jobs", headers={"Host": f"{name}:{port}"}).status_code == 200
+
+
+def test_a_cross_site_post_cannot_interrupt_or_submit(server: RunningServer, fake_engine: FakeEngine) -> None:
+    fake_engine.pause_at(1)
+    job_id = server.client.post("/v1/jobs", json={"prompt": "mine", "num_inference_steps": 3}).json()["id"]
+    assert fake_engine.paused.wait(patience(60))
+    evil = {"Origin": "http://evil.example"}
+    refused = httpx.post(server.url + "/sdapi/v1/interrupt", headers=evil)
+    assert refused.status_code == 403 and "REFINERY_CORS_ORIGINS" in refused.json()["detail"]
+    assert httpx.post(server.url + "/v1/jobs", json={"prompt": "theirs"}, headers=evil).status_code == 403
+    assert httpx.post(server.url + "/sdapi/v1/interrupt", headers={"Origin": "null"}).status_code == 403
+    assert httpx.get(server.url + "/v1/jobs", headers=evil).status_code == 200  # reading is not changing
+    fake_engine.resume()
+    done = server.wait_for(job_id, {"succeeded"})
+    assert done["result"]["metadata"]["interrupted"] is False  # the drive-by interrupt never reached it
+    same_site = httpx.post(server.url + "/v1/jobs", json={"prompt": "from the page", "num_inference_steps": 2},
+                           headers={"Origin": server.url})  # fmt: skip
+    assert same_site.status_code == 202
+
+
+def test_listed_origins_may_call(server_factory: ServerFactory) -> None:
+    with server_factory(cors_origins=["http://app.example"]) as server:
+        answer = httpx.post(server.url + "/v1/jobs", json={"prompt": "x", "num_inference_steps": 2},
+                            headers={"Origin": "http://app.example"})  # fmt: skip
+        assert answer.status_code == 202 and answer.headers["access-control-allow-origin"] == "http://app.example"
+
+
+def test_which_hosts_a_server_answers() -> None:
+    from sdxl_refinery.config import Settings
+
+    assert Settings().served_hosts() == ["127.0.0.1", "localhost", "::1"]
+    assert Settings(host="0.0.0.0", api_key="k").served_hosts() == ["*"]  # every interface: the key protects it
+    assert Settings(allowed_hosts=["refinery.lan"]).served_hosts() == ["refinery.lan"]

@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..config import Settings
 from ..errors import InvalidRequest, RefineryError, StorageError, StoreUnavailable
@@ -31,6 +32,7 @@ from ..jobs.worker import Worker
 from ..png import check_writable_folder
 from ..service import ImageService
 from .head import HeadAsGet
+from .origins import SameOriginWrites
 from .routes import a1111, a1111_options, jobs, openai, ops
 from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import OPENAI_PATHS, openai_error, openai_param
@@ -191,6 +193,8 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])  # fmt: skip
+    app.add_middleware(SameOriginWrites, allowed_origins=settings.cors_origins)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.served_hosts())  # outermost: first check
     return app
