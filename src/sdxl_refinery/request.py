@@ -28,6 +28,7 @@ from .options import Toggle as Toggle
 from .options import validate_device as validate_device
 from .options import validate_precision as validate_precision
 from .options import validate_toggle as validate_toggle
+from .prompt_syntax import check_attention
 from .samplers import Sampler, ScheduleType, check_pair, split_combined
 from .steps import plan_steps, require_both_stages
 
@@ -137,7 +138,10 @@ class GenerationRequest(BaseModel):
     @field_validator("prompt", "negative_prompt")
     @classmethod
     def _text_is_plain(cls, value: str) -> str:
-        return check_prompt_text(value)
+        check_prompt_text(value)
+        if (why := check_attention(value)) is not None:
+            raise ValueError(why)
+        return value
 
     @field_validator("prompt")
     @classmethod

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sdxl_refinery import ImageService
-from sdxl_refinery.engine.prompts import CHUNK, PromptEncoder, parse_weighted
+from sdxl_refinery.engine.prompts import CHUNK, PromptEncoder
+from sdxl_refinery.prompt_syntax import parse_weighted
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ JSON = {"content-type": "application/json"}
     [("\ud800 a lone surrogate", "lone surrogate U+D800"),
      ("a \x1b[31mred\x1b[0m cat", "control characters: U+001B"),
      ("\u200b\u200c\u200d\ufeff", "must not be empty or blank"),
-     ("a cat\nNegative prompt: forged", "Negative prompt:")],
+     ("a cat\nNegative prompt: forged", "Negative prompt:"),
+     ("(" * 1000 + "cat", "attention weight of 'cat' comes to 2.47e+41")],
 )  # fmt: skip
 def test_bad_prompt_text_is_a_422_naming_the_prompt(server: RunningServer, prompt: str, said: str) -> None:
     def post(route: str) -> httpx.Response:  # JSON escapes (\\ud800), as a browser's JSON.stringify sends them

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -153,6 +154,17 @@ def test_image_route_refuses_paths_outside_the_data_folder(server: RunningServer
 def test_body_size_cap(server: RunningServer) -> None:
     answer = server.client.post("/v1/jobs", json={**SMALL_JOB, "prompt": "x" * 2_000_000})
     assert answer.status_code == 413
+
+    def chunks(total: int) -> Iterator[bytes]:  # no Content-Length: Transfer-Encoding chunked
+        yield b'{"prompt": "'
+        for _ in range(total // 65536):
+            yield b"x" * 65536
+        yield b'", "num_inference_steps": 2}'
+
+    chunked = server.client.post("/v1/jobs", content=chunks(2_000_000), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["detail"]
+    small = server.client.post("/v1/jobs", content=chunks(65536), headers={"content-type": "application/json"})
+    assert small.status_code == 202  # a chunked body under the cap is read whole and accepted
 
 
 def test_health_ready_and_metrics(server: RunningServer) -> None:
