@@ -94,3 +94,14 @@ def test_which_hosts_a_server_answers() -> None:
     assert Settings().served_hosts() == ["127.0.0.1", "localhost", "::1"]
     assert Settings(host="0.0.0.0", api_key="k").served_hosts() == ["*"]  # every interface: the key protects it
     assert Settings(allowed_hosts=["refinery.lan"]).served_hosts() == ["refinery.lan"]
+
+
+def test_listings_stay_small_and_the_job_has_it_whole(server: RunningServer) -> None:
+    prompt = "a very long description, " * 16_000  # 400 kB, under the body cap
+    job_id = server.client.post("/v1/jobs", json={"prompt": prompt, "num_inference_steps": 2}).json()["id"]
+    server.wait_for(job_id, {"succeeded"})
+    listing = server.client.get("/v1/jobs?limit=100")
+    assert len(listing.content) < 20_000
+    item = listing.json()["items"][0]
+    assert item["brief"] and len(item["request"]["prompt"]) == 301 and "request" not in item["result"]["metadata"]
+    assert server.job(job_id)["request"]["prompt"] == prompt

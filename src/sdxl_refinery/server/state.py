@@ -20,6 +20,8 @@ from ..request import GenerationRequest, Limits, enforce_limits
 from ..service import ImageService
 from .signing import UrlSigner, load_or_create_key
 
+LISTED_PROMPT_CHARS = 300  # prompts in job listings are cut here; the job itself has them whole
+
 
 class IdempotencyConflict(Exception):
     """An Idempotency-Key that named one request arrived again with another."""
@@ -129,8 +131,9 @@ class AppState:
         path = f"/v1/images/{job_id}/{name}"
         return f"{base_url.rstrip('/')}{path}" + (f"?{self.signer.query(path)}" if signed else "")
 
-    def job_view(self, job: Job, base_url: str = "") -> dict[str, Any]:
-        """A job as the native API shows it."""
+    def job_view(self, job: Job, base_url: str = "", brief: bool = False) -> dict[str, Any]:
+        """A job as the native API shows it; `brief` (listings) shortens its prompts and leaves out the
+        recipe's copy in the metadata, so a page of jobs stays small (`GET /v1/jobs/{id}` has it all)."""
         view: dict[str, Any] = {
             "id": job.id, "status": job.status.value, "created": job.created, "started": job.started,
             "finished": job.finished, "attempts": job.attempts, "client": job.client, "worker": job.worker,
@@ -141,6 +144,14 @@ class AppState:
         if job.result is not None:
             view["result"] = {**job.result,
                               "urls": [self.image_url(base_url, job.id, n) for n in job.result["images"]]}  # fmt: skip
+        if brief:
+            view["brief"] = True
+            for name in ("prompt", "negative_prompt"):
+                text = view["request"][name]
+                if len(text) > LISTED_PROMPT_CHARS:
+                    view["request"][name] = text[:LISTED_PROMPT_CHARS] + "…"
+            if view["result"] is not None and "metadata" in view["result"]:
+                view["result"]["metadata"] = {k: v for k, v in view["result"]["metadata"].items() if k != "request"}
         return view
 
 

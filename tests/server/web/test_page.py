@@ -211,14 +211,14 @@ def test_full_queue_banner_and_failed_job_reason(
         p.goto(server.url + "/")
         real_fsync = os.fsync
 
-        def full_disk(descriptor: int) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device")
+        def broken_disk(descriptor: int) -> None:  # (a full disk would only send the job back to the queue)
+            raise OSError(errno.EIO, "Input/output error")
 
-        monkeypatch.setattr(os, "fsync", full_disk)  # the server runs in this process
+        monkeypatch.setattr(os, "fsync", broken_disk)  # the server runs in this process
         fill_small_job(p, steps=2, refiner_steps=1)
         p.click("#submit")
         failed = p.wait_for_selector(".job.failed .job-state")
-        assert failed.inner_text().startswith("Failed: could not write") and "No space left" in failed.inner_text()
+        assert failed.inner_text().startswith("Failed: could not write") and "Input/output" in failed.inner_text()
         monkeypatch.setattr(os, "fsync", real_fsync)
         shot(p, "10-failed-job")
         fake_engine.pause_at(1)

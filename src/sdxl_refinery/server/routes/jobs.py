@@ -60,7 +60,8 @@ def list_jobs(
     """Jobs, newest first, a page at a time."""
     jobs, total = state.store.list(offset, limit, job_status)
     base = str(request.base_url)
-    return {"items": [state.job_view(job, base) for job in jobs], "total": total, "offset": offset, "limit": limit}
+    items = [state.job_view(job, base, brief=True) for job in jobs]
+    return {"items": items, "total": total, "offset": offset, "limit": limit}
 
 
 @router.get("/v1/jobs/{job_id}")

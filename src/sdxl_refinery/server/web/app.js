@@ -422,6 +422,11 @@ async function loadGallery() {
 }
 
 async function openViewer(job, index) {
+  if (job.brief) {
+    // Listings shorten prompts; the viewer shows (and "use these settings" reuses) the whole recipe.
+    const response = await api(`/v1/jobs/${job.id}`);
+    if (response.ok) job = await response.json();
+  }
   state.viewing = { job, index };
   const metadata = job.result.metadata;
   const request = job.request;
