@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     max_height: int = Field(2048, ge=256, le=4096)
     max_steps: int = Field(150, ge=1, le=500)
     max_images: int = Field(8, ge=1, le=16)
+    max_prompt_tokens: int = Field(1000, ge=75)  # CLIP tokens per prompt; each 75 costs an encoder pass
 
     # scale-out
     backend: Literal["embedded", "celery"] = "embedded"

@@ -264,6 +264,7 @@ class Limits:
     max_height: int = MAX_SIZE
     max_steps: int = MAX_STEPS
     max_images: int = MAX_IMAGES
+    max_prompt_tokens: int | None = None  # CLIP tokens per prompt (prompt_tokens.py); None: no cap
 
     def caps(self) -> dict[str, int]:
         """The cap of each request field these limits tighten."""
@@ -282,6 +283,13 @@ def enforce_limits(request: GenerationRequest, limits: Limits) -> GenerationRequ
         if value > cap:
             works = f"; sizes that work here are multiples of 8 from {MIN_SIZE} to {cap}" if name in _SIZES else ""
             raise InvalidRequest(name, f"must be at most {cap} on this server, not {value}{works}")
+    if limits.max_prompt_tokens is not None:
+        from .prompt_tokens import count_tokens
+
+        for name in ("prompt", "negative_prompt"):
+            if (tokens := count_tokens(getattr(request, name))) > limits.max_prompt_tokens:
+                raise InvalidRequest(name, f"takes {tokens} CLIP tokens; this server takes at most "
+                                           f"{limits.max_prompt_tokens} per prompt")  # fmt: skip
     return request
 
 

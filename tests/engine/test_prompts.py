@@ -80,3 +80,16 @@ def test_plain_short_prompt_matches_diffusers_encode_prompt(
         assert torch.equal(ours.negative_embeds, encoder.encode("ugly", "", True, torch.float32, clip_skip).embeds)
         assert not torch.equal(ours.negative_embeds, negative)
     assert CHUNK == 75
+
+
+def test_a_long_prompt_checks_for_cancel_between_encoder_passes(encoder: PromptEncoder) -> None:
+    calls: list[int] = []
+
+    def cancel_at_the_third() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        encoder.encode("abcdefgh " * 40, "", True, torch.float32, check=cancel_at_the_third)  # 5 chunks a side
+    assert len(calls) == 3  # stopped at the third pass, not after all of them

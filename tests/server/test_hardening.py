@@ -96,12 +96,32 @@ def test_which_hosts_a_server_answers() -> None:
     assert Settings(allowed_hosts=["refinery.lan"]).served_hosts() == ["refinery.lan"]
 
 
-def test_listings_stay_small_and_the_job_has_it_whole(server: RunningServer) -> None:
+def test_listings_stay_small_and_the_job_has_it_whole(server_factory: ServerFactory) -> None:
     prompt = "a very long description, " * 16_000  # 400 kB, under the body cap
-    job_id = server.client.post("/v1/jobs", json={"prompt": prompt, "num_inference_steps": 2}).json()["id"]
-    server.wait_for(job_id, {"succeeded"})
+    with server_factory(max_prompt_tokens=10**6) as server:
+        job_id = server.client.post("/v1/jobs", json={"prompt": prompt, "num_inference_steps": 2}).json()["id"]
+        server.wait_for(job_id, {"succeeded"})
+        _check_listing(server, job_id, prompt)
+
+
+def _check_listing(server: RunningServer, job_id: str, prompt: str) -> None:
     listing = server.client.get("/v1/jobs?limit=100")
     assert len(listing.content) < 20_000
     item = listing.json()["items"][0]
     assert item["brief"] and len(item["request"]["prompt"]) == 301 and "request" not in item["result"]["metadata"]
     assert server.job(job_id)["request"]["prompt"] == prompt
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_prompt_over_the_token_cap_is_refused_before_queueing(server: RunningServer, field: str) -> None:
+    too_long = {"prompt": "a cat", field: "cat " * 1200}  # 1,200 CLIP tokens; the cap is 1,000
+    answer = server.client.post("/v1/jobs", json=too_long)
+    assert answer.status_code == 422
+    detail = answer.json()["detail"][0]
+    assert detail["loc"][-1] == field and "takes 1200 CLIP tokens" in detail["msg"] and "at most 1000" in detail["msg"]
+    if field == "prompt":
+        openai = server.client.post("/v1/images/generations", json=too_long)
+        assert openai.status_code == 400 and openai.json()["error"]["param"] == "prompt"
+    assert server.client.get("/v1/jobs").json()["total"] == 0
+    fits = server.client.post("/v1/jobs", json={"prompt": "(cat:1.1) " * 900, "num_inference_steps": 2})
+    assert fits.status_code == 202  # attention syntax does not count: 900 tokens

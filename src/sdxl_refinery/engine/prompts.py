@@ -12,6 +12,7 @@ exactly what diffusers' own `encode_prompt` gives.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,9 @@ class PromptEncoder:
         return chunks
 
     @torch.no_grad()
-    def _encode_one(self, text: str, count: int, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_one(
+        self, text: str, count: int, clip_skip: int, check: Callable[[], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (1, 77*count, sum of widths) and pooled embedding of the last encoder.
 
         `clip_skip` 1 takes the penultimate layer (SDXL's own), each more one layer earlier, in every
@@ -88,6 +91,8 @@ class PromptEncoder:
             ids, weights = tokenize_weighted(tokenizer, text)
             states = []
             for chunk_index, (chunk_ids, chunk_weights) in enumerate(self._chunks(tokenizer, ids, weights, count)):
+                if check is not None:
+                    check()  # a long prompt is many encoder passes: a cancel is honoured between them
                 output = encoder(torch.tensor([chunk_ids], device=encoder.device), output_hidden_states=True)
                 hidden = output.hidden_states[-(clip_skip + 1)]
                 if any(w != 1.0 for w in chunk_weights):
@@ -107,7 +112,13 @@ class PromptEncoder:
         return max(1, math.ceil(longest / CHUNK))
 
     def encode(
-        self, prompt: str, negative_prompt: str, zero_empty_negative: bool, dtype: torch.dtype, clip_skip: int = 1
+        self,
+        prompt: str,
+        negative_prompt: str,
+        zero_empty_negative: bool,
+        dtype: torch.dtype,
+        clip_skip: int = 1,
+        check: Callable[[], None] | None = None,
     ) -> Conditioning:
         """Encode a prompt pair; both sides get the same number of chunks.
 
@@ -115,11 +126,12 @@ class PromptEncoder:
             zero_empty_negative: an empty negative prompt becomes zeros (SDXL base's
                 `force_zeros_for_empty_prompt`) instead of the encoding of "".
             clip_skip: which layer from the end conditions the UNet (1: the penultimate, SDXL's own).
+            check: called before every 77-token encoder pass (raises to stop, e.g. on cancel).
         """
         count = max(self.chunk_count(prompt), self.chunk_count(negative_prompt))
-        embeds, pooled = self._encode_one(prompt, count, clip_skip)
+        embeds, pooled = self._encode_one(prompt, count, clip_skip, check)
         if zero_empty_negative and not negative_prompt:
             negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         else:
-            negative_embeds, negative_pooled = self._encode_one(negative_prompt, count, clip_skip)
+            negative_embeds, negative_pooled = self._encode_one(negative_prompt, count, clip_skip, check)
         return Conditioning(embeds.to(dtype), pooled.to(dtype), negative_embeds.to(dtype), negative_pooled.to(dtype))

@@ -100,10 +100,13 @@ class TwoStageRunner:
         self.base_prompts = PromptEncoder([base.tokenizer, base.tokenizer_2], [base.text_encoder, base.text_encoder_2])
         self.refiner_prompts = PromptEncoder([refiner.tokenizer_2], [refiner.text_encoder_2])
 
-    def _condition(self, encoder: PromptEncoder, pipe: object, request: GenerationRequest) -> Conditioning:
+    def _condition(
+        self, encoder: PromptEncoder, pipe: object, request: GenerationRequest, tracker: StepTracker
+    ) -> Conditioning:
         zero_negative = bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt", False))
         dtype = self.pair.base.text_encoder_2.dtype
-        return encoder.encode(request.prompt, request.negative_prompt, zero_negative, dtype, request.clip_skip)
+        return encoder.encode(request.prompt, request.negative_prompt, zero_negative, dtype, request.clip_skip,
+                              tracker.check_cancelled)  # fmt: skip
 
     def run(
         self,
@@ -283,7 +286,7 @@ class TwoStageRunner:
         tracker.begin_stage(1)
         stage_started = time.perf_counter()
         self.pair.base.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
-        conditioning = self._condition(self.base_prompts, self.pair.base, request)
+        conditioning = self._condition(self.base_prompts, self.pair.base, request, tracker)
         latents: torch.Tensor = self.pair.base(
             **conditioning.as_kwargs(),
             width=request.width,
@@ -314,7 +317,7 @@ class TwoStageRunner:
         stage_started = time.perf_counter()
         handoff = request.mode is Mode.HANDOFF
         self.pair.refiner.scheduler = make_scheduler(self._scheduler_configs[1], *request.refiner_sampling)
-        conditioning = self._condition(self.refiner_prompts, self.pair.refiner, request)
+        conditioning = self._condition(self.refiner_prompts, self.pair.refiner, request, tracker)
         refined: torch.Tensor = self.pair.refiner(
             **conditioning.as_kwargs(),
             num_images_per_prompt=request.n,
@@ -351,7 +354,7 @@ class TwoStageRunner:
             self._base_as_img2img.set_progress_bar_config(disable=True)
         tracker.begin_stage(2)
         self._base_as_img2img.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
-        conditioning = self._condition(self.base_prompts, self.pair.base, request)
+        conditioning = self._condition(self.base_prompts, self.pair.base, request, tracker)
         finished: torch.Tensor = self._base_as_img2img(
             **conditioning.as_kwargs(),
             num_images_per_prompt=request.n,

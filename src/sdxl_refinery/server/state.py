@@ -54,7 +54,7 @@ class AppState:
     @property
     def limits(self) -> Limits:
         s = self.settings
-        return Limits(s.max_width, s.max_height, s.max_steps, s.max_images)
+        return Limits(s.max_width, s.max_height, s.max_steps, s.max_images, s.max_prompt_tokens)
 
     def submit(self, request: GenerationRequest, client: str, dedup: Dedup | None = None) -> Job:
         """Check the server's limits, persist the job (or attach to the one `dedup` names), wake the worker.
