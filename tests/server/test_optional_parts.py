@@ -23,7 +23,7 @@ def test_an_embedded_app_builds_and_serves_without_redis_or_celery(tmp_path: Pat
         "from fastapi.testclient import TestClient; from sdxl_refinery.config import Settings; "
         "from sdxl_refinery.server import create_app; "
         f"app = create_app(Settings(data_dir={str(tmp_path)!r}, load_on_start=False)); "
-        "client = TestClient(app).__enter__(); "
+        "client = TestClient(app, base_url='http://localhost').__enter__(); "
         "print(client.get('/health').status_code, client.get('/v1/workers').json()['backend'])"
     )
     done = _python(code)
