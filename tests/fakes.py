@@ -43,12 +43,15 @@ class FakeEngine:
         self.optimizations: list[str] = []
         self.runs: list[GenerationRequest] = []
         self._pause_at: int | None = None
+        self._stubborn = False
         self._resume = threading.Event()
         self.paused = threading.Event()  # set while a run is held at the pause step
 
-    def pause_at(self, step: int) -> None:
-        """Hold the next runs after base step `step` (0: before the first) until `resume()` or a cancel."""
+    def pause_at(self, step: int, stubborn: bool = False) -> None:
+        """Hold the next runs after base step `step` (0: before the first) until `resume()` or a cancel
+        (`stubborn`: until `resume()` only, like a CPU step that takes its time whatever is asked)."""
         self._pause_at = step
+        self._stubborn = stubborn
         self._resume.clear()
 
     def resume(self) -> None:
@@ -59,7 +62,7 @@ class FakeEngine:
         self.paused.set()
         try:
             while not self._resume.wait(0.01):
-                if cancel is not None and (cancel.cancelled or cancel.interrupted):
+                if cancel is not None and (cancel.cancelled or cancel.interrupted) and not self._stubborn:
                     return
         finally:
             self.paused.clear()

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
 
     # limits
     max_queue: int = Field(100, ge=1)
+    # At SIGTERM the running job stops within one step; a step longer than this (a CPU step at 1024 can take
+    # 45 s) puts the job back in the queue at once, so that a supervisor's later SIGKILL loses nothing.
+    shutdown_grace_seconds: float = Field(30.0, gt=0)
     crash_limit: int = Field(3, ge=1, description="A job left running by this many dead processes is failed, not "
                              "run again (it may be what kills them).")  # fmt: skip
     max_body_bytes: int = Field(1_000_000, ge=1024)

@@ -13,8 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sdxl_refinery import ImageService
+from sdxl_refinery.jobs.models import JobStatus
+from sdxl_refinery.jobs.sqlite_store import SQLiteJobStore
+
+from ..fakes import FakeEngine
 from ..waiting import patience, poll
-from .conftest import SMALL_JOB, ServerFactory, free_port
+from .conftest import SMALL_JOB, ServerFactory, free_port, run_server
 from .test_durability import _start, _wait_for_step, _wait_ready, _wait_succeeded
 
 
@@ -76,3 +81,20 @@ def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(tmp_path: Pa
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=patience(60))
+
+
+def test_a_step_longer_than_the_shutdown_grace_sends_its_job_back_at_once(
+    fake: tuple[ImageService, FakeEngine], tmp_path: Path
+) -> None:
+    service, engine = fake
+    engine.pause_at(1, stubborn=True)  # a step that ignores the stop until it ends, as a long CPU step does
+    try:
+        with run_server(service, tmp_path / "data", shutdown_grace_seconds=0.5) as server:
+            job_id = server.client.post("/v1/jobs", json=SMALL_JOB).json()["id"]
+            assert engine.paused.wait(patience(60))
+        # The server has shut down while the step still runs: the job is already back in the queue.
+        store = SQLiteJobStore(tmp_path / "data" / "jobs.sqlite3")
+        assert store.get(job_id).status is JobStatus.QUEUED
+        store.close()
+    finally:
+        engine.resume()

@@ -149,8 +149,25 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.stop.set()
         if state.worker is not None:
             state.worker.stop_current()  # the running job goes back to the queue, nothing is lost
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _drain(state, tasks)
         state.store.close()
+
+
+async def _drain(state: AppState, tasks: list[asyncio.Task[Any]]) -> None:
+    """Let the running job stop at its next step, for at most the shutdown grace; past it, requeue the job
+    now (the engine thread finishes its step on its own) so that nothing depends on the process ending well."""
+    grace = state.settings.shutdown_grace_seconds
+    _, pending = await asyncio.wait(tasks, timeout=grace)
+    if pending and state.worker is not None and state.worker.current is not None:
+        job_id = state.worker.current[0]
+        log.warning("Job %s is still in its step after %.0f s of shutdown grace: back to the queue now", job_id, grace)
+        try:
+            await asyncio.to_thread(state.store.requeue, job_id)
+        except StoreUnavailable as error:  # the next start's recovery will find it running and requeue it
+            log.error("Could not requeue job %s at shutdown: %s", job_id, error)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _load(state: AppState) -> None:
