@@ -6,6 +6,9 @@ exit codes and HTTP statuses without parsing messages.
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Iterator
+
 
 class RefineryError(Exception):
     """Base class of every error Refinery raises on purpose."""
@@ -54,29 +57,26 @@ class StoreUnavailable(RefineryError):
         super().__init__(message)
 
 
-def is_read_only(error: BaseException) -> bool:
-    """Whether `error`, or anything that caused it, is a read-only file system or database."""
-    import errno
-
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what caused it, and so on down the chain (`raise ... from`, or raised while handling)."""
     seen: BaseException | None = error
     while seen is not None:
-        if (isinstance(seen, OSError) and seen.errno == errno.EROFS) or "readonly database" in str(seen):
-            return True
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
+
+
+def is_read_only(error: BaseException) -> bool:
+    """Whether `error`, or anything that caused it, is a read-only file system or database."""
+    return any((isinstance(seen, OSError) and seen.errno == errno.EROFS) or "readonly database" in str(seen)
+               for seen in causes(error))  # fmt: skip
 
 
 def is_disk_full(error: BaseException) -> bool:
     """Whether `error`, or anything that caused it, is a full disk (ENOSPC, EDQUOT, SQLite's "disk is full")."""
-    import errno
-
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, StoreUnavailable) and seen.disk_full:
-            return True
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "disk is full" in str(seen) or "No space left" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(
+        (isinstance(seen, StoreUnavailable) and seen.disk_full)
+        or (isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "disk is full" in str(seen)
+        or "No space left" in str(seen)
+        for seen in causes(error)
+    )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, causes
 from .device import Placement
 from .single_file import inspect_checkpoint, materialize_config
 from .sources import ModelSource, SourceKind, check_sources, default_hash_cache, short_hash, weights_file
@@ -98,12 +98,8 @@ def _hub_unreachable(error: BaseException) -> bool:
     """Whether a Hub load failed because the files are not cached and the Hub cannot be reached."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, LocalEntryNotFoundError) or any(mark in str(seen).lower() for mark in _UNREACHABLE):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(isinstance(seen, LocalEntryNotFoundError) or any(mark in str(seen).lower() for mark in _UNREACHABLE)
+               for seen in causes(error))  # fmt: skip
 
 
 def _offline_message(role: str, hub_id: str, error: BaseException) -> str:
