@@ -1,22 +1,63 @@
 #!/usr/bin/env bash
-# The GPU run of the performance issue as one prepared script, for a lent device machine:
+# The GPU checks as one prepared script, for a lent device machine (15 minutes of device time in all, 10
+# per command), in stages that each have a time limit and write their own files, so a stage that runs
+# long costs its own figures only:
 #
-#   bash bench/gpu.sh                    # CUDA: Refinery (fp16, compiled UNets, CUDA graphs) vs plain fp16 diffusers
-#   DEVICE=cpu QUICK=1 bash bench/gpu.sh # the same script on the tiny pair, on CPU (what the tests run)
+#   OUT=$OUT PYTHON=python3 bash bench/gpu.sh   # CUDA (about 6 minutes on an H200)
+#   DEVICE=cpu QUICK=1 bash bench/gpu.sh        # the same script on the tiny pair, on CPU (the tests run it)
 #
-# Writes $OUT/bench-$DEVICE.json (every figure, ours, baseline, ratio) and $OUT/bench-$DEVICE.png.
-# Needs a CUDA build of torch in the Python on PATH (or $PYTHON); the compile warm-up of each UNet
-# (minutes with max-autotune) is reported apart from the per-step times.
-set -euo pipefail
+# 1. smoke: Refinery's engine end to end on the tiny pair on the device (bench/gpu_smoke.py): fp32 there
+#    against CPU, the default policy, handoff, a second sampler, a batch;
+# 2. precision: fp16 against fp32 on the device, pixel differences under variants, and a module-by-module
+#    trace of one base step naming where they part (bench/precision_check.py);
+# 3. eager: the full-size SDXL UNets (random weights), ours (fp16 + fp32 VAE, channels_last, fused QKV)
+#    against plain fp16 diffusers, at 512 (batch 1 and 4) and 1024;
+# 4. compiled (not in QUICK): ours with compile on (max-autotune, CUDA graphs) at 1024, its warm-up
+#    apart from the per-step times. On an H200 this warm-up did not finish in 200 s.
+#
+# Writes, under $OUT (default bench/results): smoke-$DEVICE.json, precision-$DEVICE.json,
+# bench-$DEVICE.json (+ .png), bench-$DEVICE-compiled.json and gpu-$DEVICE.log (every stage's whole
+# output): six files, inside what a device call brings back (eight). Needs a CUDA build of
+# torch in $PYTHON (default python) and the package importable (PYTHONPATH=src works).
+set -uo pipefail
 DEVICE="${DEVICE:-cuda}"
 OUT="${OUT:-bench/results}"
 PYTHON="${PYTHON:-python}"
+SMOKE_S="${SMOKE_S:-90}" PRECISION_S="${PRECISION_S:-90}" EAGER_S="${EAGER_S:-130}" COMPILED_S="${COMPILED_S:-200}"
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu',
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 if [[ "${QUICK:-0}" == "1" ]]; then
-    set -- --quick
+    eager=(--quick) quick=(--quick)
 else
-    set -- --resolution 512 1024 --steps 5 --batch 1 4
+    eager=(--resolution 512 1024 --steps 5 --batch 1 4) quick=()
 fi
-"$PYTHON" bench/run.py --device "$DEVICE" "$@" --json "$OUT/bench-$DEVICE.json" --plot "$OUT/bench-$DEVICE.png"
+log="$OUT/gpu-$DEVICE.log"
+: >"$log"
+failed=0
+stage() {  # name, seconds, command...
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name (at most ${seconds} s)"
+    local part="$OUT/.$name.log"
+    timeout --kill-after=10 "$seconds" "$@" >"$part" 2>&1
+    local rc=$?
+    # The table and the findings, not the autotuner's or the loaders' chatter (all of it is in the log).
+    grep -v -e "kept in float32" -e "torchvision" -e "Pipelines loaded" -e "AUTOTUNE" -e "triton_" "$part" |
+        tail -n 60
+    { echo "== $name: exit $rc"; cat "$part"; } >>"$log"
+    rm -f "$part"
+    echo "== $name: exit $rc"
+    [[ $rc == 0 ]] || failed=1
+}
+stage smoke "$SMOKE_S" "$PYTHON" bench/gpu_smoke.py --device "$DEVICE" "${quick[@]}" --json "$OUT/smoke-$DEVICE.json"
+stage precision "$PRECISION_S" "$PYTHON" bench/precision_check.py --device "$DEVICE" "${quick[@]}" \
+    --json "$OUT/precision-$DEVICE.json"
+stage eager "$EAGER_S" "$PYTHON" bench/run.py --device "$DEVICE" --compile off "${eager[@]}" \
+    --json "$OUT/bench-$DEVICE.json" --plot "$OUT/bench-$DEVICE.png"
+if [[ "${QUICK:-0}" != "1" ]]; then
+    stage compiled "$COMPILED_S" "$PYTHON" bench/run.py --device "$DEVICE" --compile on --resolution 1024 \
+        --steps 5 --batch 1 --skip-baseline --json "$OUT/bench-$DEVICE-compiled.json"
+fi
+exit $failed

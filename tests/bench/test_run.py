@@ -13,8 +13,8 @@ from sdxl_refinery.engine.speed import usable_cpus
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_gpu_script_runs_the_benchmark_end_to_end_on_cpu(tmp_path: Path) -> None:
-    """bench/gpu.sh (bench/run.py as a lent GPU machine runs it) on the tiny pair: table, JSON and plot."""
+def test_the_gpu_script_runs_every_stage_end_to_end_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu.sh as a lent GPU machine runs it, on the tiny pair: smoke, precision, benchmark table."""
     env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
@@ -31,6 +31,20 @@ def test_the_gpu_script_runs_the_benchmark_end_to_end_on_cpu(tmp_path: Path) -> 
     # The baseline decodes to pixels and encodes again between stages; Refinery hands latents over.
     assert report["baseline"]["resolutions"]["256"]["encode_s"] > 0 == report["ours"]["resolutions"]["256"]["encode_s"]
     assert (tmp_path / "bench-cpu.png").stat().st_size > 1000
+    # The engine end to end on the device, against CPU: on CPU itself, the very same pixels.
+    smoke = json.loads((tmp_path / "smoke-cpu.json").read_text())["cases"]
+    assert smoke["fp32_on_device_vs_cpu"]["max_pixel_diff_vs_cpu"] == 0
+    assert smoke["default_policy"]["refined"] and smoke["default_policy"]["base_steps"] == 50
+    # bf16 against fp32 on CPU: close images, and a module trace that names where rounding shows.
+    precision = json.loads((tmp_path / "precision-cpu.json").read_text())
+    assert precision["compared"] == "bf16 against full (fp32)"
+    assert 0 < precision["pixel_difference_vs_fp32"]["half_default_speed_plan"]["base_1_step"]["max"] <= 16
+    trace = precision["trace_one_base_step"]
+    assert trace["modules_traced"] > 100
+    parted = trace["first_divergences"]
+    assert all(row["module"].startswith(("text_encoder", "unet")) and row["finite"] for row in parted)
+    stages = (tmp_path / "gpu-cpu.log").read_text()
+    assert "== smoke: exit 0" in stages and "== precision: exit 0" in stages and "== eager: exit 0" in stages
 
 
 def test_the_options_benchmark_measures_each_option_against_plain(tmp_path: Path) -> None:

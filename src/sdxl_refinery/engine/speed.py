@@ -11,10 +11,12 @@ a step or approximates. `auto` follows what was measured (docs/performance.md):
 - fused QKV: one projection GEMM instead of three per self-attention; on for CUDA;
   off on CPU, 0.90x there.
 - compile: `torch.compile` of both UNets (and the VAE decoder on CUDA), with CUDA
-  graphs where shapes are static; on for CUDA. On CPU (inductor with frozen,
-  prepacked weights) it measured 1.09x per base step at 512, for 2.4 to 4 minutes
-  of compilation per UNet and image shape and 21.9 GiB peak RSS at 1024, so only
-  `on` turns it on there.
+  graphs where shapes are static; only `on` turns it on. On an H200 the eager fp16
+  recipe takes 5.3 s per 1024 image, and max-autotune's warm-up did not finish in
+  200 s for one UNet and shape (100 s was not enough even for the tiny pair): minutes
+  per new size before a first image, for a gain not yet measured. On CPU (inductor
+  with frozen, prepacked weights) it measured 1.09x per base step at 512, for 2.4 to
+  4 minutes of compilation per UNet and image shape and 21.9 GiB peak RSS at 1024.
 """
 
 from __future__ import annotations
@@ -83,14 +85,17 @@ def choose_speed_plan(placement: Placement, options: SpeedOptions | None = None,
     """Apply the speed policy for `placement` (see the module docstring).
 
     Args:
-        offload: the memory plan moves weights between devices during a run; `auto` then does not
-            compile, since CUDA graphs replay fixed memory addresses.
+        offload: the memory plan moves weights between devices during a run; compilation is then off
+            even when asked for, since CUDA graphs replay fixed memory addresses.
     """
     options = options or SpeedOptions()
     cuda = placement.device.startswith("cuda")
     cpu = placement.device == "cpu"
     threads = (options.threads or usable_cpus()) if cpu else None
-    compile_on = _decide(options.compile, auto=cuda and not offload)
+    compile_on = _decide(options.compile, auto=False)
+    if compile_on and offload and cuda:
+        log.warning("compile=on is not applied under CPU offload: CUDA graphs replay fixed weight addresses")
+        compile_on = False
     return SpeedPlan(
         threads=threads,
         channels_last=_decide(options.channels_last, auto=cuda),
