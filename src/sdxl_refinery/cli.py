@@ -300,6 +300,7 @@ def serve(
     import uvicorn
 
     from .server import create_app
+    from .server.connections import http_protocol
 
     settings = load_settings(host=host, port=port, data_dir=data_dir, backend=backend, redis_url=redis_url)
     try:
@@ -307,7 +308,8 @@ def serve(
     except RefineryError as error:
         raise _fail(str(error), EXIT_FAILURE) from None
     console.print(f"Refinery serving on http://{settings.host}:{settings.port} (data in {settings.data_dir})")
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30,
+                http=http_protocol(settings.client_timeout_seconds))  # fmt: skip
 
 
 @app.command()

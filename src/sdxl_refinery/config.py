@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     crash_limit: int = Field(3, ge=1, description="A job left running by this many dead processes is failed, not "
                              "run again (it may be what kills them).")  # fmt: skip
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    # A connection that has not sent its whole request head, or its whole body, this long after it began
+    # is closed (408 for a body): silent or trickling clients cannot hold connections open.
+    client_timeout_seconds: float = Field(30.0, gt=0)
     max_width: int = Field(2048, ge=256, le=4096)
     max_height: int = Field(2048, ge=256, le=4096)
     max_steps: int = Field(150, ge=1, le=500)

@@ -21,6 +21,7 @@ import uvicorn
 from sdxl_refinery import ImageService
 from sdxl_refinery.config import Settings
 from sdxl_refinery.server import create_app
+from sdxl_refinery.server.connections import http_protocol
 
 from ..fakes import FakeEngine, fake_service
 from ..waiting import patience, poll
@@ -61,7 +62,8 @@ def run_server(service: ImageService, data_dir: Path, **overrides: Any) -> Itera
     overrides.setdefault("max_steps", 500)  # long tiny jobs give tests time to watch and cancel them
     settings = Settings(data_dir=data_dir, port=port, base_model="tiny", refiner_model="tiny", **overrides)
     app = create_app(settings, service=service)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                           http=http_protocol(settings.client_timeout_seconds)))  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     poll(lambda: server.started or not thread.is_alive(), "uvicorn to start", interval=0.02)

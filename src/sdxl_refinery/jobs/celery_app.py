@@ -31,7 +31,15 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         # Scan for unacknowledged messages of dead workers every 10 s (kombu's default is every 100 s).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout, "unacked_restore_throttle": 1},
+        # Every broker command times out (a hung Redis fails a submission with 503 instead of holding it).
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+        },
+        redis_socket_timeout=5,
+        redis_socket_connect_timeout=5,
         result_expires=24 * 3600,
         task_serializer="json",
         accept_content=["json"],

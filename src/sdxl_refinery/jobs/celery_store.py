@@ -4,19 +4,30 @@ One JSON record per job, sorted sets per status for listing, queue positions
 and counts, and status changes made atomic by a Lua script (a job finished by
 one process is never moved back by another). Creating a job stores the record
 first and then sends the Celery task named after the job id.
+
+Redis faults never reach callers raw: a lost or hung connection (every command has a
+timeout, and refused connections are retried three times with backoff), a Redis out of memory or
+unable to persist, a read-only replica, all become `StoreUnavailable`, which the API
+answers with 503 (507 when Redis has no room) and the worker retries until it passes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
+from kombu.exceptions import OperationalError
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from ..config import Settings
+from ..errors import StoreUnavailable
 from ..request import GenerationRequest
 from .celery_app import PREFIX, TASK_NAME, make_celery
 from .celery_events import forward_events
@@ -44,6 +55,42 @@ redis.call('SET', KEYS[1], encoded)
 return encoded
 """
 _ALL = ",".join(status.value for status in JobStatus)
+COMMAND_TIMEOUT_SECONDS = 3.0  # a hung Redis (or a half-open connection) fails a call instead of holding it
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client whose every command times out, and whose connection blips are retried with backoff."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=COMMAND_TIMEOUT_SECONDS,
+        socket_connect_timeout=COMMAND_TIMEOUT_SECONDS,
+        health_check_interval=30,
+        # A refused or reset connection is tried again (a restart, a failover); a timeout is not, since
+        # each try would wait the whole timeout again.
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3, supported_errors=(redis.ConnectionError,)),
+    )
+
+
+def unavailable(error: Exception) -> StoreUnavailable:
+    """A Redis or broker error as `StoreUnavailable`, full (507) when Redis has no room to write."""
+    # Over its maxmemory (redis-py's OutOfMemoryError), or refusing writes because it cannot save to disk.
+    no_room = isinstance(error, redis.exceptions.OutOfMemoryError) or str(error).startswith("MISCONF")
+    return StoreUnavailable(f"Redis: {error}", disk_full=no_room)
+
+
+def guarded(method: Method) -> Method:
+    """Redis and broker errors of `method` raised as `StoreUnavailable` (JobNotFound and QueueFull pass)."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except (redis.RedisError, OperationalError) as error:
+            raise unavailable(error) from error
+
+    return call  # type: ignore[return-value]
 
 
 class CeleryJobStore(JobStore):
@@ -56,7 +103,7 @@ class CeleryJobStore(JobStore):
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.redis: redis.Redis = client or redis.Redis.from_url(settings.redis_url)
+        self.redis: redis.Redis = client or redis_client(settings.redis_url)
         self._transition = self.redis.register_script(_TRANSITION)
         self._celery: Any = None
 
@@ -97,13 +144,15 @@ class CeleryJobStore(JobStore):
     def _send(self, job_id: str) -> None:
         if self._celery is None:
             self._celery = make_celery(self.settings)
-        self._celery.send_task(TASK_NAME, args=[job_id], task_id=job_id)
+        self._celery.send_task(TASK_NAME, args=[job_id], task_id=job_id, retry=False)
 
     # -- JobStore ------------------------------------------------------------------------------
 
+    @guarded
     def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
         return self._create(Job(id=Job.new_id(), request=request, client=client), max_depth)
 
+    @guarded
     def create_or_attach(
         self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup
     ) -> tuple[Job, bool]:
@@ -134,6 +183,7 @@ class CeleryJobStore(JobStore):
                 time.sleep(0.01)
         return None
 
+    @guarded
     def mark_answered(self, job_id: str) -> None:
         self._move(job_id, JobStatus.SUCCEEDED.value, JobStatus.SUCCEEDED, {"answered": True})
 
@@ -149,44 +199,65 @@ class CeleryJobStore(JobStore):
             pipe.zadd(f"{PREFIX}all", {job.id: seq})
             pipe.zadd(f"{PREFIX}status:queued", {job.id: seq})
             pipe.execute()
-        self._send(job.id)  # after the record is stored: a worker always finds it
+        try:
+            self._send(job.id)  # after the record is stored: a worker always finds it
+        except OperationalError:
+            self._forget(job.id, seq)  # no message, no job: the caller gets 503 and nothing is left queued
+            raise
         return job
 
+    def _forget(self, job_id: str, seq: int) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(job_id))
+            pipe.zrem(f"{PREFIX}all", job_id)
+            pipe.zrem(f"{PREFIX}status:queued", job_id)
+            pipe.execute()
+
+    @guarded
     def get(self, job_id: str) -> Job:
         raw = self.redis.get(self._key(job_id))
         if raw is None:
             raise JobNotFound(job_id)
         return self._job(raw)
 
+    @guarded
     def list(self, offset: int = 0, limit: int = 20, status: JobStatus | None = None) -> tuple[builtins.list[Job], int]:
         index = f"{PREFIX}status:{status.value}" if status else f"{PREFIX}all"
         ids = self.redis.zrevrange(index, offset, offset + limit - 1)
         raws = self.redis.mget([self._key(i.decode() if isinstance(i, bytes) else str(i)) for i in ids]) if ids else []
         return [self._job(raw) for raw in raws if raw is not None], int(self.redis.zcard(index))
 
+    @guarded
     def start(self, job_id: str, worker: str) -> Job | None:
         patch = {"started": time.time(), "worker": worker, "progress": None}
         return self._move(job_id, "queued,running", JobStatus.RUNNING, patch, count=True)
 
+    @guarded
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(f"{PREFIX}cancel:{job_id}"))
 
+    @guarded
     def interrupt_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(f"{PREFIX}interrupt:{job_id}"))
 
+    @guarded
     def update_progress(self, job_id: str, progress: JobProgress) -> None:
         self._move(job_id, "running", JobStatus.RUNNING, {"progress": json.dumps(progress.__dict__)})
 
+    @guarded
     def succeed(self, job_id: str, result: dict[str, Any]) -> None:
         self._move(job_id, "running", JobStatus.SUCCEEDED, {"finished": time.time(), "result": json.dumps(result)})
 
+    @guarded
     def fail(self, job_id: str, error: str) -> None:
         self._move(job_id, "running", JobStatus.FAILED, {"finished": time.time(), "error": error})
 
+    @guarded
     def mark_cancelled(self, job_id: str) -> None:
         self._move(job_id, "queued,running", JobStatus.CANCELLED,
                    {"finished": time.time(), "error": "cancelled by request"})  # fmt: skip
 
+    @guarded
     def cancel(self, job_id: str) -> Job:
         self.get(job_id)
         self.redis.set(f"{PREFIX}cancel:{job_id}", 1, ex=7 * 24 * 3600)
@@ -195,21 +266,26 @@ class CeleryJobStore(JobStore):
         self._move(job_id, "running", JobStatus.RUNNING, {"cancel_requested": True})
         return self.get(job_id)
 
+    @guarded
     def interrupt(self, job_id: str) -> Job:
         if self._move(job_id, "running", JobStatus.RUNNING, {"interrupt_requested": True}) is not None:
             self.redis.set(f"{PREFIX}interrupt:{job_id}", 1, ex=7 * 24 * 3600)
         return self.get(job_id)
 
+    @guarded
     def requeue(self, job_id: str) -> None:
         self._move(job_id, "running", JobStatus.QUEUED, {"progress": None, "worker": None})
 
+    @guarded
     def position(self, job_id: str) -> int | None:
         rank: Any = self.redis.zrank(f"{PREFIX}status:queued", job_id)
         return None if rank is None else int(rank) + 1
 
+    @guarded
     def depth(self) -> int:
         return int(self.redis.zcard(f"{PREFIX}status:queued")) + int(self.redis.zcard(f"{PREFIX}status:running"))
 
+    @guarded
     def counts(self) -> dict[str, int]:
         return {status.value: int(self.redis.zcard(f"{PREFIX}status:{status.value}")) for status in JobStatus}
 
@@ -222,6 +298,7 @@ class CeleryJobStore(JobStore):
     async def relay_events(self, events: JobEvents, stop: asyncio.Event) -> None:
         await forward_events(self.settings, events, stop)
 
+    @guarded
     def workers(self, within: float = 30.0) -> builtins.list[dict[str, Any]]:
         """Workers that reported in the last `within` seconds: name, device, precision, running job."""
         now = time.time()

@@ -48,26 +48,40 @@ class WorkerRuntime:
     def run_job(self, job_id: str) -> str:
         """The task body: start the job unless it is finished, cancelled or alive elsewhere; run it; record it.
 
+        Every store call waits out a Redis outage (retried with backoff, as in `Worker.stored`), so a job
+        is never left `running` because Redis blinked; the message is acknowledged only after.
+
         Raises:
             RunningElsewhere: another live worker holds it; the task is retried later.
         """
-        current = self.store.get(job_id)
+        return asyncio.run(self._run_job(job_id))
+
+    async def _run_job(self, job_id: str) -> str:
+        stored = self.worker.stored
+        current = await stored(self.store.get, job_id)
         if current.status.value == "running" and current.worker not in (None, self.name):
-            alive = {worker["name"] for worker in self.store.workers(STALE_AFTER_SECONDS)}
+            alive = {worker["name"] for worker in await stored(self.store.workers, STALE_AFTER_SECONDS)}
             if current.worker in alive:
                 raise RunningElsewhere(f"job {job_id} is running on {current.worker}")
-        job = self.store.start(job_id, self.name)
+        job = await stored(self.store.start, job_id, self.name)
         if job is None:
             log.info("Job %s is already finished or cancelled; nothing to do", job_id)
             return "skipped"
-        if self.store.cancel_requested(job_id):
-            self.store.mark_cancelled(job_id)
+        if await stored(self.store.cancel_requested, job_id):
+            await stored(self.store.mark_cancelled, job_id)
             self.sink.publish(job_id, "done", {"status": "cancelled", "error": "cancelled by request"})
             return "cancelled"
-        self._beat()
-        asyncio.run(self.worker.process(job))
-        self._beat()
-        return self.store.get(job_id).status.value
+        self._try_beat()
+        await self.worker.process(job)
+        self._try_beat()
+        finished: str = (await stored(self.store.get, job_id)).status.value
+        return finished
+
+    def _try_beat(self) -> None:
+        try:
+            self._beat()
+        except redis.RedisError as error:
+            log.warning("Heartbeat to Redis failed: %s", error)
 
     def _beat(self) -> None:
         described = self.service.describe()
@@ -80,17 +94,17 @@ class WorkerRuntime:
     def start_heartbeat(self) -> None:
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_SECONDS):
-                try:
-                    self._beat()
-                except redis.RedisError as error:
-                    log.warning("Heartbeat to Redis failed: %s", error)
+                self._try_beat()
 
         self._beat()
         threading.Thread(target=beat, name="refinery-heartbeat", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
-        self.store.redis.hdel(f"{PREFIX}workers", self.name)
+        try:
+            self.store.redis.hdel(f"{PREFIX}workers", self.name)
+        except redis.RedisError as error:  # its record goes stale and drops out of listings by itself
+            log.warning("Could not remove this worker's record from Redis: %s", error)
 
 
 def run_worker(settings: Settings, name: str) -> None:

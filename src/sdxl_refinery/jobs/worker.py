@@ -31,6 +31,9 @@ PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress rows written to the st
 RETRY_FIRST_SECONDS = 0.5  # a failing job store is retried after this, doubling up to RETRY_MAX_SECONDS
 RETRY_MAX_SECONDS = 10.0
 CANCEL_POLL_INTERVAL = 0.25  # seconds between checks of the store's cancel and interrupt flags (other processes')
+# After a failed progress write or flag check, the running job leaves the store alone this long: a lost
+# Redis answers each call only when its timeout runs out, and the steps should not wait on that.
+STORE_QUIET_SECONDS = 5.0
 
 
 class EventSink(Protocol):
@@ -68,6 +71,7 @@ class _JobReporter:
         self._last_write = 0.0
         self._unwritten: JobProgress | None = None
         self._last_step = time.perf_counter()
+        self._quiet_until = 0.0  # no store calls before this (perf_counter), after a store fault
 
     def __call__(self, progress: Progress) -> None:
         now = time.perf_counter()
@@ -79,19 +83,20 @@ class _JobReporter:
         overall = JobProgress(progress.stage, progress.step, progress.total,
                               100.0 * done / max(sum(self.totals.values()), 1), progress.eta)  # fmt: skip
         self._unwritten = overall
-        if now - self._last_write >= PROGRESS_WRITE_INTERVAL or progress.step == progress.total:
+        quiet = now < self._quiet_until
+        if not quiet and (now - self._last_write >= PROGRESS_WRITE_INTERVAL or progress.step == progress.total):
             self._last_write = now
             try:
                 self.flush()
             except StoreUnavailable as error:  # progress can wait; the job goes on
-                self.on_store_fault(error)
+                self._store_fault(error)
         self.events.publish(self.job.id, "progress", overall.as_dict())
         if progress.preview is not None:
             buffer = io.BytesIO()
             progress.preview.save(buffer, format="PNG")
             self.events.set_preview(self.job.id, buffer.getvalue())
             self.events.publish(self.job.id, "preview", {"step": progress.step, "stage": progress.stage})
-        if self.poll_cancel and now - self._last_poll >= CANCEL_POLL_INTERVAL:
+        if self.poll_cancel and not quiet and now - self._last_poll >= CANCEL_POLL_INTERVAL:
             self._last_poll = now
             try:
                 if self.store.cancel_requested(self.job.id):
@@ -99,7 +104,11 @@ class _JobReporter:
                 elif self.store.interrupt_requested(self.job.id):
                     self.token.interrupt()  # the engine stops at the end of this step and keeps the image
             except StoreUnavailable as error:
-                self.on_store_fault(error)
+                self._store_fault(error)
+
+    def _store_fault(self, error: StoreUnavailable) -> None:
+        self._quiet_until = time.perf_counter() + STORE_QUIET_SECONDS
+        self.on_store_fault(error)
 
     def flush(self) -> None:
         """Store the latest progress if the write interval held it back (so a stopped job shows where it stopped)."""
@@ -156,7 +165,7 @@ class Worker:
             log.error("Job store unavailable: %s; retrying until it works", error)
         self.store_fault = error
 
-    async def _stored(self, function: Callable[..., Any], *args: Any, stop: asyncio.Event | None = None) -> Any:
+    async def stored(self, function: Callable[..., Any], *args: Any, stop: asyncio.Event | None = None) -> Any:
         """A store call, retried with backoff until it works (or `stop` is set: then StoreUnavailable)."""
         delay = RETRY_FIRST_SECONDS
         while True:
@@ -202,7 +211,7 @@ class Worker:
             if self.output_fault is not None:  # a full disk: give it time before the job is tried again
                 await _pause(RETRY_MAX_SECONDS, stop)
             try:
-                job = await self._stored(claim_next, self.name, stop=stop)
+                job = await self.stored(claim_next, self.name, stop=stop)
             except StoreUnavailable:
                 return  # stopping while the store fails: recovery at the next start takes over
             if job is None:
@@ -243,33 +252,33 @@ class Worker:
                 preview_every=self.preview_every,
             )  # fmt: skip
         except Cancelled:
-            await self._stored(reporter.flush, stop=stop)
-            if stop is not None and stop.is_set() and not (await self._stored(self.store.get, job.id)).cancel_requested:
-                await self._stored(self.store.requeue, job.id, stop=stop)  # shutting down: run it again later
+            await self.stored(reporter.flush, stop=stop)
+            if stop is not None and stop.is_set() and not (await self.stored(self.store.get, job.id)).cancel_requested:
+                await self.stored(self.store.requeue, job.id, stop=stop)  # shutting down: run it again later
                 log.info("Job %s re-queued at shutdown", job.id)
                 return JobStatus.QUEUED, {}
-            await self._stored(self.store.mark_cancelled, job.id, stop=stop)
+            await self.stored(self.store.mark_cancelled, job.id, stop=stop)
             return JobStatus.CANCELLED, {"error": "cancelled by request"}
         except StorageError as error:
             if not (is_disk_full(error) or is_read_only(error)):
-                await self._stored(self.store.fail, job.id, str(error), stop=stop)
+                await self.stored(self.store.fail, job.id, str(error), stop=stop)
                 return JobStatus.FAILED, {"error": str(error)}
             # A full or read-only disk is not the job's fault: it goes back to the queue and runs once it can.
             log.error("Job %s back in the queue: %s", job.id, error)
             self.output_fault = error
-            await self._stored(self.store.requeue, job.id, stop=stop)
+            await self.stored(self.store.requeue, job.id, stop=stop)
             return JobStatus.QUEUED, {}
         except RefineryError as error:
-            await self._stored(self.store.fail, job.id, str(error), stop=stop)
+            await self.stored(self.store.fail, job.id, str(error), stop=stop)
             return JobStatus.FAILED, {"error": str(error)}
         except Exception as error:
             log.exception("Job %s failed", job.id)
             message = f"internal error: {type(error).__name__}: {error}"
-            await self._stored(self.store.fail, job.id, message, stop=stop)
+            await self.stored(self.store.fail, job.id, message, stop=stop)
             return JobStatus.FAILED, {"error": message}
         outcome = {"images": [Path(p).name for p in result.paths], "seeds": result.seeds,
                    "metadata": result.metadata()}  # fmt: skip
-        await self._stored(self.store.succeed, job.id, outcome, stop=stop)
+        await self.stored(self.store.succeed, job.id, outcome, stop=stop)
         self.output_fault = None
         return JobStatus.SUCCEEDED, {"result": outcome}
 

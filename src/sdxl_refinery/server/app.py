@@ -211,7 +211,7 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])  # fmt: skip
     app.add_middleware(SameOriginWrites, allowed_origins=settings.cors_origins)
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, timeout=settings.client_timeout_seconds)
     app.add_middleware(HeadAsGet)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.served_hosts())  # outermost: first check
     return app

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import json
 import secrets
 from typing import Annotated
 
@@ -70,43 +72,49 @@ SignedOrAuthorized = Annotated[None, Depends(require_api_key_or_signature)]
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over `limit` bytes, declared or streamed."""
+    """ASGI middleware: the whole body is read before the app runs, up to `limit` bytes (413 past it,
+    declared or streamed) and within `timeout` seconds of the request head (408 past it: a client that
+    stops half way through its body holds nothing)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit():
-            if int(declared) > self.limit:
-                await self._refuse(send)
-                return
-            await self.app(scope, receive, send)  # the server reads no more than it declared
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send, 413, f"request body larger than {self.limit} bytes")
             return
-        # No declared length (chunked): read the body here, up to the limit, before the app sees it.
         body = bytearray()
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0))
+            except TimeoutError:
+                await self._refuse(send, 408, f"request body not received within {self.timeout:g} s")
+                return
             if message["type"] != "http.request":
                 await self.app(scope, _replay(message, receive), send)
                 return
             body += message.get("body", b"")
             if len(body) > self.limit:
-                await self._refuse(send)
+                await self._refuse(send, 413, f"request body larger than {self.limit} bytes")
                 return
             if not message.get("more_body", False):
                 break
         whole = {"type": "http.request", "body": bytes(body), "more_body": False}
         await self.app(scope, _replay(whole, receive), send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = f'{{"detail": "request body larger than {self.limit} bytes"}}'.encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+    @staticmethod
+    async def _refuse(send: Send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]  # fmt: skip
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -41,16 +41,32 @@ def workers(state: State, _: Authorized) -> dict[str, Any]:
             "counts": state.store.counts()}  # fmt: skip
 
 
+def _ready_remote(state: AppState) -> JSONResponse | None:
+    """Celery: ready while a worker with loaded models reports to Redis. None for the embedded backend."""
+    body: dict[str, Any] = {"sdxl_available": False, "device": None, "precision": None, "queue_depth": None,
+                            "workers": None, "error": None}  # fmt: skip
+    try:
+        remote = state.store.workers()
+        if remote is None:
+            return None
+        body["queue_depth"] = state.store.depth()
+    except StoreUnavailable as error:  # Redis is lost: no worker can be seen or sent a job
+        body["error"] = str(error)
+        return JSONResponse(body, status_code=503)
+    live = [worker for worker in remote if worker["loaded"]]
+    body.update(sdxl_available=bool(live), workers=len(live))
+    if live:
+        body.update(device=live[0]["device"], precision=live[0]["precision"])
+    else:
+        body["error"] = "no worker with loaded models has reported lately"
+    return JSONResponse(body, status_code=200 if live else 503)
+
+
 @router.get("/ready")
 def ready(state: State, _: Authorized) -> JSONResponse:
-    """200 once models are loaded (embedded) or a loaded worker reports (celery), else 503."""
-    remote = state.store.workers()
-    if remote is not None:
-        live = [worker for worker in remote if worker["loaded"]]
-        body = {"sdxl_available": bool(live), "device": live[0]["device"] if live else None,
-                "precision": live[0]["precision"] if live else None, "queue_depth": state.store.depth(),
-                "workers": len(live), "error": None}  # fmt: skip
-        return JSONResponse(body, status_code=200 if live else 503)
+    """200 once models are loaded (embedded) or a loaded worker reports (celery), else 503 with the reason."""
+    if (remote := _ready_remote(state)) is not None:
+        return remote
     described: dict[str, Any] = state.service.describe()
     problem = state.worker.problem if state.worker is not None else None
     try:
