@@ -91,3 +91,34 @@ def test_a_read_only_database_pauses_then_recovers(server: RunningServer, fake_e
     assert server.wait_for(first, {"succeeded"})["status"] == "succeeded"
     poll(lambda: _ready(server)[0] == 200, "/ready to recover")
     assert server.client.post("/v1/jobs", json={"prompt": "the next one", **SMALL}).status_code == 202
+
+
+def test_damaged_database_pages_are_a_503_with_the_reason_everywhere(
+    server: RunningServer, fake_engine: FakeEngine
+) -> None:
+    """Pages of the job database overwritten on disk (what a failing disk or a careless copy leaves): every
+    route that needs the store answers 503 naming the damage, /ready says it, nothing is a bare 500."""
+    import sqlite3
+
+    ids = [server.client.post("/v1/jobs", json={"prompt": "x" * 2000 + str(i), **SMALL}).json()["id"] for i in range(8)]
+    for job_id in ids:
+        server.wait_for(job_id, {"succeeded"})
+    path = server.app.state.refinery.store.path
+    outside = sqlite3.connect(path)
+    outside.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file, none in the log
+    page = outside.execute("PRAGMA page_size").fetchone()[0]
+    with open(path, "r+b") as database:  # keep page 1 (the header and schema), overwrite every other page
+        size = database.seek(0, 2)
+        database.seek(page)
+        database.write(b"\xa5" * (size - page))
+    outside.execute("PRAGMA user_version = 99")  # a write elsewhere: the server's cached pages are dropped
+    outside.close()
+
+    listing = server.client.get("/v1/jobs")
+    assert listing.status_code == 503 and "malformed" in listing.json()["detail"], listing.text
+    submitted = server.client.post("/v1/jobs", json={"prompt": "after the damage", **SMALL})
+    assert submitted.status_code == 503 and "malformed" in submitted.json()["detail"]
+    assert submitted.headers["Retry-After"]
+    poll(lambda: _ready(server)[0] == 503, "/ready to report the damage")
+    assert "malformed" in (_ready(server)[1] or "")
+    assert server.client.get("/health").status_code == 200  # the process lives: an operator can restore
