@@ -19,6 +19,7 @@ from PIL import Image
 
 from sdxl_refinery import ImageService
 from sdxl_refinery.engine.run import EngineOutput
+from sdxl_refinery.loras import LoraFile
 from sdxl_refinery.request import CancelToken, GenerationRequest, Precision, Progress, ProgressCallback
 from sdxl_refinery.steps import plan_steps
 
@@ -42,6 +43,7 @@ class FakeEngine:
                        "refiner_hash": "9876543210"}  # fmt: skip
         self.optimizations: list[str] = []
         self.runs: list[GenerationRequest] = []
+        self.loras: list[list[tuple[LoraFile, float]]] = []  # the checked LoRAs each run was given
         self._pause_at: int | None = None
         self._stubborn = False
         self._resume = threading.Event()
@@ -74,8 +76,10 @@ class FakeEngine:
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         preview_every: int = 0,
+        loras: list[tuple[LoraFile, float]] | None = None,
     ) -> EngineOutput:
         self.runs.append(request)
+        self.loras.append(list(loras or []))
         plan = plan_steps(request)
         started = time.perf_counter()
         if self._pause_at == 0:

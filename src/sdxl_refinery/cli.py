@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import admin
-from .cli_admin import doctor, export, load_settings, models_app
+from .cli_admin import doctor, export, load_settings, loras_app, models_app
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .fields import FieldSpec
 from .png import read_metadata
@@ -212,6 +212,14 @@ def _generate(
         "{timestamp}-{seed}-{prompt}"
     ),
     from_png: Annotated[Path | None, typer.Option("--from", help="Reproduce this PNG from its metadata.")] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="A LoRA: NAME[:WEIGHT], a name from the LoRA folder or a .safetensors path; "
+            "repeatable. Weight -5..5, default 1.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the stage log lines.")] = False,
     **request_options: Any,
 ) -> None:
@@ -223,6 +231,8 @@ def _generate(
         if size:
             options["width"], options["height"] = _parse_size(size)
         fields, recorded = _request_fields(from_png, options)
+        if lora:
+            fields["loras"] = [*fields.get("loras", []), *map(_parse_lora, lora)]
         if "prompt" not in fields:
             raise InvalidRequest("prompt", "is required (or give --from image.png)")
         if fields.get("seed") is None:
@@ -256,6 +266,17 @@ def _generate(
     for path, image_seed in zip(result.paths, result.seeds, strict=True):
         typer.echo(f"{path}  seed={image_seed}")
     typer.echo(f"{len(result.paths)} image(s), {refined}, {result.device} {result.precision}; {timings}")
+
+
+def _parse_lora(text: str) -> dict[str, Any]:
+    """`NAME[:WEIGHT]` as a LoRA of the request (the weight's rules are the request's)."""
+    name, sep, weight = text.rpartition(":")
+    if not sep or not name:
+        return {"name": text, "weight": 1.0}
+    try:
+        return {"name": name, "weight": float(weight)}
+    except ValueError:
+        raise InvalidRequest("loras", f"--lora {text}: the weight after ':' must be a number") from None
 
 
 def _with_request_options(command: Any) -> Any:
@@ -359,6 +380,7 @@ def status(
 
 
 app.add_typer(models_app, name="models")
+app.add_typer(loras_app, name="loras")
 app.command()(doctor)
 app.command()(export)
 

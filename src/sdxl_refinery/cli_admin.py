@@ -15,6 +15,7 @@ from .config import Settings
 from .errors import InvalidRequest, ModelLoadError, RefineryError
 
 models_app = typer.Typer(help="Download, list and check models.", no_args_is_help=True)
+loras_app = typer.Typer(help="The LoRA folder (REFINERY_LORA_DIR, default <data-dir>/loras).", no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
 
@@ -118,3 +119,22 @@ def export(
         typer.echo(f"wrote {admin.export_model(source, target)}")
     except RefineryError as error:
         raise _fail(str(error), 1) from None
+
+
+@loras_app.command("list")
+def loras_list(
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Data folder (REFINERY_DATA_DIR).")] = None,
+) -> None:
+    """Every LoRA in the folder: the name to use, A1111's hash, what it changes; bad files with the reason."""
+    from .loras import LoraFolder, check_file
+
+    folder = LoraFolder(load_settings(data_dir=data_dir).loras_folder())
+    names = folder.names()
+    typer.echo(f"{len(names)} LoRA(s) in {folder.folder}")
+    for name in names:
+        try:
+            lora = check_file(name, folder.path_of(name, allow_paths=False), context_width=None)
+        except InvalidRequest as error:
+            typer.echo(f"  {name}  UNUSABLE: {error.rule}")
+            continue
+        typer.echo(f"  {name}  {lora.short_hash}  {', '.join(lora.parts)}")

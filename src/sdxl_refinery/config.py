@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     data_dir: Path = Path("refinery-data")
+    lora_dir: Path | None = None  # LoRA .safetensors files; default <data_dir>/loras
     api_key: str | None = None
     allow_open: bool = False
     cors_origins: list[str] = Field(default_factory=list)  # other sites allowed to call (and to POST)
@@ -102,6 +103,10 @@ class Settings(BaseSettings):
         if self.host in ("0.0.0.0", "::", ""):
             return ["*"]
         return list(dict.fromkeys([self.host, "localhost", "127.0.0.1", "::1"]))
+
+    def loras_folder(self) -> Path:
+        """Where LoRAs are read from: `lora_dir`, else `<data_dir>/loras`."""
+        return self.lora_dir if self.lora_dir is not None else self.data_dir / "loras"
 
     def speed(self) -> SpeedOptions:
         """The speed options these settings ask for."""

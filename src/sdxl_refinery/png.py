@@ -48,6 +48,7 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
     # A1111's own order first (readers such as Civitai expect it), then our fields in table order.
     fields: list[tuple[str, Any]] = [(label, values.pop(label, None)) for label in _A1111_ORDER]
     fields += [("Model hash", models.get("base_hash")), ("Model", models.get("base"))]
+    fields += [("Lora hashes", _lora_hashes(metadata.get("loras") or []))]
     if metadata["refined"]:
         fields += [("Refiner", models.get("refiner")), ("Refiner hash", models.get("refiner_hash"))]
     fields += list(values.items())
@@ -58,6 +59,12 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
         lines.append(f"Negative prompt: {request['negative_prompt']}")
     lines.append(settings)
     return "\n".join(lines)
+
+
+def _lora_hashes(loras: list[dict[str, Any]]) -> str | None:
+    """A1111's `Lora hashes` value: `name: hash12, ...`, a path-named LoRA under its file's stem."""
+    names = [Path(lora["name"]).stem if lora["name"].endswith(".safetensors") else lora["name"] for lora in loras]
+    return ", ".join(f"{name}: {lora['hash']}" for name, lora in zip(names, loras, strict=True)) or None
 
 
 def _quote(value: Any) -> str:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import Cancelled, InvalidRequest
 from .fields import Faces, FieldSpec, field_table
+from .loras import MAX_LORAS, LoraRef, split_prompt
 
 # The run options live on the ground floor (options.py); re-exported here for the library's users.
 from .options import Precision as Precision
@@ -128,6 +129,10 @@ class GenerationRequest(BaseModel):
     negative_aesthetic_score: Annotated[float, Faces(cli="--negative-aesthetic-score")] = Field(
         2.5, ge=0.0, le=10.0, description="Refiner's aesthetic conditioning for the negative prompt."
     )
+    # LoRAs also come from the prompt's <lora:name:weight> tags (A1111's syntax): see `all_loras`.
+    loras: Annotated[tuple[LoraRef, ...], Faces(web=False)] = Field(
+        (), max_length=MAX_LORAS, description="LoRAs for the base model: [{name, weight}], weights -5..5."
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -179,6 +184,24 @@ class GenerationRequest(BaseModel):
             if (why := check_pair(sampler, schedule)) is not None:
                 raise ValueError(f"{name}: {why}")
         return self
+
+    @model_validator(mode="after")
+    def _prompt_lora_tags_are_readable(self) -> GenerationRequest:
+        _, tagged = split_prompt(self.prompt)  # raises InvalidRequest naming the prompt
+        if len(tagged) + len(self.loras) > MAX_LORAS:
+            raise ValueError(f"loras: at most {MAX_LORAS} LoRAs per request (field and prompt tags together)")
+        return self
+
+    @property
+    def all_loras(self) -> list[LoraRef]:
+        """The LoRAs to apply: the `loras` field, then the prompt's `<lora:name:weight>` tags."""
+        return [*self.loras, *split_prompt(self.prompt)[1]]
+
+    @property
+    def encoded_prompt(self) -> str:
+        """The prompt as the text encoders see it: without its `<lora:...>` tags (the recorded prompt keeps
+        them, as A1111 does)."""
+        return split_prompt(self.prompt)[0]
 
     @property
     def refiner_sampling(self) -> tuple[Sampler, ScheduleType]:
@@ -395,6 +418,7 @@ class GenerationResult:
         optimizations: speed options in effect, read from the models (`threads=2`, `compiled`, ...).
         interrupted: the run was interrupted (`CancelToken.interrupt`): the images are the latents as they
             stood, after `base_steps` + `refiner_steps` steps.
+        loras: the LoRAs applied to the base model: name, weight and A1111's 12-digit hash of each.
     """
 
     images: list[Image.Image]
@@ -414,6 +438,7 @@ class GenerationResult:
     recoveries: list[str] = field(default_factory=list)
     optimizations: list[str] = field(default_factory=list)
     interrupted: bool = False
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the pixels, as plain JSON-able data."""
@@ -433,4 +458,5 @@ class GenerationResult:
             "recoveries": list(self.recoveries),
             "optimizations": list(self.optimizations),
             "interrupted": self.interrupted,
+            "loras": [dict(lora) for lora in self.loras],
         }

@@ -8,6 +8,7 @@ pipeline. Models load once, on first use or on `load()`, and stay in memory.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Settings
+from .engine.sources import TINY_CONTEXT_DIM, TINY_NAME
 from .errors import GenerationFailed, RefineryError
+from .loras import SDXL_CONTEXT_DIM, LoraFile, LoraFolder
 from .png import check_writable_folder, numbered_paths, write_png
 from .request import (
     HIGH_QUALITY_GUIDANCE,
@@ -59,6 +62,7 @@ class RunsRequests(Protocol):
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         preview_every: int = 0,
+        loras: list[tuple[LoraFile, float]] | None = None,
     ) -> EngineOutput: ...
 
 
@@ -88,6 +92,7 @@ class ImageService:
         precision: Precision | str = Precision.AUTO,
         speed: SpeedOptions | None = None,
         engine_factory: Callable[[], RunsRequests] | None = None,
+        lora_dir: Path | None = None,
     ) -> None:
         if base_model is None or refiner_model is None:
             # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
@@ -99,6 +104,7 @@ class ImageService:
         self.device = validate_device(device)
         self.precision = validate_precision(precision)
         self.speed = speed or SpeedOptions()
+        self.lora_folder = LoraFolder(lora_dir)
         self._engine: RunsRequests | None = None
         self._engine_factory = engine_factory or self._load_engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinery-engine")
@@ -106,7 +112,8 @@ class ImageService:
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageService:
         """Build a service from a `Settings` object (the faces' way)."""
-        return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision, settings.speed())
+        return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision, settings.speed(),
+                   lora_dir=settings.loras_folder())  # fmt: skip
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -175,11 +182,12 @@ class ImageService:
         """
         if output_path is not None:
             check_writable_folder(Path(output_path))
+        loras = self.check_loras(request, allow_paths=True)
         token = cancel or CancelToken()
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(
-            self._executor, self._generate_sync, request, seeds, output_path, on_progress, token, preview_every
+            self._executor, self._generate_sync, request, seeds, output_path, on_progress, token, preview_every, loras
         )
         try:
             return await asyncio.shield(work)
@@ -195,12 +203,13 @@ class ImageService:
         on_progress: ProgressCallback | None,
         cancel: CancelToken,
         preview_every: int,
+        loras: list[tuple[LoraFile, float]],
     ) -> GenerationResult:
         cancel.raise_if_cancelled()
         engine = self._engine_sync()
         self._log_plan(request, engine)
         try:
-            output = engine.run(request, seeds, on_progress, cancel, preview_every)
+            output = engine.run(request, seeds, on_progress, cancel, preview_every, loras=loras)
         except RefineryError:
             raise
         except Exception as error:
@@ -222,6 +231,7 @@ class ImageService:
             recoveries=output.recoveries,
             optimizations=engine.optimizations,
             interrupted=output.interrupted,
+            loras=[{"name": lora.name, "weight": weight, "hash": lora.short_hash} for lora, weight in loras],
         )
         if output_path is not None:
             cancel.raise_if_cancelled()
@@ -232,6 +242,36 @@ class ImageService:
                 result.paths.append(str(path))
                 log.info("Image saved to %s", path)
         return result
+
+    def check_loras(self, request: GenerationRequest, allow_paths: bool) -> list[tuple[LoraFile, float]]:
+        """The request's LoRAs (field and prompt tags), each resolved and checked, before any work.
+
+        Args:
+            allow_paths: whether a LoRA may be named by a file path (the library and CLI) or only by a name
+                from the LoRA folder (the server).
+
+        Raises:
+            InvalidRequest: field `loras`, naming the LoRA and the reason.
+        """
+        wanted = request.all_loras
+        if not wanted:
+            return []
+        files = self.lora_folder.check(wanted, allow_paths, self._context_width())
+        return [(file, lora.weight) for file, lora in zip(files, wanted, strict=True)]
+
+    def _context_width(self) -> int:
+        """The base's cross-attention width, which a LoRA must be made for: the loaded engine's, else what
+        the reference says (the tiny pair, a diffusers folder's UNet config), else SDXL's."""
+        loaded: int | None = getattr(self._engine, "context_width", None)
+        if loaded is not None:
+            return loaded
+        if self.base_model == TINY_NAME:
+            return TINY_CONTEXT_DIM
+        config = Path(self.base_model) / "unet" / "config.json"
+        if config.is_file():
+            width: int = json.loads(config.read_text()).get("cross_attention_dim", SDXL_CONTEXT_DIM)
+            return width
+        return SDXL_CONTEXT_DIM
 
     def _log_plan(self, request: GenerationRequest, engine: RunsRequests) -> None:
         quality = "HIGH QUALITY" if request.guidance_scale >= HIGH_QUALITY_GUIDANCE else "STANDARD"

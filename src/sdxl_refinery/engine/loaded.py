@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ..errors import InvalidRequest
+from ..loras import LoraFile
 from ..options import Precision, SpeedOptions
 from ..request import CancelToken, GenerationRequest, ProgressCallback
 from .device import Placement, choose_placement
@@ -62,6 +64,12 @@ class Engine:
         return cls(placement, pair, TwoStageRunner(pair, placement, memory_plan), plan)
 
     @property
+    def context_width(self) -> int:
+        """The base UNet's cross-attention width: what a LoRA must have been trained for."""
+        width: int = self.pair.base.unet.config.cross_attention_dim
+        return width
+
+    @property
     def memory_plan(self) -> str:
         """The memory plan the next run starts under."""
         return self.runner.memory_plan.name
@@ -89,9 +97,17 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         preview_every: int = 0,
+        loras: list[tuple[LoraFile, float]] | None = None,
     ) -> EngineOutput:
-        """Run one request; see `TwoStageRunner.run`."""
-        return self.runner.run(request, seeds, on_progress, cancel, preview_every)
+        """Run one request, with `loras` (checked files and weights) applied; see `TwoStageRunner.run`.
+
+        Raises:
+            InvalidRequest: a LoRA's weights fit no layer of these models (field `loras`).
+        """
+        if loras and self.speed.compile_mode is not None:
+            raise InvalidRequest("loras", "not available while the UNets are compiled (REFINERY_COMPILE=on holds "
+                                 "their weights in the compiled graphs)")  # fmt: skip
+        return self.runner.run(request, seeds, on_progress, cancel, preview_every, loras or [])
 
 
 def _initial_memory_plan(pair: LoadedPair, placement: Placement) -> MemoryPlan:

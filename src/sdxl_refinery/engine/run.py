@@ -19,10 +19,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from ..errors import Cancelled, GenerationFailed, InvalidRequest
+from ..loras import LoraFile
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
 from ..steps import StagePlan, plan_steps, require_both_stages
 from .device import Placement
 from .loader import LoadedPair
+from .lora_weights import LoraMismatch, LoraWeights
 from .memory import GIB, decode_bytes, free_bytes
 from .prompts import Conditioning, PromptEncoder
 from .recovery import MemoryPlan, all_finite, apply_plan, free_memory, is_out_of_memory, plans_for, upcast
@@ -99,13 +101,14 @@ class TwoStageRunner:
         base, refiner = pair.base, pair.refiner
         self.base_prompts = PromptEncoder([base.tokenizer, base.tokenizer_2], [base.text_encoder, base.text_encoder_2])
         self.refiner_prompts = PromptEncoder([refiner.tokenizer_2], [refiner.text_encoder_2])
+        self.lora_weights = LoraWeights(base)
 
     def _condition(
         self, encoder: PromptEncoder, pipe: object, request: GenerationRequest, tracker: StepTracker
     ) -> Conditioning:
         zero_negative = bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt", False))
         dtype = self.pair.base.text_encoder_2.dtype
-        return encoder.encode(request.prompt, request.negative_prompt, zero_negative, dtype, request.clip_skip,
+        return encoder.encode(request.encoded_prompt, request.negative_prompt, zero_negative, dtype, request.clip_skip,
                               tracker.check_cancelled)  # fmt: skip
 
     def run(
@@ -115,19 +118,29 @@ class TwoStageRunner:
         on_progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         preview_every: int = 0,
+        loras: list[tuple[LoraFile, float]] | None = None,
     ) -> EngineOutput:
-        """Run base then refiner for `request`, one image per seed, recovering from faults.
+        """Run base then refiner for `request`, one image per seed, recovering from faults, with `loras`
+        (checked files and their weights) applied to the base model for this run only.
 
         Raises:
-            InvalidRequest: the request cannot be planned (before any work).
+            InvalidRequest: the request cannot be planned, or a LoRA fits no layer (before any work).
             Cancelled: `cancel` was set; raised within one step.
             GenerationFailed: NaN/Inf survived the fp32 retries, or memory ran out under every plan.
         """
         # 1. Plan both stages before any model work (bad switch points fail here).
         base_scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
         run = _Run(request, plan_stages(self.pair, request, base_scheduler), seeds, on_progress, cancel, preview_every)
+        # 2. The run's LoRAs, loaded (cached) and applied; taken out exactly when the run ends.
+        try:
+            with self.lora_weights.applied(loras or []):
+                return self._run_planned(run)
+        except LoraMismatch as error:
+            raise InvalidRequest("loras", str(error)) from error
+
+    def _run_planned(self, run: _Run) -> EngineOutput:
         plans = plans_for(self.placement.device)
-        # 2. Run under the current memory plan; on out-of-memory, free memory and step to a lighter plan.
+        # 3. Run under the current memory plan; on out-of-memory, free memory and step to a lighter plan.
         while True:
             memory_plan = plans[self._plan_index]
             last_plan = self._plan_index == len(plans) - 1
@@ -317,7 +330,8 @@ class TwoStageRunner:
         stage_started = time.perf_counter()
         handoff = request.mode is Mode.HANDOFF
         self.pair.refiner.scheduler = make_scheduler(self._scheduler_configs[1], *request.refiner_sampling)
-        conditioning = self._condition(self.refiner_prompts, self.pair.refiner, request, tracker)
+        with self.lora_weights.refiner_view():  # the refiner's prompt, as its own unchanged encoder gives it
+            conditioning = self._condition(self.refiner_prompts, self.pair.refiner, request, tracker)
         refined: torch.Tensor = self.pair.refiner(
             **conditioning.as_kwargs(),
             num_images_per_prompt=request.n,

@@ -24,6 +24,7 @@ from ..errors import ModelLoadError
 from .single_file import inspect_checkpoint
 
 TINY_NAME = "tiny"  # the random-weight pair built from configs (engine/tiny.py)
+TINY_CONTEXT_DIM = 80  # the tiny base UNet's cross-attention width (its two encoders, 32 + 48)
 
 log = logging.getLogger(__name__)
 

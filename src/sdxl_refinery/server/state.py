@@ -60,12 +60,14 @@ class AppState:
         """Check the server's limits, persist the job (or attach to the one `dedup` names), wake the worker.
 
         Raises:
-            InvalidRequest: a field over this server's caps.
+            InvalidRequest: a field over this server's caps, or a LoRA that is unknown, unreadable or made
+                for another model (only names from the LoRA folder: no paths over HTTP).
             QueueFull: the queue is at `max_queue`.
             IdempotencyConflict: an Idempotency-Key reused for a different request.
             StoreUnavailable: the job store or the image disk fails now (503, or 507 for a full disk).
         """
         enforce_limits(request, self.limits)
+        self.service.check_loras(request, allow_paths=False)
         if self.worker is not None and (problem := self.worker.problem) is not None:
             raise StoreUnavailable(f"not accepting jobs until this passes: {problem}", disk_full=is_disk_full(problem))
         if dedup is not None:

@@ -71,7 +71,6 @@ for _path, _what in (
     ("/sdapi/v1/upscalers", "Upscalers"),
     ("/sdapi/v1/latent-upscale-modes", "Latent upscale modes"),
     ("/sdapi/v1/prompt-styles", "Prompt styles"),
-    ("/sdapi/v1/loras", "LoRAs"),
     ("/sdapi/v1/hypernetworks", "Hypernetworks"),
     ("/sdapi/v1/face-restorers", "Face restorers"),
     ("/sdapi/v1/realesrgan-models", "Real-ESRGAN models"),

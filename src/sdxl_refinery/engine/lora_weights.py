@@ -1,0 +1,193 @@
+"""LoRAs in the engine: loaded once into the base's UNet and text encoders, kept in a bounded cache of
+adapters, applied per run, and taken out exactly afterwards.
+
+- Loading: diffusers reads both layouts (Kohya/A1111 and diffusers/PEFT) into PEFT adapters; the UNet part
+  goes through diffusers, the text-encoder parts through PEFT directly (transformers' own adapter loader
+  asks for a newer PEFT than the package registries hold).
+- A run: the chosen adapters get their weights (as diffusers' `set_adapters` gives them). The UNet's are
+  fused: each touched layer's weight is replaced, for the run, by a new tensor W + sum(w * scale * B @ A),
+  so a denoising step costs what it costs without LoRAs; the original tensors are kept and put back
+  after, bit for bit (no subtraction, so no rounding residue). The text encoders, run once per prompt,
+  keep the adapters as extra layers.
+- The refiner is untouched: its UNet is another architecture that SDXL LoRAs have no weights for, and its
+  prompt is encoded with the LoRA layers of the shared `text_encoder_2` switched off, as A1111, InvokeAI
+  and Fooocus give the refiner its own, unchanged encoder.
+- Between runs every adapter is switched off: a request without LoRAs computes what it did before any
+  LoRA was loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+from diffusers.utils.peft_utils import _create_lora_config
+from peft import inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+from ..loras import LoraFile, made_for
+
+log = logging.getLogger(__name__)
+CACHE_SIZE = 8  # adapters kept loaded; the least recently used is dropped past this
+_TEXT_TARGETS = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
+
+
+class LoraMismatch(ValueError):
+    """A LoRA's weights do not fit the loaded models' layers (another architecture, or a damaged file)."""
+
+
+def _lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
+def _load_text_encoder(state_dict: dict[str, torch.Tensor], alphas: dict[str, float] | None,
+                       encoder: torch.nn.Module, prefix: str, adapter: str) -> None:  # fmt: skip
+    """The `prefix.` part of a LoRA state dict into `encoder` as PEFT adapter `adapter` (what diffusers'
+    text-encoder loader does, with PEFT's own injection instead of transformers')."""
+    own = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+    if not own:
+        return
+    own = convert_state_dict_to_peft(convert_state_dict_to_diffusers(own))
+    if not hasattr(encoder, "text_model"):
+        own = {k.removeprefix("text_model."): v for k, v in own.items()}
+    rank = {f"{name}.lora_B.weight": own[f"{name}.lora_B.weight"].shape[1] for name, _ in encoder.named_modules()
+            if name.endswith(_TEXT_TARGETS) and f"{name}.lora_B.weight" in own}  # fmt: skip
+    own_alphas = None
+    if alphas is not None:
+        own_alphas = {k.removeprefix(f"{prefix}."): v for k, v in alphas.items() if k.split(".")[0] == prefix}
+    config = _create_lora_config(own, own_alphas, None, rank, is_unet=False)
+    inject_adapter_in_model(config, encoder, adapter_name=adapter)
+    result = set_peft_model_state_dict(encoder, own, adapter_name=adapter)
+    unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora" in key]
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} weights of the {prefix} part match no layer, e.g. {unexpected[0]}")
+    reference = next(encoder.parameters())
+    encoder.to(device=reference.device, dtype=reference.dtype)  # the new LoRA layers where the encoder is
+
+
+class LoraWeights:
+    """The LoRA adapters of one loaded base pipeline."""
+
+    def __init__(self, base: StableDiffusionXLPipeline, capacity: int = CACHE_SIZE) -> None:
+        self.base = base
+        self.capacity = capacity
+        self._loaded: OrderedDict[str, LoraFile] = OrderedDict()
+
+    @property
+    def models(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+        return self.base.unet, self.base.text_encoder, self.base.text_encoder_2
+
+    def loaded(self) -> list[str]:
+        """Adapter names in the cache, least recently used first."""
+        return list(self._loaded)
+
+    def load(self, lora: LoraFile) -> str:
+        """Load `lora` (once; later calls only mark it as recently used); returns its adapter name.
+
+        Raises:
+            LoraMismatch: the file's weights do not fit this pipeline's layers (nothing of it stays loaded).
+        """
+        adapter = f"lora_{lora.short_hash}"
+        if adapter in self._loaded:
+            self._loaded.move_to_end(adapter)
+            return adapter
+        width = self.base.unet.config.cross_attention_dim
+        if lora.context_width is not None and lora.context_width != width:
+            raise LoraMismatch(f"{lora.name}: made for {made_for(lora.context_width)}, not for this SDXL base model")
+        while len(self._loaded) >= self.capacity:
+            self._drop(next(iter(self._loaded)))
+        state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(lora.path))
+        try:
+            if any(key.startswith("unet.") for key in state_dict):
+                StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, unet=self.base.unet,
+                                                              adapter_name=adapter)  # fmt: skip
+            _load_text_encoder(state_dict, alphas, self.base.text_encoder, "text_encoder", adapter)
+            _load_text_encoder(state_dict, alphas, self.base.text_encoder_2, "text_encoder_2", adapter)
+        except Exception as error:  # shapes or names that fit no layer: diffusers and PEFT raise several kinds
+            self._remove_adapter(adapter)  # nothing half-loaded stays
+            raise LoraMismatch(f"{lora.name}: its weights do not fit this model's layers ({error})") from error
+        self._loaded[adapter] = lora
+        self._switch_off()
+        log.info("Loaded LoRA %s (%s) as %s", lora.name, ", ".join(lora.parts), adapter)
+        return adapter
+
+    def _drop(self, adapter: str) -> None:
+        self._remove_adapter(adapter)
+        del self._loaded[adapter]
+        log.info("Dropped LoRA adapter %s from the cache", adapter)
+
+    def _remove_adapter(self, adapter: str) -> None:
+        for model in self.models:
+            for layer in _lora_layers(model):
+                if adapter in layer.lora_A:
+                    layer.delete_adapter(adapter)
+
+    def _switch_off(self) -> None:
+        for model in self.models:
+            for layer in _lora_layers(model):
+                layer.enable_adapters(False)
+
+    @contextlib.contextmanager
+    def applied(self, loras: list[tuple[LoraFile, float]]) -> Iterator[None]:
+        """Apply `loras` (file, weight) for the duration of a run: fused into the UNet, active in the text
+        encoders; everything exactly as before afterwards, also on errors."""
+        if not loras:
+            yield
+            return
+        weights: dict[str, float] = {}
+        for lora, weight in loras:  # the same file twice adds its weights, as two A1111 tags do
+            adapter = self.load(lora)
+            weights[adapter] = weights.get(adapter, 0.0) + weight
+        originals: dict[torch.nn.Parameter, torch.Tensor] = {}
+        try:
+            for model in self.models:
+                self._activate(model, weights)
+            self._fuse(self.base.unet, weights, originals)
+            yield
+        finally:
+            for parameter, original in originals.items():
+                parameter.data = original
+            self._switch_off()
+
+    @staticmethod
+    def _activate(model: torch.nn.Module, weights: dict[str, float]) -> None:
+        """What diffusers' `set_adapters(names, adapter_weights)` does, on every LoRA layer of `model`."""
+        for layer in _lora_layers(model):
+            present = [adapter for adapter in weights if adapter in layer.lora_A]
+            layer.enable_adapters(bool(present))
+            if present:
+                layer.set_adapter(present)
+                for adapter in present:
+                    layer.set_scale(adapter, weights[adapter])
+
+    @staticmethod
+    @torch.no_grad()
+    def _fuse(unet: torch.nn.Module, weights: dict[str, float], originals: dict[Any, torch.Tensor]) -> None:
+        for layer in _lora_layers(unet):
+            present = [adapter for adapter in weights if adapter in layer.lora_A]
+            if not present:
+                continue
+            weight = layer.get_base_layer().weight
+            assert isinstance(weight, torch.nn.Parameter)
+            deltas: list[torch.Tensor] = [layer.get_delta_weight(adapter) for adapter in present]  # type: ignore[attr-defined]  # on every concrete LoRA layer
+            originals[weight] = weight.data
+            weight.data = weight.data + torch.stack(deltas).sum(0).to(weight.dtype)  # new: the original stays intact
+            layer.enable_adapters(False)  # the fused weight carries it now
+
+    @contextlib.contextmanager
+    def refiner_view(self) -> Iterator[None]:
+        """The shared `text_encoder_2` without LoRA layers, for the refiner's prompt."""
+        layers = [layer for layer in _lora_layers(self.base.text_encoder_2) if not layer.disable_adapters]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
