@@ -212,3 +212,23 @@ def test_weights_outside_minus_five_to_five_and_pickles_are_refused(tmp_path: Pa
     with pytest.raises(InvalidRequest) as caught:
         LoraFolder(None).check([GenerationRequest(prompt="a", loras=[{"name": str(pickled)}]).loras[0]], True)
     assert "no such LoRA" in caught.value.rule  # a .pt path is never opened as a LoRA
+
+
+async def test_fused_qkv_engines_take_their_projections_apart_for_loras(
+    tiny_pair: tuple[Path, Path], hand: HandDriven, loras: Path
+) -> None:
+    """CUDA's speed plan fuses q, k and v into one projection; a LoRA changes them one by one, so the engine
+    takes the fusion apart (forced on here, on CPU) and the image is still diffusers' own."""
+    from sdxl_refinery.options import SpeedOptions
+
+    fused = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full",
+                         speed=SpeedOptions(fused_qkv="on"), lora_dir=loras)  # fmt: skip
+    try:
+        await fused.load()
+        assert "fused-qkv" in fused.describe()["optimizations"]
+        request = _request(loras=[{"name": "unet_a", "weight": 0.8}])
+        expected = _hand_with(hand, loras, {"unet_a": 0.8}, request)
+        assert np.abs(await _pixels(fused, request) - expected).max() <= 2.0
+        assert "fused-qkv" not in fused.describe()["optimizations"]
+    finally:
+        fused.close()

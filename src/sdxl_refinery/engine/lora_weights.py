@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.models.attention_processor import Attention
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
 from diffusers.utils.peft_utils import _create_lora_config
 from peft import inject_adapter_in_model, set_peft_model_state_dict
@@ -71,6 +72,23 @@ def _load_text_encoder(state_dict: dict[str, torch.Tensor], alphas: dict[str, fl
     encoder.to(device=reference.device, dtype=reference.dtype)  # the new LoRA layers where the encoder is
 
 
+def _take_fused_projections_apart(unet: torch.nn.Module) -> None:
+    """Undo the speed plan's fused QKV on `unet`: a LoRA changes q, k and v apart, and fused attention reads
+    a concatenated copy that no LoRA layer touches. The copies are freed (diffusers' unfuse keeps them)."""
+    if getattr(unet, "original_attn_processors", None) is None:
+        return
+    unet.unfuse_qkv_projections()  # type: ignore[operator]
+    for module in unet.modules():
+        if isinstance(module, Attention) and module.fused_projections:
+            for name in ("to_qkv", "to_kv"):
+                if hasattr(module, name):
+                    delattr(module, name)
+            module.fused_projections = False
+    unet.original_attn_processors = None  # type: ignore[assignment]  # diffusers: None means "not fused"
+    log.warning("LoRAs in use: the base UNet's fused QKV projections are taken apart for good (q, k and v are "
+                "changed one by one)")  # fmt: skip
+
+
 class LoraWeights:
     """The LoRA adapters of one loaded base pipeline."""
 
@@ -103,6 +121,7 @@ class LoraWeights:
         while len(self._loaded) >= self.capacity:
             self._drop(next(iter(self._loaded)))
         state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(lora.path))
+        _take_fused_projections_apart(self.base.unet)
         try:
             if any(key.startswith("unet.") for key in state_dict):
                 StableDiffusionXLPipeline.load_lora_into_unet(state_dict, alphas, unet=self.base.unet,
