@@ -302,3 +302,49 @@ def test_the_page_looks_finished(web: RunningServer, browser: Browser, width: in
     assert backdrop == ["fixed", "rgba(0, 0, 0, 0.6)"]
     shot(p, f"11-viewer-{width}")
     context.close()
+
+
+def test_loras_are_picked_with_weights_sent_and_reused(server_factory: ServerFactory, fake: object, page: Page,
+                                                       fake_engine: FakeEngine, tmp_path: Path) -> None:  # fmt: skip
+    """The picker lists the server's LoRA folder; chosen LoRAs and weights travel in the request, reach the
+    engine, come back with "reuse settings", and a bad one shows its reason under the picker."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdxl_refinery.loras import LoraFolder
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    layer = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    for name in ("ink", "watercolour"):  # UNet self-attention only: no architecture to read, any base takes them
+        tensors = {f"{layer}.lora_down.weight": torch.zeros(4, 8), f"{layer}.lora_up.weight": torch.zeros(8, 4)}
+        save_file(tensors, folder / f"{name}.safetensors")
+    fake[0].lora_folder = LoraFolder(folder)  # type: ignore[index]
+    p = page
+    with server_factory(preview_every=1) as web:
+        p.goto(web.url + "/")
+        p.wait_for_selector("#app:not([hidden])")
+        fill_small_job(p, steps=4, refiner_steps=2)
+        assert p.eval_on_selector("#lora-name", "s => [...s.options].map(o => o.value)") == ["ink", "watercolour"]
+        assert p.is_hidden("#lora-empty")
+        p.select_option("#lora-name", "watercolour")
+        p.fill("#lora-weight", "0.6")
+        p.click("#lora-add")
+        p.select_option("#lora-name", "ink")
+        p.fill("#lora-weight", "-1.5")
+        p.click("#lora-add")
+        assert p.inner_text("#lora-list").split("\n")[0].startswith("watercolour × 0.6")
+        shot(p, "loras-picked")
+        p.keyboard.press("Control+Enter")
+        p.wait_for_selector(".job.succeeded")
+        request = web.client.get("/v1/jobs").json()["items"][0]["request"]
+        assert request["loras"] == [{"name": "watercolour", "weight": 0.6}, {"name": "ink", "weight": -1.5}]
+        assert [(file.name, weight) for file, weight in fake_engine.loras[-1]] == [("watercolour", 0.6), ("ink", -1.5)]
+        p.click("#lora-list li:first-child .lora-remove")
+        p.click("#lora-list li:first-child .lora-remove")
+        assert p.inner_text("#lora-list") == ""
+        (folder / "ink.safetensors").write_bytes(b"broken now")
+        p.select_option("#lora-name", "ink")
+        p.click("#lora-add")
+        p.keyboard.press("Control+Enter")
+        p.wait_for_selector('[data-error-for="loras"]:has-text("not a readable safetensors file")')

@@ -12,6 +12,7 @@ const state = {
   viewing: null, // {job, index}
   blobUrls: [],
   schema: null, // GET /v1/schema: every request field with its default, bounds and face names
+  loras: [], // the LoRAs chosen for the next job: [{name, weight}]
 };
 
 // ---------------------------------------------------------------- talking to the server
@@ -115,7 +116,7 @@ async function start() {
   if (!state.schema) applySchema(await schema.json());
   $("#key-panel").hidden = true;
   $("#app").hidden = false;
-  await Promise.all([loadGallery(), resumeActiveJobs()]);
+  await Promise.all([loadGallery(), resumeActiveJobs(), loadLoras()]);
 }
 
 // ---------------------------------------------------------------- the form
@@ -208,6 +209,7 @@ function formRequest() {
   if (size !== "custom") [request.width, request.height] = size.split("x").map(Number);
   if (request.mode !== "handoff") delete request.switch_at;
   if (!$("#random-seed").checked && form.elements.seed.value !== "") request.seed = Number(form.elements.seed.value);
+  if (state.loras.length) request.loras = state.loras.map(({ name, weight }) => ({ name, weight }));
   return request;
 }
 
@@ -277,10 +279,55 @@ function fillForm(request, seed) {
   form.elements.size.value = known ? preset : "custom";
   $("#custom-size").hidden = known;
   $("#switch-row").hidden = request.mode !== "handoff";
+  state.loras = (request.loras || []).map(({ name, weight }) => ({ name, weight }));
+  renderLoras();
   form.elements.n.value = 1;
   form.elements.seed.value = seed;
   $("#random-seed").checked = false;
   form.elements.prompt.focus();
+}
+
+// ---------------------------------------------------------------- LoRAs
+
+// The server's LoRA folder (GET /v1/loras) fills the picker; chosen LoRAs go in the request's `loras`.
+async function loadLoras() {
+  const response = await api("/v1/loras");
+  if (!response.ok) return;
+  const { loras } = await response.json();
+  const select = $("#lora-name");
+  select.replaceChildren(...loras.map((lora) => new Option(lora.name, lora.name)));
+  $("#lora-empty").hidden = loras.length > 0;
+  $("#lora-add-row").hidden = loras.length === 0;
+}
+
+function renderLoras() {
+  const list = $("#lora-list");
+  list.replaceChildren(
+    ...state.loras.map((lora, index) => {
+      const item = document.createElement("li");
+      const text = document.createElement("span");
+      text.textContent = `${lora.name} × ${lora.weight}`;
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "lora-remove";
+      remove.textContent = "Remove";
+      remove.setAttribute("aria-label", `Remove LoRA ${lora.name}`);
+      remove.addEventListener("click", () => {
+        state.loras.splice(index, 1);
+        renderLoras();
+      });
+      item.append(text, remove);
+      return item;
+    }),
+  );
+}
+
+function addLora() {
+  const name = $("#lora-name").value;
+  const weight = Number($("#lora-weight").value);
+  if (!name || Number.isNaN(weight)) return;
+  state.loras.push({ name, weight });
+  renderLoras();
 }
 
 // ---------------------------------------------------------------- jobs being watched
@@ -498,6 +545,7 @@ function wire() {
     state.galleryOffset += PAGE_SIZE;
     loadGallery();
   });
+  $("#lora-add").addEventListener("click", addLora);
   $("#close-viewer").addEventListener("click", () => $("#viewer").close());
   $("#copy-seed").addEventListener("click", copySeed);
   $("#reuse").addEventListener("click", () => {
