@@ -83,3 +83,15 @@ def test_the_samplers_benchmark_times_each_sampler_against_the_first(tmp_path: P
     assert rows["Euler"]["step_vs_first"] == 1.0 and rows["Euler"]["evaluations_per_step"] == 1.0
     assert rows["Heun"]["evaluations_per_step"] > 1.0  # its own work: two model evaluations a step
     assert all(row["evaluation_s"] > 0 and 0 < row["scheduler_share"] < 1 for row in rows.values())
+
+
+def test_the_lora_benchmark_times_plain_fused_and_unfused_in_one_run(tmp_path: Path) -> None:
+    report_path = tmp_path / "loras.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "loras.py"), "--quick", "--device", "cpu",
+                           "--json", str(report_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert set(rows) == {"plain", "fused", "unfused (PEFT layers)", "plain, after"}
+    assert all(row["step_s"] > 0 for row in rows.values())
+    assert report["weights_restored_exactly"] is True and report["load_s"] > 0

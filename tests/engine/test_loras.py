@@ -39,8 +39,9 @@ def _random_lora(model: torch.nn.Module, targets: list[str], seed: int, rank: in
 
 @pytest.fixture(scope="module")
 def loras(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA folder: `unet_a` and `unet_b` (diffusers layout, UNet only), `full` (Kohya layout, UNet and both
-    text encoders, alpha twice the rank), and `style/ink` (a copy of `unet_a` in a subfolder)."""
+    """A LoRA folder: `unet_a` and `unet_b` (diffusers layout, UNet only), `unet_kohya` (Kohya layout, UNet
+    only, alpha twice the rank), `full` (Kohya layout, UNet and both text encoders, alpha twice the rank),
+    and `style/ink` (a copy of `unet_a` in a subfolder)."""
     folder = tmp_path_factory.mktemp("loras")
     for name, seed in (("unet_a", 1), ("unet_b", 2)):
         source = StableDiffusionXLPipeline.from_pretrained(tiny_pair[0])
@@ -53,6 +54,13 @@ def loras(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     kohya = convert_state_dict_to_kohya(peft_layout)
     kohya = {key: torch.tensor(8.0) if key.endswith(".alpha") else value.contiguous() for key, value in kohya.items()}
     save_file(kohya, folder / "full.safetensors")
+    # The Kohya layout of a UNet LoRA, alpha twice the rank (scale 2): what diffusers reads from Civitai files.
+    source = StableDiffusionXLPipeline.from_pretrained(tiny_pair[0])
+    unet_kohya = convert_state_dict_to_kohya(
+        {f"unet.{k}": v for k, v in _random_lora(source.unet, UNET_TARGETS, 6).items()}
+    )
+    save_file({key: torch.tensor(8.0) if key.endswith(".alpha") else value.contiguous()
+               for key, value in unet_kohya.items()}, folder / "unet_kohya.safetensors")  # fmt: skip
     (folder / "style").mkdir()
     (folder / "style" / "ink.safetensors").write_bytes((folder / "unet_a.safetensors").read_bytes())
     return folder
@@ -92,6 +100,13 @@ async def test_a_unet_lora_gives_what_diffusers_set_adapters_gives(with_folder: 
     expected = _hand_with(hand, loras, {"unet_a": 0.8}, request)
     assert np.abs(ours - expected).max() <= 2.0
     assert np.abs(ours - await _pixels(with_folder, _request())).max() > 10  # the LoRA did change the image
+
+
+async def test_a_kohya_layout_lora_gives_what_diffusers_gives(with_folder: ImageService, hand: HandDriven,
+                                                               loras: Path) -> None:  # fmt: skip
+    request = _request(loras=[{"name": "unet_kohya", "weight": 0.6}])
+    expected = _hand_with(hand, loras, {"unet_kohya": 0.6}, request)
+    assert np.abs(await _pixels(with_folder, request) - expected).max() <= 2.0
 
 
 async def test_two_loras_at_once_with_their_weights(with_folder: ImageService, hand: HandDriven, loras: Path) -> None:
