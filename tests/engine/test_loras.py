@@ -247,3 +247,56 @@ async def test_fused_qkv_engines_take_their_projections_apart_for_loras(
         assert "fused-qkv" not in fused.describe()["optimizations"]
     finally:
         fused.close()
+
+
+async def test_text_encoder_parts_equal_their_weights_merged_by_hand(with_folder: ImageService, hand: HandDriven,
+                                                                      loras: Path) -> None:  # fmt: skip
+    """The Kohya file's text-encoder parts against an independent reading of the same file: each layer's
+    W + weight * alpha / rank * up @ down, merged into a copy of diffusers' own encoders. (diffusers' own
+    text-encoder loader goes through transformers, which asks for a newer PEFT than the registries hold.)"""
+    import copy
+
+    from safetensors.torch import load_file
+
+    engine = with_folder._engine_sync()
+    (full,) = with_folder.check_loras(_request(loras=[{"name": "full", "weight": 0.7}]), allow_paths=False)
+    tensors = load_file(loras / "full.safetensors")
+    ids = hand.base.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    for prefix, name in (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
+        merged = copy.deepcopy(getattr(hand.base, name))
+        modules = {prefix + path.replace(".", "_"): module for path, module in merged.named_modules()}
+        touched = 0
+        with torch.no_grad():
+            for key in [key for key in tensors if key.startswith(prefix) and key.endswith(".lora_down.weight")]:
+                stem = key.removesuffix(".lora_down.weight")
+                down, up = tensors[key], tensors[f"{stem}.lora_up.weight"]
+                scale = 0.7 * float(tensors[f"{stem}.alpha"]) / down.shape[0]
+                modules[stem].weight += scale * up @ down
+                touched += 1
+            expected = merged(ids, output_hidden_states=True).hidden_states[-2]
+            with engine.runner.lora_weights.applied([full]):  # type: ignore[attr-defined]
+                ours = getattr(engine.pair.base, name)(ids, output_hidden_states=True).hidden_states[-2]  # type: ignore[attr-defined]
+        assert touched == 12  # q, k, v and out of each of the tiny encoder's three layers
+        assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-4), (name, (ours - expected).abs().max())  # rounding
+
+
+async def test_the_adapter_cache_is_bounded_and_drops_the_least_recently_used(
+    with_folder: ImageService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    weights = with_folder._engine_sync().runner.lora_weights  # type: ignore[attr-defined]
+    monkeypatch.setattr(weights, "capacity", 2)
+    for adapter in weights.loaded():  # what earlier tests left: start from an empty cache
+        weights._drop(adapter)
+    files = with_folder.check_loras(_request(loras=[{"name": name} for name in ("unet_a", "unet_b", "unet_kohya")]),
+                                    allow_paths=False)  # fmt: skip
+    adapters = [weights.load(file) for file, _ in files]
+    assert weights.loaded() == adapters[1:]  # the oldest went first
+    layers = [module for module in weights.base.unet.modules() if isinstance(module, LoraLayer)]
+    assert layers and not any(adapters[0] in layer.lora_A for layer in layers)
+    assert all(adapters[2] in layer.lora_A for layer in layers)
+    # A dropped LoRA comes back on its next use, and the image is what it was.
+    request = _request(loras=[{"name": "unet_a", "weight": 0.8}])
+    first = await _pixels(with_folder, request)
+    assert np.array_equal(first, await _pixels(with_folder, request))

@@ -146,6 +146,9 @@ class LoraWeights:
             for layer in _lora_layers(model):
                 if adapter in layer.lora_A:
                     layer.delete_adapter(adapter)
+            configs = getattr(model, "peft_config", None)  # diffusers and PEFT refuse a name still listed here
+            if isinstance(configs, dict):
+                configs.pop(adapter, None)
 
     def _switch_off(self) -> None:
         for model in self.models:
