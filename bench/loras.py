@@ -7,8 +7,9 @@ with the LoRA left as PEFT's extra layers, all in the same run.
 The LoRA is random (timings do not depend on weight values), rank `--rank` on what Kohya's SDXL trainer
 targets in every transformer block (q, k, v, out, the feed-forward and the block's in/out projections),
 saved as a file and applied through the engine's own `LoraWeights` (engine/lora_weights.py). Per variant:
-seconds per UNet call on the CFG batch of two (median after a warm-up), the time to load the file, to
-fuse and to put the weights back; and whether the weights came back bit for bit.
+seconds per UNet call on the CFG batch of two (median after a warm-up; plain and fused measured in turn,
+`--rounds` times each), the time to load the file, to fuse and to put the weights back; and whether the
+weights came back bit for bit.
 """
 
 from __future__ import annotations
@@ -87,11 +88,12 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2, help="timed UNet calls per variant, after a warm-up")
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="plain and fused measured in turn this many times")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
-        args.resolution, args.steps, args.rank = 256, 1, 4
+        args.resolution, args.steps, args.rank, args.rounds = 256, 1, 4, 1
 
     import torch
 
@@ -109,37 +111,44 @@ def main() -> None:
     weights = LoraWeights(SimpleNamespace(unet=unet, text_encoder=torch.nn.Module(), text_encoder_2=torch.nn.Module()))
     rows: dict[str, Any] = {}
 
-    # 1. Plain, before any LoRA is loaded.
+    # 1. Loading (once per file; cached after).
     before = _fingerprint(unet)
-    rows["plain"], _ = _timed(call, args.steps)
-    # 2. Loading (once per file; cached after), then a run with the LoRA fused the engine's way.
     started = time.perf_counter()
     weights.load(lora)  # type: ignore[arg-type]
     load_s = time.perf_counter() - started
-    started = time.perf_counter()
-    with weights.applied([(lora, 0.8)]):
-        fuse_s = time.perf_counter() - started
-        rows["fused"], _ = _timed(call, args.steps)
+    # 2. Plain and fused in turn, `--rounds` times (a shared machine drifts by several per cent over minutes:
+    #    the same number of each, interleaved, so drift falls on both sides), each fuse and restore timed.
+    times: dict[str, list[float]] = {"plain": [], "fused": []}
+    fuse_s, restore_s = [], []
+    for _ in range(args.rounds):
+        times["plain"].append(_timed(call, args.steps)[0])
         started = time.perf_counter()
-    restore_s = time.perf_counter() - started
+        with weights.applied([(lora, 0.8)]):
+            fuse_s.append(time.perf_counter() - started)
+            times["fused"].append(_timed(call, args.steps)[0])
+            started = time.perf_counter()
+        restore_s.append(time.perf_counter() - started)
     restored = all(parameter.data_ptr() == address for parameter, address in before)
     # 3. The LoRA as PEFT's extra layers (what diffusers' set_adapters alone leaves), for comparison.
     LoraWeights._activate(unet, {f"lora_{lora.short_hash}": 0.8})
-    rows["unfused (PEFT layers)"], _ = _timed(call, args.steps)
+    times["unfused (PEFT layers)"] = [_timed(call, args.steps)[0]]
     weights._switch_off()
-    # 4. Plain again, after: the same run's baseline on both sides of the LoRA runs.
-    rows["plain, after"], _ = _timed(call, args.steps)
-    baseline = statistics.mean([rows["plain"], rows["plain, after"]])
+    rows = {name: statistics.mean(values) for name, values in times.items()}
+    baseline = rows["plain"]
     report = {"machine": _machine(), "device": placement.device, "dtype": str(placement.dtype).removeprefix("torch."),
               "resolution": args.resolution, "rank": args.rank, "quick": args.quick,
               "lora_parameters_million": round(lora_parameters / 1e6, 2), "load_s": round(load_s, 3),
-              "fuse_s": round(fuse_s, 3), "restore_s": round(restore_s, 4), "weights_restored_exactly": restored,
-              "rows": [{"variant": name, "step_s": round(seconds, 3), "vs_plain": round(seconds / baseline, 3)}
+              "fuse_s": round(statistics.median(fuse_s), 3), "restore_s": round(statistics.median(restore_s), 4),
+              "weights_restored_exactly": restored, "rounds": args.rounds,
+              "rows": [{"variant": name, "step_s": round(seconds, 3), "vs_plain": round(seconds / baseline, 3),
+                        "each_round_s": [round(value, 3) for value in times[name]]}
                        for name, seconds in rows.items()]}  # fmt: skip
     for row in report["rows"]:
         print(f"{row['variant']:>22}: {row['step_s']:.3f} s per UNet call (CFG batch 2), {row['vs_plain']}x plain")
-    print(f"load {load_s:.2f} s, fuse {fuse_s:.2f} s, restore {restore_s * 1000:.1f} ms, weights restored "
-          f"exactly: {restored}; LoRA {lora_parameters / 1e6:.1f} M parameters, rank {args.rank}")  # fmt: skip
+    print(
+        f"load {load_s:.2f} s, fuse {report['fuse_s']:.2f} s, restore {report['restore_s'] * 1000:.1f} ms, "
+        f"weights restored exactly: {restored}; LoRA {lora_parameters / 1e6:.1f} M parameters, rank {args.rank}"
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 

@@ -300,3 +300,16 @@ async def test_the_adapter_cache_is_bounded_and_drops_the_least_recently_used(
     request = _request(loras=[{"name": "unet_a", "weight": 0.8}])
     first = await _pixels(with_folder, request)
     assert np.array_equal(first, await _pixels(with_folder, request))
+
+
+async def test_compiled_unets_refuse_loras_before_any_work(with_folder: ImageService,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Compiled graphs hold the weights they were compiled with: a LoRA would be silently left out."""
+    import dataclasses
+
+    engine = with_folder._engine_sync()
+    monkeypatch.setattr(engine, "speed", dataclasses.replace(engine.speed, compile_mode="frozen"))  # type: ignore[attr-defined]
+    with pytest.raises(InvalidRequest) as caught:
+        await with_folder.generate(_request(loras=[{"name": "unet_a"}]))
+    assert caught.value.field == "loras" and "compiled" in caught.value.rule
+    assert (await with_folder.generate(_request())).images  # without LoRAs it still runs

@@ -89,6 +89,23 @@ def _take_fused_projections_apart(unet: torch.nn.Module) -> None:
                 "changed one by one)")  # fmt: skip
 
 
+def _fused_weight(layer: Any, adapters: list[str]) -> torch.Tensor:
+    """W + sum(scale * B @ A) as a new tensor. For plain Linear LoRAs, one `addmm` per adapter writes the sum
+    straight into the output (PEFT's delta, scale and add would be three passes over the weights: on the
+    full UNet that measured 12.8 s for the deltas alone on 2 CPU cores); other kinds use PEFT's delta."""
+    base = layer.get_base_layer()
+    weight: torch.Tensor = base.weight.data
+    plain = isinstance(base, torch.nn.Linear) and not layer.fan_in_fan_out
+    if plain and not any(layer.use_dora.get(adapter, False) for adapter in adapters):
+        fused = weight
+        for adapter in adapters:
+            down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            fused = torch.addmm(fused, up.to(weight.dtype), down.to(weight.dtype), alpha=layer.scaling[adapter])
+        return fused
+    deltas = [layer.get_delta_weight(adapter) for adapter in adapters]
+    return weight + torch.stack(deltas).sum(0).to(weight.dtype)
+
+
 class LoraWeights:
     """The LoRA adapters of one loaded base pipeline."""
 
@@ -197,9 +214,8 @@ class LoraWeights:
                 continue
             weight = layer.get_base_layer().weight
             assert isinstance(weight, torch.nn.Parameter)
-            deltas: list[torch.Tensor] = [layer.get_delta_weight(adapter) for adapter in present]  # type: ignore[attr-defined]  # on every concrete LoRA layer
             originals[weight] = weight.data
-            weight.data = weight.data + torch.stack(deltas).sum(0).to(weight.dtype)  # new: the original stays intact
+            weight.data = _fused_weight(layer, present)  # a new tensor: the original stays intact
             layer.enable_adapters(False)  # the fused weight carries it now
 
     @contextlib.contextmanager
