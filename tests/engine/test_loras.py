@@ -313,3 +313,16 @@ async def test_compiled_unets_refuse_loras_before_any_work(with_folder: ImageSer
         await with_folder.generate(_request(loras=[{"name": "unet_a"}]))
     assert caught.value.field == "loras" and "compiled" in caught.value.rule
     assert (await with_folder.generate(_request())).images  # without LoRAs it still runs
+
+
+async def test_without_room_for_fused_copies_the_lora_runs_as_extra_layers(
+    with_folder: ImageService, hand: HandDriven, loras: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    from sdxl_refinery.engine import lora_weights
+
+    monkeypatch.setattr(lora_weights, "free_bytes", lambda device: 1024)  # almost no free memory
+    request = _request(loras=[{"name": "unet_a", "weight": 0.8}])
+    expected = _hand_with(hand, loras, {"unet_a": 0.8}, request)
+    assert np.abs(await _pixels(with_folder, request) - expected).max() <= 2.0
+    assert "LoRA weights not fused" in caplog.text

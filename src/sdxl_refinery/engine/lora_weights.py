@@ -7,8 +7,9 @@ adapters, applied per run, and taken out exactly afterwards.
 - A run: the chosen adapters get their weights (as diffusers' `set_adapters` gives them). The UNet's are
   fused: each touched layer's weight is replaced, for the run, by a new tensor W + sum(w * scale * B @ A),
   so a denoising step costs what it costs without LoRAs; the original tensors are kept and put back
-  after, bit for bit (no subtraction, so no rounding residue). The text encoders, run once per prompt,
-  keep the adapters as extra layers.
+  after, bit for bit (no subtraction, so no rounding residue). Where those copies would not fit in free
+  memory, the UNet keeps the adapters as extra layers instead (same image, slower steps). The text
+  encoders, run once per prompt, always keep them as extra layers.
 - The refiner is untouched: its UNet is another architecture that SDXL LoRAs have no weights for, and its
   prompt is encoded with the LoRA layers of the shared `text_encoder_2` switched off, as A1111, InvokeAI
   and Fooocus give the refiner its own, unchanged encoder.
@@ -33,6 +34,7 @@ from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from ..loras import LoraFile, made_for
+from .memory import free_bytes
 
 log = logging.getLogger(__name__)
 CACHE_SIZE = 8  # adapters kept loaded; the least recently used is dropped past this
@@ -187,12 +189,27 @@ class LoraWeights:
         try:
             for model in self.models:
                 self._activate(model, weights)
-            self._fuse(self.base.unet, weights, originals)
+            if self._fused_copies_fit(weights):
+                self._fuse(self.base.unet, weights, originals)
             yield
         finally:
             for parameter, original in originals.items():
                 parameter.data = original
             self._switch_off()
+
+    def _fused_copies_fit(self, weights: dict[str, float]) -> bool:
+        """Whether the fused copies of the touched UNet weights fit in free memory (with a quarter to spare).
+        If not, the LoRA runs as PEFT's extra layers: the same image (diffusers' own way), slower steps."""
+        touched: list[Any] = [layer.get_base_layer().weight for layer in _lora_layers(self.base.unet)
+                              if any(adapter in layer.lora_A for adapter in weights)]  # fmt: skip
+        need = sum(int(weight.numel()) * int(weight.element_size()) for weight in touched)
+        device = str(touched[0].device) if touched else "cpu"
+        free = free_bytes(device)
+        if need <= 0.75 * free:
+            return True
+        log.warning("LoRA weights not fused: the fused copies need %.1f GiB, %.1f GiB is free; running the LoRA "
+                    "as extra layers (same image, slower steps)", need / 2**30, free / 2**30)  # fmt: skip
+        return False
 
     @staticmethod
     def _activate(model: torch.nn.Module, weights: dict[str, float]) -> None:
