@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +16,10 @@ import pytest
 from sdxl_refinery import ImageService
 
 from ..fakes import fake_service
-from ..server.conftest import RunningServer, free_port, run_server
+from ..server.conftest import RunningServer, run_server
 from ..waiting import patience, poll
+from .redis_server import REDIS, redis_server
 
-REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="Debian's redis-server is not installed")
 VISIBILITY_TIMEOUT = 10  # seconds; real deployments use hours (longer than the longest job)
 
@@ -28,24 +27,8 @@ VISIBILITY_TIMEOUT = 10  # seconds; real deployments use hours (longer than the 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on a loopback port, stopped at the end."""
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen([str(REDIS), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)  # fmt: skip
-    import redis
-
-    client = redis.Redis(port=port)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    poll(answers, "redis-server to start")
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(timeout=patience(10))
+    with redis_server(tmp_path_factory.mktemp("redis")) as (url, _process):
+        yield url
 
 
 class Workers:

@@ -6,7 +6,6 @@ nothing answers) while a job runs, then thawed with SIGCONT.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
@@ -19,35 +18,19 @@ import pytest
 from sdxl_refinery import ImageService
 
 from ..fakes import fake_service
-from ..server.conftest import RunningServer, free_port, run_server
+from ..server.conftest import RunningServer, run_server
 from ..waiting import patience, poll
+from .redis_server import REDIS, redis_server
 from .test_celery import Workers
 
-REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="Debian's redis-server is not installed")
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+@pytest.fixture(name="redis_server")
+def frozen_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server of this test's own (it is frozen and thawed), stopped at the end."""
-    import redis
-
-    port = free_port()
-    process = subprocess.Popen([str(REDIS), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)  # fmt: skip
-    client = redis.Redis(port=port, socket_timeout=1)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    poll(answers, "redis-server to start")
-    yield f"redis://127.0.0.1:{port}/0", process
-    process.send_signal(signal.SIGCONT)
-    process.terminate()
-    process.wait(timeout=patience(10))
+    with redis_server(tmp_path) as running:
+        yield running
 
 
 @pytest.fixture
