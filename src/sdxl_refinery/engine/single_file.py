@@ -27,6 +27,11 @@ _KIND_MARKERS = {
 }
 
 
+# Keys by which fine-tunes mark a sampling variant (NoobAI-XL V-Pred and others carry empty `v_pred` and
+# `ztsnr` tensors, which ComfyUI and Forge read).
+_UNSAMPLED_VARIANTS = {"v_pred", "ztsnr"}
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a single file holds, read from its header alone.
@@ -100,6 +105,11 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     header = read_header(path)
     metadata = header.pop("__metadata__", {}) or {}
     keys = set(header)
+    if marked := sorted(keys & _UNSAMPLED_VARIANTS):
+        # Sampled as epsilon-prediction, such a file gives a wrong image every time: refused, not guessed.
+        what = f"a v-prediction / zero-terminal-SNR fine-tune (its {', '.join(marked)} key)"
+        raise ModelLoadError(f"{path}: refused: {what}, which Refinery cannot sample correctly yet; its images "
+                             "would all be wrong")  # fmt: skip
     for kind, markers in _KIND_MARKERS.items():
         if all(marker in keys for marker in markers):
             embedded = metadata.get(CONFIG_METADATA_KEY)
