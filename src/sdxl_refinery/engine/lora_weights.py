@@ -202,6 +202,9 @@ class LoraWeights:
         If not, the LoRA runs as PEFT's extra layers: the same image (diffusers' own way), slower steps."""
         touched: list[Any] = [layer.get_base_layer().weight for layer in _lora_layers(self.base.unet)
                               if any(adapter in layer.lora_A for adapter in weights)]  # fmt: skip
+        if any(weight.is_meta for weight in touched):  # offloaded by a memory plan: moved in only while in use
+            log.info("LoRA weights not fused: the UNet's weights are offloaded; running the LoRA as extra layers")
+            return False
         need = sum(int(weight.numel()) * int(weight.element_size()) for weight in touched)
         device = str(touched[0].device) if touched else "cpu"
         free = free_bytes(device)
