@@ -326,3 +326,19 @@ async def test_without_room_for_fused_copies_the_lora_runs_as_extra_layers(
     expected = _hand_with(hand, loras, {"unet_a": 0.8}, request)
     assert np.abs(await _pixels(with_folder, request) - expected).max() <= 2.0
     assert "LoRA weights not fused" in caplog.text
+
+
+def test_offloaded_weights_are_not_fused() -> None:
+    """Under an offloading memory plan the UNet's weights sit on the meta device between uses: nothing to add
+    a LoRA to, so it runs as extra layers."""
+    from types import SimpleNamespace
+
+    from sdxl_refinery.engine.lora_weights import LoraWeights
+
+    model = torch.nn.Sequential()
+    model.add_module("to_q", torch.nn.Linear(8, 8))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), model, adapter_name="a")
+    parts = SimpleNamespace(unet=model, text_encoder=torch.nn.Module(), text_encoder_2=torch.nn.Module())
+    assert LoraWeights(parts)._fused_copies_fit({"a": 1.0})  # type: ignore[arg-type]
+    model.to("meta")
+    assert not LoraWeights(parts)._fused_copies_fit({"a": 1.0})  # type: ignore[arg-type]
