@@ -54,17 +54,24 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
     fields += list(values.items())
     fields += [("Precision", metadata["precision"]), ("Device", metadata["device"])]
     settings = ", ".join(f"{key}: {_quote(value)}" for key, value in fields if value is not None)
-    lines = [request["prompt"]]
+    # LoRAs given in the `loras` field are written as A1111 tags after the prompt, so that A1111 (or a reader of
+    # this text) applies them too; tags already in the prompt stay where the user wrote them.
+    lines = [request["prompt"] + "".join(f" <lora:{_lora_name(lora['name'])}:{lora['weight']:g}>"
+                                         for lora in request.get("loras") or [])]  # fmt: skip
     if request["negative_prompt"]:
         lines.append(f"Negative prompt: {request['negative_prompt']}")
     lines.append(settings)
     return "\n".join(lines)
 
 
+def _lora_name(name: str) -> str:
+    """How A1111 names a LoRA: a path-named one by its file's stem."""
+    return Path(name).stem if name.endswith(".safetensors") else name
+
+
 def _lora_hashes(loras: list[dict[str, Any]]) -> str | None:
-    """A1111's `Lora hashes` value: `name: hash12, ...`, a path-named LoRA under its file's stem."""
-    names = [Path(lora["name"]).stem if lora["name"].endswith(".safetensors") else lora["name"] for lora in loras]
-    return ", ".join(f"{name}: {lora['hash']}" for name, lora in zip(names, loras, strict=True)) or None
+    """A1111's `Lora hashes` value: `name: hash12, ...`."""
+    return ", ".join(f"{_lora_name(lora['name'])}: {lora['hash']}" for lora in loras) or None
 
 
 def _quote(value: Any) -> str:

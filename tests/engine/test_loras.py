@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from sdxl_refinery import GenerationRequest, ImageService
 from sdxl_refinery.errors import InvalidRequest
 from sdxl_refinery.loras import LoraFolder
-from sdxl_refinery.png import a1111_parameters
+from sdxl_refinery.png import a1111_parameters, parse_parameters
 
 from .hand_driven import PROMPT, SIZE, HandDriven
 
@@ -166,7 +166,10 @@ async def test_the_png_records_lora_hashes_as_a1111_writes_them(with_folder: Ima
     names = LoraFolder(loras).check([*result.request.all_loras], allow_paths=False, context_width=None)
     assert hashes == ", ".join(f"{file.name}: {file.short_hash}" for file in names)
     assert all(len(file.short_hash) == 12 for file in names)
-    assert text.splitlines()[0].endswith("<lora:unet_b:0.4>")  # the recorded prompt keeps its tag
+    # The recorded prompt keeps its tag; the field's LoRA follows as a tag, so A1111 applies both from the text.
+    assert text.splitlines()[0] == f"{PROMPT} <lora:unet_b:0.4> <lora:unet_a:1>"
+    read_back = GenerationRequest(**parse_parameters(text))
+    assert sorted(read_back.all_loras, key=str) == sorted(result.request.all_loras, key=str)
 
 
 def _fake_lora(path: Path, tensors: dict[str, tuple[int, ...]]) -> Path:
