@@ -345,3 +345,20 @@ def test_offloaded_weights_are_not_fused() -> None:
     assert LoraWeights(parts)._fused_copies_fit({"a": 1.0})  # type: ignore[arg-type]
     model.to("meta")
     assert not LoraWeights(parts)._fused_copies_fit({"a": 1.0})  # type: ignore[arg-type]
+
+
+async def test_a_lora_whose_shapes_fit_no_layer_is_refused_and_leaves_nothing(
+    with_folder: ImageService, loras: Path
+) -> None:
+    """Self-attention only (so the header tells no architecture), but sized for another model: the load
+    fails naming the LoRA, no half-loaded adapter stays, and the next run is unharmed."""
+    layer = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{layer}.lora_A.weight": torch.zeros(4, 1280), f"{layer}.lora_B.weight": torch.zeros(1280, 4)},
+              loras / "wrong_size.safetensors")  # fmt: skip
+    weights = with_folder._engine_sync().runner.lora_weights  # type: ignore[attr-defined]
+    before = weights.loaded()
+    with pytest.raises(InvalidRequest) as caught:
+        await with_folder.generate(_request(loras=[{"name": "wrong_size"}]))
+    assert caught.value.field == "loras" and "wrong_size: its weights do not fit" in caught.value.rule
+    assert weights.loaded() == before
+    assert (await with_folder.generate(_request(loras=[{"name": "unet_a"}]))).images

@@ -35,6 +35,7 @@ from peft.tuners.lora import LoraLayer
 
 from ..loras import LoraFile, made_for
 from .memory import free_bytes
+from .recovery import is_out_of_memory
 
 log = logging.getLogger(__name__)
 CACHE_SIZE = 8  # adapters kept loaded; the least recently used is dropped past this
@@ -147,9 +148,13 @@ class LoraWeights:
                                                               adapter_name=adapter)  # fmt: skip
             _load_text_encoder(state_dict, alphas, self.base.text_encoder, "text_encoder", adapter)
             _load_text_encoder(state_dict, alphas, self.base.text_encoder_2, "text_encoder_2", adapter)
-        except Exception as error:  # shapes or names that fit no layer: diffusers and PEFT raise several kinds
-            self._remove_adapter(adapter)  # nothing half-loaded stays
-            raise LoraMismatch(f"{lora.name}: its weights do not fit this model's layers ({error})") from error
+        except BaseException as error:
+            self._remove_adapter(adapter)  # nothing half-loaded stays, whatever stopped the load
+            # Names or shapes that fit no layer: diffusers and PEFT raise these kinds; anything else (out of
+            # memory, an interrupt) is not the file's fault and goes up as it is.
+            if isinstance(error, (ValueError, KeyError, RuntimeError)) and not is_out_of_memory(error):
+                raise LoraMismatch(f"{lora.name}: its weights do not fit this model's layers ({error})") from error
+            raise
         self._loaded[adapter] = lora
         self._switch_off()
         log.info("Loaded LoRA %s (%s) as %s", lora.name, ", ".join(lora.parts), adapter)
