@@ -141,3 +141,27 @@ def test_a_v_prediction_fine_tune_is_refused_not_sampled_wrongly(
         ModelLoadError, match=f"v-prediction / zero-terminal-SNR fine-tune \\(its {', '.join(marks)} key"
     ):
         inspect_checkpoint(marked)
+
+
+async def test_a_checkpoint_missing_a_tensor_is_refused_at_load_naming_it(
+    single_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """diffusers met a missing tensor as "Cannot copy out of meta tensor"; loading now checks the file the way
+    `refinery models verify` does and names the tensor, before any weights load."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(single_files[0]), "pt") as source:
+        metadata = source.metadata()
+    tensors = load_file(single_files[0])
+    dropped = next(key for key in sorted(tensors) if key.startswith("model.diffusion_model.output_blocks"))
+    del tensors[dropped]
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, broken, metadata=metadata)
+    service = ImageService(str(broken), str(single_files[1]), device="cpu", precision="full")
+    try:
+        with pytest.raises(ModelLoadError) as caught:
+            await service.load()
+    finally:
+        service.close()
+    assert f"base model {broken}: incomplete or damaged checkpoint: missing tensor {dropped}" in str(caught.value)

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from . import sgm_keys
-from .single_file import inspect_checkpoint, read_header, shipped_config
+from .single_file import CheckpointInfo, inspect_checkpoint, read_header, shipped_config
 from .sources import ModelSource, SourceKind, check_sources, resolve, short_hash, weights_file
 from .tiny import build_tiny_pair
 
@@ -139,10 +139,17 @@ def verify(path: Path) -> Verification:
         unet = weights_file(path)
         return Verification(str(path), f"{kind} (diffusers folder)", short_hash(unet) if unet else None, problems)
     info = inspect_checkpoint(path)
+    problems = tensor_problems(path, info)
+    return Verification(str(path), f"{info.kind} (single file, {info.tensors} tensors)", short_hash(path), problems)
+
+
+def tensor_problems(path: Path, info: CheckpointInfo) -> list[str]:
+    """Tensors a single file lacks, or holds in the wrong shape, against its kind's configs (header only;
+    at most 20 of each)."""
     header = read_header(path)
     expected = expected_sgm_shapes(info.config, info.kind)
     found = {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
     problems = [f"missing tensor {key}" for key in sorted(set(expected) - set(found))][:20]
     problems += [f"tensor {key} has shape {found[key]}, expected {shape}" for key, shape in expected.items()
                  if key in found and found[key] != shape][:20]  # fmt: skip
-    return Verification(str(path), f"{info.kind} (single file, {info.tensors} tensors)", short_hash(path), problems)
+    return problems

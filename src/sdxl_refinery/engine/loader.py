@@ -17,6 +17,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 
 from ..errors import ModelLoadError, causes
 from .device import Placement
+from .inventory import tensor_problems
 from .single_file import inspect_checkpoint, materialize_config
 from .sources import ModelSource, SourceKind, check_sources, default_hash_cache, short_hash, weights_file
 from .tiny import build_tiny_pair
@@ -43,6 +44,10 @@ def _from_single_file(pipeline_class: Any, source: ModelSource, role: str, place
     """Load an SGM single file with configs shipped in the package: no network."""
     path = Path(source.location)
     info = inspect_checkpoint(path)  # its kind was checked with the pair (sources.check_sources)
+    # The `models verify` check first: diffusers meets a missing tensor as "Cannot copy out of meta tensor".
+    if problems := tensor_problems(path, info):
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelLoadError(f"{role} model {path}: incomplete or damaged checkpoint: {'; '.join(problems[:3])}{more}")
     with tempfile.TemporaryDirectory(prefix="refinery-config-") as scratch:
         config_folder = materialize_config(info.config, Path(scratch))
         return pipeline_class.from_single_file(
