@@ -7,6 +7,7 @@ code when loaded, as for checkpoints.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -105,7 +106,14 @@ def read_header(path: Path, name: str | None = None) -> dict[str, Any]:
 
 
 def short_hash(path: Path) -> str:
-    """A1111's LoRA hash: sha256 of the file after its safetensors header, first 12 hex digits."""
+    """A1111's LoRA hash: sha256 of the file after its safetensors header, first 12 hex digits (read once per
+    version of the file: every submission and listing checks its LoRAs)."""
+    status = path.stat()
+    return _hash_of(path.resolve(), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _hash_of(path: Path, size: int, modified_ns: int) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
