@@ -16,10 +16,23 @@ from enum import Enum
 from typing import Annotated, Any
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializationInfo,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from .editing import HiresUpscaler, InpaintFill, ResizeMode, hires_size
 from .errors import Cancelled, InvalidRequest
 from .fields import Faces, FieldSpec, field_table
+from .input_images import InputImage, parse_input_image
 from .loras import MAX_LORAS, LoraRef, split_prompt
 
 # The run options live on the ground floor (options.py); re-exported here for the library's users.
@@ -44,6 +57,32 @@ HIGH_QUALITY_GUIDANCE = 8.0  # the default: the documented call's high_quality=T
 STANDARD_GUIDANCE = 7.5  # the documented call's high_quality=False, OpenAI's standard quality
 
 
+MAX_HIRES_SCALE = 4.0
+MAX_MASK_BLUR = 64
+MAX_MASK_PADDING = 256
+
+
+def _image_or_none(value: Any) -> InputImage | None:
+    return None if value is None else parse_input_image(value)
+
+
+def _image_json(value: InputImage | None, info: SerializationInfo) -> Any:
+    """Queues carry the image itself (a data: URL); records (`context={"images": "summary"}`) its hash and size."""
+    if value is None:
+        return None
+    if value.is_reference or (info.context or {}).get("images") == "summary":
+        return value.summary()
+    return value.data_url() if info.mode == "json" else value
+
+
+ImageField = Annotated[
+    InputImage | None,
+    BeforeValidator(_image_or_none),
+    PlainSerializer(_image_json),
+    WithJsonSchema({"type": "string", "description": "an image: a data: URL (base64 PNG, JPEG or WebP)"}),
+]
+
+
 class Mode(str, Enum):
     """How the refiner takes over from the base."""
 
@@ -63,7 +102,7 @@ class GenerationRequest(BaseModel):
         InvalidRequest: on construction, naming the first bad field and its rule.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, arbitrary_types_allowed=True)
 
     prompt: Annotated[str, Faces(a1111="prompt")] = Field(description="What to draw; must not be blank.")
     negative_prompt: Annotated[str, Faces(cli="--negative-prompt", cli_short="-N", a1111="negative_prompt")] = Field(
@@ -134,6 +173,54 @@ class GenerationRequest(BaseModel):
         (), max_length=MAX_LORAS, description="LoRAs for the base model: [{name, weight}], weights -5..5."
     )
 
+    # Image to image and inpainting (A1111's img2img); the A1111 adapter maps `init_images` and `mask` itself.
+    init_image: Annotated[ImageField, Faces(cli="--init-image", web=False)] = Field(
+        None, description="Image to start from (img2img); the size defaults to its own, floored to a multiple of 8."
+    )
+    strength: Annotated[float, Faces(cli="--strength", a1111="denoising_strength", label="Denoising strength")] = Field(
+        0.75, gt=0.0, le=1.0, description="Share of the init image (or hires pass) redrawn: steps x strength."
+    )
+    resize_mode: Annotated[ResizeMode, Faces(cli="--resize-mode", a1111="resize_mode", label="Resize mode")] = Field(
+        ResizeMode.JUST_RESIZE, description="How the init image is fitted to width x height (A1111's 0, 1, 2)."
+    )
+    mask_image: Annotated[ImageField, Faces(cli="--mask", web=False)] = Field(
+        None, description="Inpainting mask for init_image: white is repainted, black kept (resized to the image)."
+    )
+    mask_blur: Annotated[int, Faces(cli="--mask-blur", a1111="mask_blur", label="Mask blur")] = Field(
+        4, ge=0, le=MAX_MASK_BLUR, description="Gaussian blur radius of the mask's edge, in pixels."
+    )
+    inpainting_fill: Annotated[
+        InpaintFill, Faces(cli="--masked-content", a1111="inpainting_fill", label="Masked content")
+    ] = Field(InpaintFill.ORIGINAL, description="What the masked area starts from (A1111's 0-3).")
+    inpaint_full_res: Annotated[bool, Faces(cli="--only-masked/--whole-picture", a1111="inpaint_full_res")] = Field(
+        False, description="Inpaint only the masked area (with padding) at full width x height, pasted back."
+    )
+    inpaint_full_res_padding: Annotated[
+        int, Faces(cli="--masked-padding", a1111="inpaint_full_res_padding", label="Masked area padding")
+    ] = Field(32, ge=0, le=MAX_MASK_PADDING, description="Pixels around the mask kept in view (only masked).")
+    mask_invert: Annotated[bool, Faces(cli="--invert-mask/--no-invert-mask", label="Mask inverted")] = Field(
+        False, description="Repaint the black part of the mask instead (A1111's inpainting_mask_invert)."
+    )
+    # Hires fix (A1111's txt2img enable_hr): base at width x height, enlarge, a second base pass, then the refiner.
+    enable_hr: Annotated[bool, Faces(cli="--hires/--no-hires", a1111="enable_hr")] = Field(
+        False, description="Hires fix: render at width x height, upscale, redraw at the larger size (strength)."
+    )
+    hr_scale: Annotated[float, Faces(cli="--hires-scale", a1111="hr_scale", label="Hires upscale")] = Field(
+        2.0, ge=1.0, le=MAX_HIRES_SCALE, description="Hires fix's factor, unless hr_resize_x/y give the size."
+    )
+    hr_resize_x: Annotated[int, Faces(cli="--hires-width", a1111="hr_resize_x", label="Hires resize")] = Field(
+        0, ge=0, le=MAX_SIZE, description="Hires fix's width (0: from hr_scale, or the aspect ratio)."
+    )
+    hr_resize_y: Annotated[int, Faces(cli="--hires-height", a1111="hr_resize_y", label="Hires resize")] = Field(
+        0, ge=0, le=MAX_SIZE, description="Hires fix's height (0: from hr_scale, or the aspect ratio)."
+    )
+    hr_upscaler: Annotated[
+        HiresUpscaler, Faces(cli="--hires-upscaler", a1111="hr_upscaler", label="Hires upscaler")
+    ] = Field(HiresUpscaler.LATENT, description="How the first pass is enlarged (latent interpolation or pixels).")
+    hr_second_pass_steps: Annotated[
+        int, Faces(cli="--hires-steps", a1111="hr_second_pass_steps", label="Hires steps")
+    ] = Field(0, ge=0, le=MAX_STEPS, description="Schedule length of the hires pass (0: num_inference_steps).")
+
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
@@ -185,6 +272,54 @@ class GenerationRequest(BaseModel):
                 raise ValueError(f"{name}: {why}")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _size_from_init_image(cls, data: Any) -> Any:
+        """Without width and height, an img2img request keeps its init image's size (floored to multiples of 8,
+        scaled down to fit MAX_SIZE): what a library caller or an OpenAI edit expects back."""
+        if not isinstance(data, dict) or data.get("init_image") is None or "width" in data or "height" in data:
+            return data
+        try:
+            image = parse_input_image(data["init_image"])
+        except ValueError as error:
+            raise InvalidRequest("init_image", str(error)) from None
+        fit = min(1.0, MAX_SIZE / max(image.width, image.height))
+        width, height = (max(MIN_SIZE, int(side * fit) // 8 * 8) for side in (image.width, image.height))
+        return {**data, "init_image": image, "width": width, "height": height}
+
+    @model_validator(mode="after")
+    def _edits_fit_together(self) -> GenerationRequest:
+        if self.mask_image is not None and self.init_image is None:
+            raise ValueError("mask_image: needs an init_image to paint into")
+        if self.enable_hr and self.init_image is not None:
+            raise ValueError("enable_hr: hires fix is for text to image; an init image is redrawn at its size")
+        if self.enable_hr:
+            width, height = self.hires_size
+            if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
+                raise ValueError(f"hr_scale: the hires size {width}x{height} must be within {MIN_SIZE}..{MAX_SIZE} "
+                                 f"on each side")  # fmt: skip
+        return self
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """The hires pass's width and height (A1111's rules: `editing.hires_size`)."""
+        return hires_size(self.width, self.height, self.hr_scale, self.hr_resize_x, self.hr_resize_y)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images this request makes: the hires size, the init image's own size when only
+        the masked area is inpainted, else width x height."""
+        if self.enable_hr:
+            return self.hires_size
+        if self.init_image is not None and self.mask_image is not None and self.inpaint_full_res:
+            return self.init_image.width, self.init_image.height
+        return self.width, self.height
+
+    @property
+    def missing_images(self) -> list[str]:
+        """Image fields that hold only a recorded hash (from a PNG's metadata): the image must be given."""
+        return [name for name in ("init_image", "mask_image") if (image := getattr(self, name)) and image.is_reference]
+
     @model_validator(mode="after")
     def _prompt_lora_tags_are_readable(self) -> GenerationRequest:
         _, tagged = split_prompt(self.prompt)  # raises InvalidRequest naming the prompt
@@ -209,9 +344,8 @@ class GenerationRequest(BaseModel):
         return self.refiner_sampler or self.sampler, self.refiner_scheduler or self.scheduler
 
     @model_validator(mode="after")
-    def _handoff_leaves_both_stages_a_step(self) -> GenerationRequest:
-        if self.mode is Mode.HANDOFF:
-            require_both_stages(self, plan_steps(self))
+    def _every_pass_has_a_step(self) -> GenerationRequest:
+        require_both_stages(self, plan_steps(self))
         return self
 
     @classmethod
@@ -224,6 +358,7 @@ class GenerationRequest(BaseModel):
         mode ignores, a clip skip of 1 (the model's own layer; A1111 writes Clip skip only above 1), and
         refiner samplers left to the base's."""
         inactive = {"clip_skip"} if self.clip_skip == 1 else set()
+        inactive |= self._inactive_edit_fields()
         inactive |= {name for name in ("refiner_sampler", "refiner_scheduler") if getattr(self, name) is None}
         if not self.use_refinement:
             return inactive | {"refiner_steps", "refiner_strength", "mode", "switch_at", "aesthetic_score",
@@ -231,6 +366,31 @@ class GenerationRequest(BaseModel):
         if self.mode is Mode.HANDOFF:
             return inactive | {"refiner_steps", "refiner_strength"}
         return inactive | {"switch_at"}
+
+    def _inactive_edit_fields(self) -> set[str]:
+        inactive = set() if self.init_image is not None or self.enable_hr else {"strength"}
+        if self.init_image is None or self.resize_mode is ResizeMode.JUST_RESIZE:
+            inactive.add("resize_mode")
+        masked = self.init_image is not None and self.mask_image is not None
+        inactive |= set() if masked else {"mask_blur", "inpainting_fill", "inpaint_full_res"}
+        if not (masked and self.inpaint_full_res):
+            inactive.add("inpaint_full_res_padding")
+        if not (masked and self.mask_invert):
+            inactive.add("mask_invert")
+        hires = {"enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps"}
+        if not self.enable_hr:
+            return inactive | hires
+        inactive.add("enable_hr")
+        inactive.add("hr_scale" if self.hr_resize_x or self.hr_resize_y else "hr_resize_x")
+        if not (self.hr_resize_x or self.hr_resize_y):
+            inactive.add("hr_resize_y")
+        if self.hr_second_pass_steps == 0:
+            inactive.add("hr_second_pass_steps")
+        return inactive
+
+    def recorded(self) -> dict[str, Any]:
+        """The request as results and PNGs record it: JSON, images by hash and size (never their pixels)."""
+        return self.model_dump(mode="json", context={"images": "summary"})
 
     def seeds_or_none(self) -> list[int] | None:
         """The seeds of all `n` images, or None when the seed is left random."""
@@ -443,7 +603,7 @@ class GenerationResult:
     def metadata(self) -> dict[str, Any]:
         """Everything but the pixels, as plain JSON-able data."""
         return {
-            "request": self.request.model_dump(mode="json"),
+            "request": self.request.recorded(),
             "seeds": list(self.seeds),
             "base_steps": self.base_steps,
             "refiner_steps": self.refiner_steps,

@@ -79,12 +79,22 @@ class StagePlan:
         refiner_steps: denoising steps the refiner executes (0 without refinement).
         refiner_schedule: `num_inference_steps` handed to the refiner pipeline.
         refiner_strength: img2img strength handed to the refiner (sequential mode only).
+        first_pass_steps: of `base_steps`, those of hires fix's first pass (0 without hires fix).
+        base_schedule: the schedule length of the base pass that hands over to the refiner (its
+            `num_inference_steps`; the hires pass's own under hires fix).
     """
 
     base_steps: int
     refiner_steps: int
     refiner_schedule: int
     refiner_strength: float | None
+    first_pass_steps: int = 0
+    base_schedule: int = 0
+
+    @property
+    def second_pass_steps(self) -> int:
+        """Base steps of the pass after hires fix's upscale (or of the only pass)."""
+        return self.base_steps - self.first_pass_steps
 
     @property
     def totals(self) -> dict[int, int]:
@@ -117,6 +127,12 @@ def sequential_refiner_schedule(refiner_steps: int, strength: float) -> tuple[in
     return schedule, min(effective, 1.0)
 
 
+def img2img_steps(steps: int, strength: float) -> int:
+    """Steps an img2img pass of `steps` at `strength` executes: diffusers' `int(steps * strength)`, as A1111
+    runs by default (its "do exactly the amount of steps the slider specifies" option off)."""
+    return min(int(steps * strength), steps)
+
+
 def plan_steps(request: GenerationRequest, schedule: Timesteps = SDXL_SCHEDULE) -> StagePlan:
     """How many steps the base and the refiner execute for `request` under `schedule`.
 
@@ -127,14 +143,24 @@ def plan_steps(request: GenerationRequest, schedule: Timesteps = SDXL_SCHEDULE) 
     """
     from .request import Mode
 
-    steps = request.num_inference_steps
+    # 1. The base passes: hires fix's first pass (whole), then the pass that hands over, redrawing `strength`
+    #    of its schedule when it starts from an image (an init image or hires fix's upscale).
+    first = request.num_inference_steps if request.enable_hr else 0
+    steps = (request.hr_second_pass_steps or request.num_inference_steps) if request.enable_hr else (
+        request.num_inference_steps)  # fmt: skip
+    from_image = request.init_image is not None or request.enable_hr
+    executed = img2img_steps(steps, request.strength) if from_image else steps
     if not request.use_refinement:
-        return StagePlan(steps, 0, 0, None)
+        return StagePlan(first + executed, 0, 0, None, first, steps)
+    # 2. The refiner: a fixed count (sequential), or the rest of the schedule after the switch (handoff).
     if request.mode is Mode.SEQUENTIAL:
         refiner_schedule, strength = sequential_refiner_schedule(request.refiner_steps, request.refiner_strength)
-        return StagePlan(steps, request.refiner_steps, refiner_schedule, strength)
-    base_steps = handoff_base_steps(steps, request.switch_at, schedule)
-    return StagePlan(base_steps, steps - base_steps, steps, None)
+        return StagePlan(first + executed, request.refiner_steps, refiner_schedule, strength, first, steps)
+    total = schedule.num_train_timesteps
+    cutoff = round(total - request.switch_at * total)
+    base_steps = sum(1 for timestep in schedule.timesteps(steps)[steps - executed :] if timestep >= cutoff)
+    refiner_steps = steps - handoff_base_steps(steps, request.switch_at, schedule)
+    return StagePlan(first + base_steps, refiner_steps, steps, None, first, steps)
 
 
 def require_both_stages(request: GenerationRequest, plan: StagePlan) -> None:
@@ -145,8 +171,13 @@ def require_both_stages(request: GenerationRequest, plan: StagePlan) -> None:
     """
     from .errors import InvalidRequest
 
-    if request.use_refinement and 0 in (plan.base_steps, plan.refiner_steps):
-        stage = "base" if plan.base_steps == 0 else "refiner"
+    if plan.second_pass_steps == 0 and (request.init_image is not None or request.enable_hr):
+        steps = plan.base_schedule
+        if img2img_steps(steps, request.strength) == 0:
+            raise InvalidRequest("strength", f"{request.strength} of {steps} steps runs no step; it must be at "
+                                             f"least {1 / steps:g}")  # fmt: skip
+    if request.use_refinement and 0 in (plan.second_pass_steps, plan.refiner_steps):
+        stage = "base" if plan.second_pass_steps == 0 else "refiner"
         raise InvalidRequest(
             "switch_at",
             f"{request.switch_at} leaves the {stage} no step out of num_inference_steps={request.num_inference_steps}",

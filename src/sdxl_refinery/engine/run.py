@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
@@ -23,6 +22,8 @@ from ..loras import LoraFile
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
 from ..steps import StagePlan, plan_steps, require_both_stages
 from .device import Placement
+from .edits import EditPipelines, start_latents, upscale, vae_dtype_kept
+from .image_prep import EditInputs, prepare
 from .loader import LoadedPair
 from .lora_weights import LoraMismatch, LoraWeights
 from .memory import GIB, decode_bytes, free_bytes
@@ -63,6 +64,7 @@ class _Run:
     cancel: CancelToken | None
     preview_every: int
     recoveries: list[str] = field(default_factory=list)
+    edit: EditInputs | None = None  # the prepared pixels of an img2img or inpainting request
 
 
 def plan_stages(pair: LoadedPair, request: GenerationRequest, base_scheduler: SchedulerMixin) -> StagePlan:
@@ -90,7 +92,7 @@ class TwoStageRunner:
     def __init__(self, pair: LoadedPair, placement: Placement, memory_plan: MemoryPlan | None = None) -> None:
         self.pair = pair
         self.placement = placement
-        self._base_as_img2img: StableDiffusionXLImg2ImgPipeline | None = None
+        self.edits = EditPipelines(pair)
         # The models' own scheduler configs: every run builds its samplers over them (engine/schedulers.py).
         self._scheduler_configs = (pair.base.scheduler.config, pair.refiner.scheduler.config)
         plans = plans_for(placement.device)
@@ -128,9 +130,10 @@ class TwoStageRunner:
             Cancelled: `cancel` was set; raised within one step.
             GenerationFailed: NaN/Inf survived the fp32 retries, or memory ran out under every plan.
         """
-        # 1. Plan both stages before any model work (bad switch points fail here).
+        # 1. Plan both stages and read the input images before any model work (bad switch points fail here).
         base_scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
         run = _Run(request, plan_stages(self.pair, request, base_scheduler), seeds, on_progress, cancel, preview_every)
+        run.edit = prepare(request) if request.init_image is not None else None
         # 2. The run's LoRAs, loaded (cached) and applied; taken out exactly when the run ends.
         try:
             with self.lora_weights.applied(loras or []):
@@ -212,7 +215,8 @@ class TwoStageRunner:
         started = time.perf_counter()
         with self._fp32_eager() if fp32 else contextlib.nullcontext():
             # 1. Stage 1: the base, into latents.
-            latents = self._run_base(request, plan, generators, tracker, timings)
+            with vae_dtype_kept(self.pair.base.vae):
+                latents = self._run_base(request, plan, generators, tracker, timings, run.edit)
             if not all_finite(latents):
                 raise NonFinite("NaN/Inf in the base stage's latents")
 
@@ -225,7 +229,8 @@ class TwoStageRunner:
                          tracker.executed[1])  # fmt: skip
             else:
                 try:
-                    latents_2 = self._run_refiner(request, plan, latents, generators, tracker, timings)
+                    with vae_dtype_kept(self.pair.base.vae):
+                        latents_2 = self._run_refiner(request, plan, latents, generators, tracker, timings, run.edit)
                     if not all_finite(latents_2):
                         raise NonFinite("NaN/Inf in the refiner stage's latents")
                     latents, refined = latents_2, not tracker.interrupted
@@ -236,13 +241,15 @@ class TwoStageRunner:
                         raise  # a retry in fp32, or under a lighter memory plan, may still refine it
                     refinement_error = f"{type(error).__name__}: {error}"
                     log.warning("   Stage 2 failed, keeping the base image (refined=False): %s", refinement_error)
-                    latents = self._finish_without_refiner(request, latents, generators, tracker)
+                    latents = self._finish_without_refiner(request, plan, latents, generators, tracker)
 
             # 3. One VAE decode for the batch, again in fp32 if it gives NaN/Inf.
             tracker.check_cancelled()
             decode_started = time.perf_counter()
             with self._tiles_if_needed(latents) as decode_tiled:
                 images = self._decode_checked(latents, run.recoveries)
+            if run.edit is not None:  # inpainting: back into the original, unmasked pixels unchanged
+                images = [run.edit.finish(image) for image in images]
             timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
         return EngineOutput(
@@ -293,6 +300,7 @@ class TwoStageRunner:
         generators: list[torch.Generator],
         tracker: StepTracker,
         timings: dict[str, float],
+        edit: EditInputs | None,
     ) -> torch.Tensor:
         handoff = request.use_refinement and request.mode is Mode.HANDOFF
         log.info("   Stage 1/2: Base generation (%d steps)...", plan.base_steps)
@@ -300,21 +308,46 @@ class TwoStageRunner:
         stage_started = time.perf_counter()
         self.pair.base.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
         conditioning = self._condition(self.base_prompts, self.pair.base, request, tracker)
-        latents: torch.Tensor = self.pair.base(
-            **conditioning.as_kwargs(),
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.num_inference_steps,
-            denoising_end=request.switch_at if handoff else None,
-            guidance_scale=request.guidance_scale,
-            num_images_per_prompt=request.n,
-            generator=generators,
-            output_type="latent",
-            callback_on_step_end=tracker,
-        ).images
+        common: dict[str, object] = {
+            **conditioning.as_kwargs(), "guidance_scale": request.guidance_scale, "num_images_per_prompt": request.n,
+            "generator": generators, "output_type": "latent", "callback_on_step_end": tracker,
+        }  # fmt: skip
+        end = request.switch_at if handoff else None
+        # 1. Hires fix's first pass: text to image at width x height, then enlarged for the pass below.
+        image: object = None
+        if request.enable_hr:
+            tracker.begin_pass(plan.first_pass_steps)
+            first = self.pair.base(**common, width=request.width, height=request.height,
+                                   num_inference_steps=request.num_inference_steps).images  # fmt: skip
+            image = upscale(first, request, self._decode_images)
+            log.info("   Hires fix: %dx%d upscaled to %dx%d (%s)", request.width, request.height, *request.hires_size,
+                     request.hr_upscaler.value)  # fmt: skip
+            tracker.begin_pass(plan.second_pass_steps)
+        # 2. The pass that hands over to the refiner: from an image (img2img, inpainting, hires) or from noise.
+        latents: torch.Tensor
+        if edit is not None and edit.mask is not None:
+            pipe = self.edits.base_inpaint()
+            pipe.scheduler = self.pair.base.scheduler
+            latents = pipe(**common, image=start_latents(self.pair, edit, request, generators), mask_image=edit.mask,
+                           width=request.width, height=request.height, strength=request.strength,
+                           num_inference_steps=plan.base_schedule, denoising_end=end).images  # fmt: skip
+        elif edit is not None or request.enable_hr:
+            pipe = self.edits.base_img2img()
+            pipe.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
+            latents = pipe(**common, image=edit.init if edit is not None else image, strength=request.strength,
+                           num_inference_steps=plan.base_schedule, denoising_end=end).images  # fmt: skip
+        else:
+            steps = request.num_inference_steps
+            latents = self.pair.base(**common, width=request.width, height=request.height, num_inference_steps=steps,
+                                     denoising_end=end).images  # fmt: skip
         timings["base"] = time.perf_counter() - stage_started
         log.info("   Stage 1 complete: base latents generated (%d steps, %.1f s)", tracker.executed[1], timings["base"])
         return latents
+
+    def _decode_images(self, latents: torch.Tensor) -> list[Image.Image]:
+        images: list[Image.Image] = self.pair.base.image_processor.postprocess(self.decode_pixels(latents).float(),
+                                                                               output_type="pil")  # fmt: skip
+        return images
 
     def _run_refiner(
         self,
@@ -324,6 +357,7 @@ class TwoStageRunner:
         generators: list[torch.Generator],
         tracker: StepTracker,
         timings: dict[str, float],
+        edit: EditInputs | None,
     ) -> torch.Tensor:
         log.info("   Stage 2/2: Refinement pass (%d additional steps)...", plan.refiner_steps)
         tracker.begin_stage(2)
@@ -332,8 +366,14 @@ class TwoStageRunner:
         self.pair.refiner.scheduler = make_scheduler(self._scheduler_configs[1], *request.refiner_sampling)
         with self.lora_weights.refiner_view():  # the refiner's prompt, as its own unchanged encoder gives it
             conditioning = self._condition(self.refiner_prompts, self.pair.refiner, request, tracker)
-        refined: torch.Tensor = self.pair.refiner(
+        # An inpainting request is refined by the inpainting pipeline: stage 2 repaints the masked area only.
+        masked = edit is not None and edit.mask is not None
+        pipe = self.edits.refiner_inpaint() if masked else self.pair.refiner
+        pipe.scheduler = self.pair.refiner.scheduler
+        extra = {"mask_image": edit.mask, "width": request.width, "height": request.height} if masked and edit else {}
+        refined: torch.Tensor = pipe(
             **conditioning.as_kwargs(),
+            **extra,
             num_images_per_prompt=request.n,
             image=latents,
             strength=plan.refiner_strength if plan.refiner_strength is not None else 0.3,
@@ -353,6 +393,7 @@ class TwoStageRunner:
     def _finish_without_refiner(
         self,
         request: GenerationRequest,
+        plan: StagePlan,
         latents: torch.Tensor,
         generators: list[torch.Generator],
         tracker: StepTracker,
@@ -360,20 +401,15 @@ class TwoStageRunner:
         """After a refiner failure: sequential latents are done; handoff ones are finished by the base."""
         if request.mode is Mode.SEQUENTIAL:
             return latents
-        if self._base_as_img2img is None:
-            self._base_as_img2img = StableDiffusionXLImg2ImgPipeline(
-                **{k: v for k, v in self.pair.base.components.items() if k in _IMG2IMG_COMPONENTS},
-                requires_aesthetics_score=False,
-            )
-            self._base_as_img2img.set_progress_bar_config(disable=True)
+        pipe = self.edits.base_img2img()
         tracker.begin_stage(2)
-        self._base_as_img2img.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
+        pipe.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
         conditioning = self._condition(self.base_prompts, self.pair.base, request, tracker)
-        finished: torch.Tensor = self._base_as_img2img(
+        finished: torch.Tensor = pipe(
             **conditioning.as_kwargs(),
             num_images_per_prompt=request.n,
             image=latents,
-            num_inference_steps=request.num_inference_steps,
+            num_inference_steps=plan.base_schedule,
             denoising_start=request.switch_at,
             guidance_scale=request.guidance_scale,
             generator=generators,
@@ -397,6 +433,3 @@ class TwoStageRunner:
             latents = latents / vae.config.scaling_factor
         pixels: torch.Tensor = vae.decode(latents, return_dict=False)[0]
         return pixels
-
-
-_IMG2IMG_COMPONENTS = {"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"}

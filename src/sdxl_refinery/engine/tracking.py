@@ -43,7 +43,9 @@ class StepTracker:
         self._started = time.perf_counter()
         self._stage = 1
         self._stage_started = self._started
-        self._evaluations = 0  # model evaluations in this stage (two per step for second-order samplers)
+        self._evaluations = 0  # model evaluations in this pass (two per step for second-order samplers)
+        self._pass_offset = 0  # steps of this stage's earlier passes (hires fix's first pass)
+        self._pass_planned: int | None = None  # steps planned for this pass; None: the stage's whole plan
 
     def begin_stage(self, stage: int, planned: int | None = None) -> None:
         """Mark the start of `stage`, optionally re-planning its step count."""
@@ -53,7 +55,15 @@ class StepTracker:
             self.planned[stage] = planned
         self.executed[stage] = 0
         self._evaluations = 0
+        self._pass_offset, self._pass_planned = 0, None
         self._stage_started = time.perf_counter()
+
+    def begin_pass(self, planned: int) -> None:
+        """Start another pipeline call within the current stage (hires fix's two base passes), of `planned` steps."""
+        self.check_cancelled()
+        self._pass_offset = self.executed[self._stage]
+        self._pass_planned = planned
+        self._evaluations = 0
 
     def check_cancelled(self) -> None:
         """Raises: Cancelled: the run's token was cancelled."""
@@ -76,9 +86,9 @@ class StepTracker:
         """diffusers' `callback_on_step_end` hook, after each model evaluation: count, report, maybe cancel or
         interrupt. A step counts when its last evaluation is done, as A1111 counts Heun's or PLMS's steps."""
         self._evaluations += 1
-        planned = self.planned[self._stage]
+        planned = self.planned[self._stage] - self._pass_offset if self._pass_planned is None else self._pass_planned
         evaluations = getattr(pipe, "num_timesteps", None) or planned
-        done = min(self._evaluations * planned // evaluations, planned)
+        done = self._pass_offset + min(self._evaluations * planned // evaluations, planned)
         if done == self.executed[self._stage]:  # an evaluation inside a step
             return self._checked(pipe)
         self.executed[self._stage] = done

@@ -1,0 +1,109 @@
+"""The base and refiner passes that start from an image: img2img, inpainting and hires fix's second pass.
+
+Their pipelines are diffusers' own (img2img and inpainting), built once from the
+loaded pair's components: the same modules, no copies. The refiner of an
+inpainting request is diffusers' inpainting pipeline over the refiner's
+components, so stage 2 repaints only the masked area too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+from PIL import Image
+
+from ..editing import HiresUpscaler, InpaintFill
+from ..request import GenerationRequest
+from .image_prep import EditInputs
+from .loader import LoadedPair
+
+_PIPELINE_PARTS = {"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"}
+
+
+class EditPipelines:
+    """diffusers' img2img and inpainting pipelines over the loaded pair's own modules, built on first use."""
+
+    def __init__(self, pair: LoadedPair) -> None:
+        self.pair = pair
+        self._built: dict[str, Any] = {}
+
+    def base_img2img(self) -> StableDiffusionXLImg2ImgPipeline:
+        """The base model as an img2img pipeline (hires fix's second pass, img2img, a failed refiner's finish)."""
+        return self._build("base_img2img", StableDiffusionXLImg2ImgPipeline, self.pair.base, False)
+
+    def base_inpaint(self) -> StableDiffusionXLInpaintPipeline:
+        return self._build("base_inpaint", StableDiffusionXLInpaintPipeline, self.pair.base, False)
+
+    def refiner_inpaint(self) -> StableDiffusionXLInpaintPipeline:
+        return self._build("refiner_inpaint", StableDiffusionXLInpaintPipeline, self.pair.refiner, True)
+
+    def _build(self, key: str, kind: Any, source: Any, aesthetics: bool) -> Any:
+        # Built from the live pipeline's components each time they may have changed (a compiled or upcast UNet
+        # is swapped in place on `source`), so the pipeline object is cached but its modules are re-read.
+        parts = {name: module for name, module in source.components.items() if name in _PIPELINE_PARTS}
+        pipe = self._built.get(key)
+        if pipe is None:
+            force_zeros = bool(source.config.get("force_zeros_for_empty_prompt", True))
+            pipe = kind(**parts, requires_aesthetics_score=aesthetics, force_zeros_for_empty_prompt=force_zeros)
+            pipe.set_progress_bar_config(disable=True)
+            self._built[key] = pipe
+        else:
+            pipe.register_modules(**parts)
+        return pipe
+
+
+@contextlib.contextmanager
+def vae_dtype_kept(vae: Any) -> Iterator[None]:
+    """diffusers' img2img and inpainting pipelines upcast a `force_upcast` VAE to encode and then cast it to the
+    UNet's dtype; the engine's policy (an fp32 VAE beside an fp16 UNet) is put back after."""
+    dtype = vae.dtype
+    try:
+        yield
+    finally:
+        if vae.dtype != dtype:
+            vae.to(dtype=dtype)
+
+
+def start_latents(pair: LoadedPair, inputs: EditInputs, request: GenerationRequest,
+                  generators: list[torch.Generator]) -> Image.Image | torch.Tensor:  # fmt: skip
+    """What the base inpaints from: the init pixels, or for A1111's latent fills their encoded latents with
+    the masked area replaced (random latents for "latent noise", zeros for "latent nothing")."""
+    if request.inpainting_fill not in (InpaintFill.LATENT_NOISE, InpaintFill.LATENT_NOTHING) or inputs.mask is None:
+        return inputs.init
+    vae = pair.base.vae
+    pixels = pair.base.image_processor.preprocess(inputs.init).to(vae.device, vae.dtype)
+    latents = vae.encode(pixels).latent_dist.mode().float() * vae.config.scaling_factor
+    size = latents.shape[-2:]
+    mask = torch.from_numpy(_binary(inputs.mask)).to(latents)[None, None]
+    mask = torch.nn.functional.interpolate(mask, size=size, mode="nearest")
+    if request.inpainting_fill is InpaintFill.LATENT_NOTHING:
+        return (latents * (1 - mask)).repeat(len(generators), 1, 1, 1)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=generator) for generator in generators])
+    return latents * (1 - mask) + noise.to(latents) * mask
+
+
+def _binary(mask: Image.Image) -> Any:
+    import numpy as np
+
+    return (np.asarray(mask, dtype=np.float32) >= 128).astype(np.float32)
+
+
+def upscale(latents: torch.Tensor, request: GenerationRequest, decode: Any) -> torch.Tensor | list[Image.Image]:
+    """Hires fix's enlargement of the first pass: latent interpolation, or decoded pixels resized (Lanczos,
+    Nearest) for the second pass to encode again.
+
+    Args:
+        decode: the engine's decode to PIL images (pixel upscalers only).
+    """
+    width, height = request.hires_size
+    upscaler = request.hr_upscaler
+    if upscaler.in_latent_space:
+        mode, antialias = upscaler.interpolation
+        size = (height // 8, width // 8)
+        return torch.nn.functional.interpolate(latents, size=size, mode=mode, antialias=antialias)
+    resample = Image.Resampling.LANCZOS if upscaler is HiresUpscaler.LANCZOS else Image.Resampling.NEAREST
+    return [image.resize((width, height), resample) for image in decode(latents)]
