@@ -106,7 +106,7 @@ class FakeEngine:
 
 def _image(request: GenerationRequest, seed: int, size: int | None = None) -> Image.Image:
     digest = hashlib.sha256(f"{seed}:{request.prompt}".encode()).digest()
-    width, height = (size, size) if size else (request.width, request.height)
+    width, height = (size, size) if size else request.output_size
     image = Image.new("RGB", (width, height), tuple(digest[:3]))
     image.paste(tuple(digest[3:6]), (0, 0, width // 2, height // 2))
     return image

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 import time
 import traceback
 import typing
@@ -30,6 +31,7 @@ from . import admin
 from .cli_admin import doctor, export, load_settings, loras_app, models_app
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .fields import FieldSpec
+from .input_images import InputImage
 from .png import read_metadata
 from .request import MAX_SEED, REQUEST_FIELDS, CancelToken, GenerationRequest
 from .request import Progress as StepProgress
@@ -92,8 +94,33 @@ def _request_fields(source: Path | None, options: dict[str, Any]) -> tuple[dict[
             "base": metadata.get("models", {}).get("base_source", "").partition(":")[2] or None,
             "refiner": metadata.get("models", {}).get("refiner_source", "").partition(":")[2] or None,
         }
-    fields.update({key: value for key, value in options.items() if value is not None})
+    given = {key: value for key, value in options.items() if value is not None}
+    for name, flag in (("init_image", "--init-image"), ("mask_image", "--mask")):
+        if isinstance(fields.get(name), dict):  # the PNG records the image's hash; the image must be at hand
+            given[name] = _recorded_image(name, flag, fields[name], given.get(name))
+    fields.update(given)
     return fields, recorded
+
+
+def _recorded_image(name: str, flag: str, summary: dict[str, Any], path: Path | None) -> Path:
+    """The file for an image a PNG's recipe names by hash: the one given, else asked for on a terminal.
+
+    Raises:
+        InvalidRequest: no file given and no terminal to ask on.
+    """
+    wanted = InputImage.reference(summary)
+    described = f"{wanted.width}x{wanted.height}, sha256 {wanted.short_hash}"
+    if path is None:
+        if not sys.stdin.isatty():
+            raise InvalidRequest(name, f"the PNG was made from an image ({described}); give it with {flag}")
+        path = Path(typer.prompt(f"The PNG was made from an image ({described}). Its file"))
+    try:
+        image = InputImage.from_path(path)
+    except ValueError as error:
+        raise InvalidRequest(name, str(error)) from None
+    if not wanted.matches(image):
+        console.print(f"[yellow]{path} is not the recorded image ({described}): the result will differ[/yellow]")
+    return path
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -183,6 +210,8 @@ def _request_parameters() -> list[inspect.Parameter]:
         if spec.faces.cli is None:
             continue
         kind: type = str if spec.choices else spec.kind  # enums are checked by the request, naming the field
+        if kind not in (str, int, float, bool):  # an image field: a file on this machine
+            kind = Path
         names = [spec.faces.cli, *([spec.faces.cli_short] if spec.faces.cli_short else [])]
         option = typer.Option(*names, help=_option_help(spec), show_default=False)
         annotation = Annotated[kind | None, option]  # type: ignore[valid-type]

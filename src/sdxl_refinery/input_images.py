@@ -6,9 +6,9 @@ results carry only its hash and size (`InputImage.summary`); a request read back
 from such a record holds a *reference*, which says what the image was but cannot
 be run until the image itself is given again (`--from` asks for it).
 
-Only the library and the command line turn file paths into images
-(`InputImage.from_path`); text from HTTP clients is decoded as base64 and never
-read as a path (`InputImage.from_text`).
+Text is always image data (base64, with or without a `data:` prefix), never a
+file name: a file is read only when given as a `pathlib.Path` (the library, the
+command line), so no HTTP client can make the server read one of its files.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ class InputImage:
 def parse_input_image(value: Any) -> InputImage:
     """What the request model accepts for an image field (library and queue payloads).
 
-    An `InputImage`, a PIL image, encoded bytes, a `pathlib.Path` or a path string (library), a `data:` URL
-    (queue payloads, JSON), or a recorded summary `{sha256, width, height}`.
+    An `InputImage`, a PIL image, encoded bytes, a `pathlib.Path` (library), base64 text with or without a
+    `data:` prefix (JSON, queue payloads), or a recorded summary `{sha256, width, height}`.
 
     Raises:
         ValueError: naming what was wrong with it.
@@ -196,23 +196,24 @@ def parse_input_image(value: Any) -> InputImage:
     if isinstance(value, dict):
         return InputImage.reference(value)
     if isinstance(value, str):
-        if _DATA_URL.match(value.strip()):
+        try:
             return InputImage.from_text(value)
-        return InputImage.from_path(value)
-    raise ValueError(f"must be an image (a PIL image, a file path or a data: URL), not {type(value).__name__}")
+        except ValueError as error:
+            looks_like_a_file = "." in value[-6:] and len(value) < 1024
+            hint = "; to read a file, pass a pathlib.Path" if looks_like_a_file else ""
+            raise ValueError(f"{error}{hint}") from None
+    raise ValueError(f"must be an image (PIL image, pathlib.Path, bytes or base64 text), not {type(value).__name__}")
 
 
 def http_input_image(value: Any) -> Any:
-    """An image field as an HTTP client sent it: text is base64 (never a path on the server); a recorded
-    summary passes as a reference (refused later, when the request is checked to run).
+    """An image field as an HTTP client sent it: text is base64 image data; a recorded summary passes as a
+    reference (refused later, when the request is checked to run).
 
     Raises:
-        ValueError: text that is not base64 image data.
+        ValueError: text that is not base64 image data, or another type.
     """
     if isinstance(value, str):
         return InputImage.from_text(value)
-    if isinstance(value, dict):
+    if isinstance(value, dict) or value is None:
         return value
-    if value is None:
-        return None
     raise ValueError(f"must be base64 image data, not {type(value).__name__}")

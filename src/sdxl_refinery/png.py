@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .errors import StorageError
+from .input_images import HASH_LENGTH
 from .request import REQUEST_FIELDS, GenerationRequest
 
 PARAMETERS_KEY = "parameters"  # what A1111, ComfyUI and Civitai read
@@ -49,6 +50,7 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
     fields: list[tuple[str, Any]] = [(label, values.pop(label, None)) for label in _A1111_ORDER]
     fields += [("Model hash", models.get("base_hash")), ("Model", models.get("base"))]
     fields += [("Lora hashes", _lora_hashes(metadata.get("loras") or []))]
+    fields += [(label, _image_hash(request.get(name))) for name, label in _IMAGE_LABELS]
     if metadata["refined"]:
         fields += [("Refiner", models.get("refiner")), ("Refiner hash", models.get("refiner_hash"))]
     fields += list(values.items())
@@ -67,6 +69,14 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
 def _lora_name(name: str) -> str:
     """How A1111 names a LoRA: a path-named one by its file's stem."""
     return Path(name).stem if name.endswith(".safetensors") else name
+
+
+_IMAGE_LABELS = (("init_image", "Init image hash"), ("mask_image", "Mask hash"))
+
+
+def _image_hash(recorded: Any) -> str | None:
+    """An input image's recorded sha256, shortened as A1111 shortens hashes (None without one)."""
+    return str(recorded["sha256"])[:HASH_LENGTH] if isinstance(recorded, dict) and "sha256" in recorded else None
 
 
 def _lora_hashes(loras: list[dict[str, Any]]) -> str | None:

@@ -466,6 +466,11 @@ def enforce_limits(request: GenerationRequest, limits: Limits) -> GenerationRequ
         if value > cap:
             works = f"; sizes that work here are multiples of 8 from {MIN_SIZE} to {cap}" if name in _SIZES else ""
             raise InvalidRequest(name, f"must be at most {cap} on this server, not {value}{works}")
+    if request.enable_hr:
+        width, height = request.hires_size
+        if width > limits.max_width or height > limits.max_height:
+            raise InvalidRequest("hr_scale", f"makes {width}x{height}; this server makes at most "
+                                             f"{limits.max_width}x{limits.max_height}")  # fmt: skip
     if limits.max_prompt_tokens is not None:
         from .prompt_tokens import count_tokens
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Settings
 from .engine.sources import TINY_CONTEXT_DIM, TINY_NAME
-from .errors import GenerationFailed, RefineryError
+from .errors import GenerationFailed, InvalidRequest, RefineryError
 from .loras import SDXL_CONTEXT_DIM, LoraFile, LoraFolder
 from .png import check_writable_folder, numbered_paths, write_png
 from .request import (
@@ -182,6 +182,7 @@ class ImageService:
         """
         if output_path is not None:
             check_writable_folder(Path(output_path))
+        check_images(request)
         loras = self.check_loras(request, allow_paths=True)
         token = cancel or CancelToken()
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
@@ -319,3 +320,11 @@ class ImageService:
     def close(self) -> None:
         """Stop the engine thread after the run in progress, if any."""
         self._executor.shutdown(wait=True)
+
+
+def check_images(request: GenerationRequest) -> None:
+    """Raises: InvalidRequest: an image field holds only a recorded hash; the image itself must be given."""
+    for name in request.missing_images:
+        image = getattr(request, name)
+        raise InvalidRequest(name, f"only its hash ({image.short_hash}, {image.width}x{image.height}) was recorded; "
+                                   f"give the image itself")  # fmt: skip

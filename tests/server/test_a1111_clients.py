@@ -38,7 +38,8 @@ def test_a1111s_own_txt2img_payloads_pass_as_written_on_the_tiny_pair(real_serve
             assert answer.status_code == 200, (variant, answer.text)
             images = [Image.open(io.BytesIO(base64.b64decode(item))) for item in answer.json()["images"]]
             assert len(images) == payload["batch_size"] * payload["n_iter"], variant
-            assert all(image.size == (payload["width"], payload["height"]) for image in images), variant
+            scale = 2 if payload["enable_hr"] else 1  # A1111's default hr_scale
+            assert all(image.size == (payload["width"] * scale, payload["height"] * scale) for image in images), variant
             info = json.loads(answer.json()["info"])
             assert (info["width"], info["height"], info["refined"]) == (payload["width"], payload["height"], True)
             count = len(images)

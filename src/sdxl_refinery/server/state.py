@@ -17,7 +17,7 @@ from ..jobs.storage import FolderStorage, ImageStorage
 from ..jobs.store import Dedup, JobStore
 from ..jobs.worker import Worker
 from ..request import GenerationRequest, Limits, enforce_limits
-from ..service import ImageService
+from ..service import ImageService, check_images
 from .signing import UrlSigner, load_or_create_key
 
 LISTED_PROMPT_CHARS = 300  # prompts in job listings are cut here; the job itself has them whole
@@ -67,6 +67,7 @@ class AppState:
             StoreUnavailable: the job store or the image disk fails now (503, or 507 for a full disk).
         """
         enforce_limits(request, self.limits)
+        check_images(request)
         self.service.check_loras(request, allow_paths=False)
         if self.worker is not None and (problem := self.worker.problem) is not None:
             raise StoreUnavailable(f"not accepting jobs until this passes: {problem}", disk_full=is_disk_full(problem))
@@ -139,7 +140,7 @@ class AppState:
         view: dict[str, Any] = {
             "id": job.id, "status": job.status.value, "created": job.created, "started": job.started,
             "finished": job.finished, "attempts": job.attempts, "client": job.client, "worker": job.worker,
-            "request": job.request.model_dump(mode="json"), "progress": job.progress.as_dict(),
+            "request": job.request.recorded(), "progress": job.progress.as_dict(),
             "position": self.store.position(job.id) if job.status.value == "queued" else None,
             "error": job.error, "result": None,
         }  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ...errors import InvalidRequest
+from ...input_images import http_input_image
 from ...jobs.models import Job, JobStatus
 from ...png import a1111_parameters
 from ...request import REQUEST_FIELDS, GenerationRequest, Mode
@@ -35,7 +37,7 @@ def _table_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for spec in REQUEST_FIELDS:
         if spec.faces.a1111:
-            kind = str if spec.choices else spec.kind
+            kind = (str | int) if spec.choices else spec.kind  # A1111 sends some choices by number (resize_mode)
             fields[spec.faces.a1111] = (kind | None, Field(None, description=spec.description))
     return fields
 
@@ -84,13 +86,56 @@ class _Txt2ImgBase(BaseModel):
             fields["n"] = fields.get("n", GenerationRequest.default("n")) * self.n_iter
         if "switch_at" in fields:  # A1111's refiner_switch_at is SDXL's handoff
             fields["mode"] = Mode.HANDOFF
+        self._images(fields, origin)
+        _strength_zero_as_a1111(fields)
         try:
             return GenerationRequest(**fields)
         except InvalidRequest as error:
             raise InvalidRequest(origin.get(error.field, error.field), error.rule) from None
 
+    def _images(self, fields: dict[str, Any], origin: dict[str, str]) -> None:
+        """The init image and mask of an img2img body (none in txt2img)."""
+
+
+class _Img2ImgBase(_Txt2ImgBase):
+    """A1111's img2img body: the txt2img fields plus its images, as base64 (with or without a data: prefix)."""
+
+    init_images: list[str] = Field(default_factory=list, description="One base64 image to start from.")
+    mask: str | None = Field(None, description="Inpainting mask, base64: white is repainted.")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1 (or true): repaint the black part instead.")
+    include_init_images: bool = Field(False, description="Echo init_images and mask back in `parameters`.")
+
+    def _images(self, fields: dict[str, Any], origin: dict[str, str]) -> None:
+        if len(self.init_images) != 1:
+            raise InvalidRequest("init_images", f"must hold exactly one base64 image, not {len(self.init_images)}")
+        for name, source, value in (("init_image", "init_images[0]", self.init_images[0]),
+                                    ("mask_image", "mask", self.mask)):  # fmt: skip
+            if value is None:
+                continue
+            try:
+                fields[name], origin[name] = http_input_image(value), source
+            except ValueError as error:
+                raise InvalidRequest(source, str(error)) from None
+        fields["mask_invert"], origin["mask_invert"] = bool(self.inpainting_mask_invert), "inpainting_mask_invert"
+
+
+def _strength_zero_as_a1111(fields: dict[str, Any]) -> None:
+    """A1111 clients send `denoising_strength: 0` when it is unused (dropped here); where it is used (an init
+    image, hires fix) A1111 still runs one step, and so does Refinery: the smallest strength that runs one."""
+    if fields.get("strength") != 0:
+        return
+    if "init_image" not in fields and not fields.get("enable_hr"):
+        del fields["strength"]
+        return
+    steps = fields.get("num_inference_steps") or GenerationRequest.default("num_inference_steps")
+    if fields.get("enable_hr") and fields.get("hr_second_pass_steps"):
+        steps = fields["hr_second_pass_steps"]
+    if isinstance(steps, int) and steps > 0:
+        fields["strength"] = math.nextafter(1 / steps, 1.0)  # int(steps * 1/steps) may round to 0 otherwise
+
 
 Txt2ImgRequest = create_model("Txt2ImgRequest", __base__=_Txt2ImgBase, **_table_fields())
+Img2ImgRequest = create_model("Img2ImgRequest", __base__=_Img2ImgBase, **_table_fields())
 
 
 def a1111_info(job: Job) -> str:
@@ -113,7 +158,8 @@ def a1111_info(job: Job) -> str:
         "steps": request.num_inference_steps, "batch_size": request.n, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": models.get("base"), "sd_model_hash": models.get("base_hash"),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": 0, "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
+        "denoising_strength": request.strength if request.init_image or request.enable_hr else 0,
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
         "styles": [], "job_timestamp": started, "clip_skip": request.clip_skip,
         "is_using_inpainting_conditioning": False,
         "version": "refinery", "refiner_checkpoint": models.get("refiner"), "refiner_steps": metadata.get(
@@ -128,11 +174,22 @@ async def txt2img(body: Txt2ImgRequest, state: State, http: Request, _: Authoriz
 
     A client that disconnects leaves its job running (A1111 clients stop one with `/interrupt`).
     """
+    return await _render(body, state, http, body.model_dump())
+
+
+@router.post("/sdapi/v1/img2img")
+async def img2img(body: Img2ImgRequest, state: State, http: Request, _: Authorized) -> Any:
+    """img2img and inpainting (with `mask`), answered as txt2img is; `parameters` leaves the images out unless
+    `include_init_images`, as A1111 does."""
+    hidden = set() if body.include_init_images else {"init_images", "mask"}
+    return await _render(body, state, http, body.model_dump(exclude=hidden))
+
+
+async def _render(body: _Txt2ImgBase, state: AppState, http: Request, parameters: dict[str, Any]) -> Any:
     check_settings(state, body.override_settings, prefix="override_settings.")
     generation = body.to_request(stored_options(state))
     job = state.submit(generation, client="a1111", dedup=dedup_for(http, generation, "a1111", True))
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
-    parameters = body.model_dump()
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
         names = job.result["images"] if body.send_images else []
         images = [base64.b64encode(state.storage.read(job.id, name)).decode() for name in names]

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from ...editing import HiresUpscaler
 from ...samplers import a1111_schedulers
 from ..security import Authorized
 from ..state import State
@@ -58,6 +59,20 @@ def embeddings(_: Authorized) -> dict[str, dict[str, Any]]:
     return {"loaded": {}, "skipped": {}}
 
 
+@router.get("/sdapi/v1/upscalers")
+def upscalers(_: Authorized) -> list[dict[str, Any]]:
+    """Hires fix's pixel upscalers: Lanczos and Nearest (no model files: ESRGAN and the like are not installed)."""
+    pixel = [upscaler for upscaler in HiresUpscaler if not upscaler.in_latent_space]
+    return [{"name": upscaler.value, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for upscaler in pixel]  # fmt: skip
+
+
+@router.get("/sdapi/v1/latent-upscale-modes")
+def latent_upscale_modes(_: Authorized) -> list[dict[str, str]]:
+    """Hires fix's latent upscalers, by A1111's names."""
+    return [{"name": upscaler.value} for upscaler in HiresUpscaler if upscaler.in_latent_space]
+
+
 def _absent(path: str, what: str) -> None:
     def route(_: Authorized) -> list[dict[str, Any]]:
         return []
@@ -68,8 +83,6 @@ def _absent(path: str, what: str) -> None:
 
 for _path, _what in (
     ("/sdapi/v1/sd-vae", "VAE files besides the checkpoints' own"),
-    ("/sdapi/v1/upscalers", "Upscalers"),
-    ("/sdapi/v1/latent-upscale-modes", "Latent upscale modes"),
     ("/sdapi/v1/prompt-styles", "Prompt styles"),
     ("/sdapi/v1/hypernetworks", "Hypernetworks"),
     ("/sdapi/v1/face-restorers", "Face restorers"),

@@ -1,4 +1,4 @@
-"""OpenAI-compatible images API: `POST /v1/images/generations` and `GET /v1/models`.
+"""OpenAI-compatible images API: generations, edits, variations and `GET /v1/models`.
 
 The answer comes when the job is done. Past the server's wait limit the
 answer is a 504 whose error names the job id, so the client can poll
@@ -17,15 +17,18 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import FormData, UploadFile
 
-from ...errors import InvalidRequest
+from ...errors import InvalidRequest, StorageError
+from ...input_images import InputImage
 from ...jobs.models import Job, JobStatus
 from ...jobs.storage import ImageStorage
-from ...request import HIGH_QUALITY_GUIDANCE, STANDARD_GUIDANCE, GenerationRequest
+from ...png import PARAMETERS_KEY, parse_parameters
+from ...request import HIGH_QUALITY_GUIDANCE, STANDARD_GUIDANCE, GenerationRequest, invalid_request_from
 from ..dedup import dedup_for
 from ..security import Authorized
-from ..state import State
+from ..state import AppState, State
 
 router = APIRouter(tags=["openai"])
 MODEL_ID = "sdxl-refinery"
@@ -50,8 +53,8 @@ class ImagesRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = None
     user: str | None = None
 
-    def to_request(self) -> GenerationRequest:
-        """The `GenerationRequest` this body asks for.
+    def to_request(self, **extra: Any) -> GenerationRequest:
+        """The `GenerationRequest` this body asks for (with `extra` request fields: an edit's images).
 
         `quality` hd/high asks for high-quality guidance, standard/medium/low for the standard
         one, and `auto` keeps the request's default (the high-quality recipe). Absent means
@@ -60,7 +63,7 @@ class ImagesRequest(BaseModel):
         Raises:
             InvalidRequest: a bad size (named `size`) or a field outside its rule.
         """
-        fields: dict[str, Any] = {"prompt": self.prompt}
+        fields: dict[str, Any] = {"prompt": self.prompt, **extra}
         if self.n is not None:
             fields["n"] = self.n
         if self.size not in (None, "auto"):
@@ -120,7 +123,96 @@ def openai_error(
 @router.post("/v1/images/generations")
 async def generate(body: ImagesRequest, state: State, request: Request, _: Authorized) -> JSONResponse:
     """Render `n` images; answers `{created, data: [{b64_json | url, revised_prompt}]}` when done."""
-    generation = body.to_request()
+    return await _render(body, body.to_request(), state, request)
+
+
+@router.post("/v1/images/edits")
+async def edit(state: State, request: Request, _: Authorized) -> JSONResponse:
+    """OpenAI's image edit (multipart): `image` (or one `image[]`), `prompt`, optional `mask` whose transparent
+    pixels mark the area to redraw, `n`, `size`, `response_format`. With a mask the area is inpainted anew
+    (strength 1); without one the whole image is redrawn at the default strength. Refined as every image is."""
+    form = await request.form()
+    body = _body(_form_fields(form))
+    fields: dict[str, Any] = {"init_image": await _upload(form, "image")}
+    if form.get("mask") is not None:
+        fields |= {"mask_image": _transparent_is_edit(await _upload(form, "mask")), "strength": 1.0}
+    return await _render(body, body.to_request(**fields), state, request)
+
+
+@router.post("/v1/images/variations")
+async def variation(state: State, request: Request, _: Authorized) -> JSONResponse:
+    """OpenAI's variations (multipart `image`, `n`, `size`, `response_format`): img2img of the image at strength
+    0.6, prompted by the prompt its PNG records (A1111's `parameters` or ours), else by `VARIATION_PROMPT`."""
+    form = await request.form()
+    image = await _upload(form, "image")
+    prompt = recorded_prompt(image) or VARIATION_PROMPT
+    body = _body({**_form_fields(form), "prompt": prompt})
+    return await _render(body, body.to_request(init_image=image, strength=VARIATION_STRENGTH), state, request)
+
+
+VARIATION_PROMPT = "high quality, detailed"
+VARIATION_STRENGTH = 0.6
+_FORM_FIELDS = ("prompt", "model", "n", "size", "quality", "response_format", "user")
+
+
+def _body(fields: dict[str, Any]) -> ImagesRequest:
+    """Raises: InvalidRequest: a form field outside its rule (e.g. no prompt)."""
+    try:
+        return ImagesRequest(**fields)
+    except ValidationError as error:
+        raise invalid_request_from(error) from None
+
+
+def _form_fields(form: FormData) -> dict[str, Any]:
+    return {name: value for name in _FORM_FIELDS if isinstance(value := form.get(name), str)}
+
+
+async def _upload(form: FormData, name: str) -> InputImage:
+    """The one image uploaded as `name` (or `name[]`, as the SDK sends lists).
+
+    Raises:
+        InvalidRequest: naming the parameter: none, several, not a file, or not a readable image.
+    """
+    files = [*form.getlist(name), *form.getlist(f"{name}[]")]
+    if len(files) != 1:
+        raise InvalidRequest(name, f"must be one uploaded image file, not {len(files)}")
+    upload = files[0]
+    if not isinstance(upload, UploadFile):
+        raise InvalidRequest(name, "must be an uploaded file (multipart/form-data), not text")
+    try:
+        return InputImage.from_bytes(await upload.read())
+    except ValueError as error:
+        raise InvalidRequest(name, str(error)) from None
+
+
+def _transparent_is_edit(mask: InputImage) -> InputImage:
+    """OpenAI's mask (transparent = redraw) as the request's mask (white = redraw).
+
+    Raises:
+        InvalidRequest: `mask` has no transparency, so it marks nothing.
+    """
+    image = mask.open()
+    if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+        raise InvalidRequest("mask", "must be a PNG with transparency: its fully transparent pixels mark the edit")
+    alpha = image.convert("RGBA").getchannel("A")
+    return InputImage.from_pil(alpha.point(lambda value: 255 - value))
+
+
+def recorded_prompt(image: InputImage) -> str | None:
+    """The prompt a PNG records in its `parameters` text, if any (a Refinery or A1111 image)."""
+    text = image.open().info.get(PARAMETERS_KEY)
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        prompt = str(parse_parameters(text).get("prompt") or "").strip()
+    except StorageError:  # a parameters text without a settings line: a bare prompt
+        prompt = text.strip()
+    return prompt or None
+
+
+async def _render(
+    body: ImagesRequest, generation: GenerationRequest, state: AppState, request: Request
+) -> JSONResponse:
     job = state.submit(generation, client="openai", dedup=dedup_for(request, generation, "openai", True))
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
