@@ -348,3 +348,62 @@ def test_loras_are_picked_with_weights_sent_and_reused(server_factory: ServerFac
         p.click("#lora-add")
         p.keyboard.press("Control+Enter")
         p.wait_for_selector('[data-error-for="loras"]:has-text("not a readable safetensors file")')
+
+
+def test_img2img_with_a_painted_mask_and_hires_fix(real_server_factory: ServerFactory, page: Page,
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    """Drop an image, paint over its left part, set the strength: the job carries both images, and the result
+    keeps every unpainted pixel. Then hires fix from text renders at the larger size."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    source = Image.new("RGB", (64, 64), (30, 120, 200))
+    ImageDraw.Draw(source).ellipse((16, 16, 48, 48), fill=(220, 200, 40))
+    path = tmp_path / "start.png"
+    source.save(path)
+    p = page
+    with real_server_factory() as web:
+        p.goto(web.url + "/")
+        p.wait_for_selector("#app:not([hidden])")
+        p.fill("#prompt", "a lemon on blue cloth")
+        p.set_input_files("#init-file", str(path))
+        p.wait_for_selector("#init-editor:not([hidden])")
+        assert (p.input_value("#width"), p.input_value("#height")) == ("64", "64")  # the image's own size
+        box = p.locator("#init-canvas").bounding_box()
+        assert box is not None
+        p.mouse.move(box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.1)
+        p.mouse.down()
+        p.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.9, steps=8)
+        p.mouse.up()
+        assert "painted" in p.inner_text("#mask-state")
+        p.eval_on_selector("#strength", "s => { s.value = '0.6'; s.dispatchEvent(new Event('input')); }")
+        assert p.inner_text("#strength-value") == "0.6"
+        p.click("#advanced summary")
+        p.fill("#num_inference_steps", "5")
+        p.fill("#refiner_steps", "2")
+        p.fill("#mask_blur", "0")
+        shot(p, "img2img-painted")
+        p.click("#submit")
+        p.wait_for_selector(".job.succeeded", timeout=120_000)
+        job = web.client.get("/v1/jobs").json()["items"][0]
+        request = job["request"]
+        assert request["strength"] == 0.6 and request["mask_blur"] == 0
+        assert (request["init_image"]["width"], request["mask_image"]["width"]) == (64, 64)
+        assert job["result"]["metadata"]["base_steps"] == 3  # 5 steps x 0.6
+        name = job["result"]["images"][0]
+        made = Image.open(io.BytesIO(web.client.get(f"/v1/images/{job['id']}/{name}").content)).convert("RGB")
+        right = slice(32, 64)  # never painted: exactly the dropped image
+        assert np.array_equal(np.asarray(made)[:, right], np.asarray(source)[:, right])
+
+        p.click("#clear-init")
+        p.check("#enable_hr")
+        p.fill("#hr_scale", "1.5")
+        p.click("#submit")
+        p.wait_for_function("document.querySelectorAll('.job.succeeded').length >= 2", timeout=120_000)
+        job = web.client.get("/v1/jobs").json()["items"][0]
+        assert job["request"]["enable_hr"] and job["request"].get("init_image") is None
+        name = job["result"]["images"][0]
+        made = Image.open(io.BytesIO(web.client.get(f"/v1/images/{job['id']}/{name}").content))
+        assert made.size == (96, 96)

@@ -13,6 +13,9 @@ const state = {
   blobUrls: [],
   schema: null, // GET /v1/schema: every request field with its default, bounds and face names
   loras: [], // the LoRAs chosen for the next job: [{name, weight}]
+  init: null, // the image to start from: {dataUrl, image, width, height}
+  mask: null, // an offscreen canvas the size of the image: white where the image is repainted
+  masked: false, // whether anything is painted or uploaded on the mask
 };
 
 // ---------------------------------------------------------------- talking to the server
@@ -210,6 +213,14 @@ function formRequest() {
   if (request.mode !== "handoff") delete request.switch_at;
   if (!$("#random-seed").checked && form.elements.seed.value !== "") request.seed = Number(form.elements.seed.value);
   if (state.loras.length) request.loras = state.loras.map(({ name, weight }) => ({ name, weight }));
+  if (state.init) {
+    request.init_image = state.init.dataUrl;
+    if (state.masked) request.mask_image = state.mask.toDataURL("image/png");
+    delete request.enable_hr; // hires fix is for text to image
+  } else {
+    delete request.strength; // used only with an image (or hires fix, which sends its own)
+    if (request.enable_hr && form.elements.strength) request.strength = Number(form.elements.strength.value);
+  }
   return request;
 }
 
@@ -281,10 +292,178 @@ function fillForm(request, seed) {
   $("#switch-row").hidden = request.mode !== "handoff";
   state.loras = (request.loras || []).map(({ name, weight }) => ({ name, weight }));
   renderLoras();
+  // A recorded job keeps only its image's hash: say so, rather than silently rendering from noise.
+  const recorded = request.init_image;
+  $("#init-note").hidden = !recorded;
+  $("#init-note").textContent = recorded
+    ? `This job started from an image (${recorded.width} × ${recorded.height}, sha256 ` +
+      `${String(recorded.sha256).slice(0, 12)}); drop it again to redo it.`
+    : "";
   form.elements.n.value = 1;
   form.elements.seed.value = seed;
   $("#random-seed").checked = false;
   form.elements.prompt.focus();
+}
+
+// ---------------------------------------------------------------- starting from an image
+
+// The dropped image is sent as a data: URL (init_image); the mask is painted on an offscreen canvas the size
+// of the image and sent the same way (mask_image, white = repaint). The visible canvas shows both.
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error("not an image the browser can read"));
+    image.src = url;
+  });
+}
+
+async function useInitFile(file) {
+  if (!file) return;
+  const error = $('[data-error-for="init_image"]');
+  error.textContent = "";
+  try {
+    const dataUrl = await readFile(file);
+    const image = await loadImage(dataUrl);
+    state.init = { dataUrl, image, width: image.naturalWidth, height: image.naturalHeight };
+  } catch (failure) {
+    error.textContent = `init_image: ${failure.message}`;
+    return;
+  }
+  state.mask = document.createElement("canvas");
+  state.mask.width = state.init.width;
+  state.mask.height = state.init.height;
+  clearMask();
+  // The result keeps the image's size (floored to multiples of 8, as the server does when none is sent).
+  const form = $("#generate-form");
+  const fit = Math.min(1, fieldMaximum("width") / Math.max(state.init.width, state.init.height));
+  form.elements.size.value = "custom";
+  $("#custom-size").hidden = false;
+  form.elements.width.value = Math.max(64, Math.floor((state.init.width * fit) / 8) * 8);
+  form.elements.height.value = Math.max(64, Math.floor((state.init.height * fit) / 8) * 8);
+  $("#init-editor").hidden = false;
+  $("#drop-zone").hidden = true;
+  $("#init-note").hidden = true;
+  drawEditor();
+}
+
+function fieldMaximum(name) {
+  return state.schema.fields.find((field) => field.name === name).maximum;
+}
+
+function clearMask() {
+  const context = state.mask.getContext("2d");
+  context.fillStyle = "black";
+  context.fillRect(0, 0, state.mask.width, state.mask.height);
+  state.masked = false;
+  drawEditor();
+}
+
+function removeInit() {
+  state.init = state.mask = null;
+  state.masked = false;
+  $("#init-editor").hidden = true;
+  $("#drop-zone").hidden = false;
+  $("#init-file").value = "";
+}
+
+function drawEditor() {
+  if (!state.init) return;
+  const canvas = $("#init-canvas");
+  canvas.width = state.init.width;
+  canvas.height = state.init.height;
+  const context = canvas.getContext("2d");
+  context.drawImage(state.init.image, 0, 0);
+  if (state.masked) {
+    // The mask in translucent red: white (repaint) shows, black stays clear.
+    const tint = document.createElement("canvas");
+    tint.width = canvas.width;
+    tint.height = canvas.height;
+    const tinted = tint.getContext("2d");
+    tinted.drawImage(state.mask, 0, 0);
+    tinted.globalCompositeOperation = "multiply";
+    tinted.fillStyle = "rgb(255, 60, 60)";
+    tinted.fillRect(0, 0, tint.width, tint.height);
+    context.globalAlpha = 0.5;
+    context.globalCompositeOperation = "screen";
+    context.drawImage(tint, 0, 0);
+    context.globalAlpha = 1;
+    context.globalCompositeOperation = "source-over";
+  }
+  $("#mask-state").textContent = state.masked
+    ? "Only the painted (red) area is repainted; the rest stays exactly as it is."
+    : "No mask: the whole image is redrawn. Paint on it to repaint only part.";
+  $("#strength-value").textContent = $("#strength").value;
+}
+
+// One stroke segment from the previous pointer position (brush size in screen pixels, drawn in image pixels).
+function paintAt(event, from) {
+  const canvas = $("#init-canvas");
+  const box = canvas.getBoundingClientRect();
+  const scale = canvas.width / box.width;
+  const point = [(event.clientX - box.left) * scale, (event.clientY - box.top) * scale];
+  const context = state.mask.getContext("2d");
+  context.strokeStyle = "white";
+  context.lineCap = context.lineJoin = "round";
+  context.lineWidth = Number($("#brush").value) * scale;
+  context.beginPath();
+  context.moveTo(...(from || point));
+  context.lineTo(...point);
+  context.stroke();
+  state.masked = true;
+  drawEditor();
+  return point;
+}
+
+async function useMaskFile(file) {
+  if (!file || !state.init) return;
+  try {
+    const image = await loadImage(await readFile(file));
+    const context = state.mask.getContext("2d");
+    context.drawImage(image, 0, 0, state.mask.width, state.mask.height); // stretched onto the image, as the server does
+    state.masked = true;
+  } catch (failure) {
+    $('[data-error-for="mask_image"]').textContent = `mask_image: ${failure.message}`;
+  }
+  drawEditor();
+}
+
+function wireImageInputs() {
+  const zone = $("#drop-zone");
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    useInitFile(event.dataTransfer.files[0]);
+  });
+  $("#init-file").addEventListener("change", (event) => useInitFile(event.target.files[0]));
+  $("#mask-file").addEventListener("change", (event) => useMaskFile(event.target.files[0]));
+  $("#clear-mask").addEventListener("click", clearMask);
+  $("#clear-init").addEventListener("click", removeInit);
+  $("#strength").addEventListener("input", () => ($("#strength-value").textContent = $("#strength").value));
+  const canvas = $("#init-canvas");
+  let last = null; // the stroke's previous point while the pointer is down
+  canvas.addEventListener("pointerdown", (event) => {
+    canvas.setPointerCapture(event.pointerId);
+    last = paintAt(event, null);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (last) last = paintAt(event, last);
+  });
+  canvas.addEventListener("pointerup", () => (last = null));
 }
 
 // ---------------------------------------------------------------- LoRAs
@@ -546,6 +725,7 @@ function wire() {
     loadGallery();
   });
   $("#lora-add").addEventListener("click", addLora);
+  wireImageInputs();
   $("#close-viewer").addEventListener("click", () => $("#viewer").close());
   $("#copy-seed").addEventListener("click", copySeed);
   $("#reuse").addEventListener("click", () => {
