@@ -145,3 +145,12 @@ async def test_a_recorded_image_hash_cannot_run(service: ImageService) -> None:
 
     with pytest.raises(InvalidRequest, match="init_image"):
         await service.generate(request)
+
+
+async def test_handoff_from_an_image_runs_the_planned_steps(service: ImageService) -> None:
+    request = GenerationRequest(prompt=PROMPT, init_image=picture(), strength=0.5, num_inference_steps=20,
+                                mode="handoff", switch_at=0.8, seed=8)  # fmt: skip
+    seen: list[tuple[int, int, int]] = []
+    result = await service.generate(request, on_progress=lambda p: seen.append((p.stage, p.step, p.total)))
+    assert (result.base_steps, result.refiner_steps, result.refined) == (6, 4, True)
+    assert seen[-1] == (2, 4, 4) and (1, 6, 6) in seen
