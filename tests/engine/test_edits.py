@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw, ImageFilter
 
 from sdxl_refinery import GenerationRequest, ImageService
 from sdxl_refinery.engine.schedulers import scheduler_config
+from sdxl_refinery.engine.tiny import tiny_inpainting_unet
+from sdxl_refinery.errors import InvalidRequest
 from sdxl_refinery.samplers import Sampler, ScheduleType
 
 from .hand_driven import PROMPT, HandDriven
@@ -141,8 +144,6 @@ async def test_a_recorded_image_hash_cannot_run(service: ImageService) -> None:
     recorded = GenerationRequest(prompt=PROMPT, init_image=picture(), **SIZE).recorded()
     request = GenerationRequest(**recorded)
     assert request.missing_images == ["init_image"]
-    from sdxl_refinery.errors import InvalidRequest
-
     with pytest.raises(InvalidRequest, match="init_image"):
         await service.generate(request)
 
@@ -154,3 +155,46 @@ async def test_handoff_from_an_image_runs_the_planned_steps(service: ImageServic
     result = await service.generate(request, on_progress=lambda p: seen.append((p.stage, p.step, p.total)))
     assert (result.base_steps, result.refiner_steps, result.refined) == (6, 4, True)
     assert seen[-1] == (2, 4, 4) and (1, 6, 6) in seen
+
+
+@pytest.fixture(scope="module")
+def inpainting_base(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base with SDXL inpainting's 9-channel UNet, as a diffusers folder."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pair[0])
+    pipe.unet = tiny_inpainting_unet()
+    pipe.register_modules(unet=pipe.unet)
+    folder = tmp_path_factory.mktemp("inpainting") / "base"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+async def test_a_9_channel_inpainting_checkpoint_equals_diffusers(inpainting_base: Path,
+                                                                 tiny_pair: tuple[Path, Path]) -> None:  # fmt: skip
+    service = ImageService(str(inpainting_base), str(tiny_pair[1]), device="cpu", precision="full")
+    try:
+        init, mask = picture(), box_mask()
+        request = GenerationRequest(prompt=PROMPT, init_image=init, mask_image=mask, strength=1.0, mask_blur=0,
+                                    num_inference_steps=6, refiner_steps=2, seed=4, **SIZE)  # fmt: skip
+        ours = pixels((await service.generate(request)).images)[0]
+        base = StableDiffusionXLInpaintPipeline.from_pretrained(inpainting_base)
+        refiner = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_pair[1], text_encoder_2=base.text_encoder_2,
+                                                                   vae=base.vae)  # fmt: skip
+        for pipe in (base, refiner):
+            pipe.set_progress_bar_config(disable=True)
+        fresh_schedulers(base, refiner)
+        common: dict[str, Any] = {"guidance_scale": 8.0, "generator": generators([4]), **SIZE}
+        latents = base(prompt=PROMPT, image=init, mask_image=mask, strength=1.0, num_inference_steps=6,
+                       output_type="latent", **common).images  # fmt: skip
+        refined = refiner(prompt=PROMPT, image=latents, mask_image=mask, strength=0.3, num_inference_steps=7,
+                          output_type="pil", **common).images[0]  # fmt: skip
+        expected = pixels([Image.composite(refined, init, mask)])[0]
+        assert np.abs(ours - expected).max() <= 2.0
+        # Without a mask it redraws the whole image; without an image it refuses, naming the field.
+        whole = await service.generate(GenerationRequest(prompt=PROMPT, init_image=init, strength=0.5, seed=1,
+                                                         num_inference_steps=4, refiner_steps=1))  # fmt: skip
+        assert whole.images[0].size == (64, 64) and whole.base_steps == 2
+        with pytest.raises(InvalidRequest, match="inpainting checkpoint") as caught:
+            await service.generate(GenerationRequest(prompt=PROMPT, num_inference_steps=2, refiner_steps=1, **SIZE))
+        assert caught.value.field == "init_image"
+    finally:
+        service.close()

@@ -68,22 +68,46 @@ def vae_dtype_kept(vae: Any) -> Iterator[None]:
             vae.to(dtype=dtype)
 
 
-def start_latents(pair: LoadedPair, inputs: EditInputs, request: GenerationRequest,
-                  generators: list[torch.Generator]) -> Image.Image | torch.Tensor:  # fmt: skip
-    """What the base inpaints from: the init pixels, or for A1111's latent fills their encoded latents with
-    the masked area replaced (random latents for "latent noise", zeros for "latent nothing")."""
-    if request.inpainting_fill not in (InpaintFill.LATENT_NOISE, InpaintFill.LATENT_NOTHING) or inputs.mask is None:
-        return inputs.init
-    vae = pair.base.vae
-    pixels = pair.base.image_processor.preprocess(inputs.init).to(vae.device, vae.dtype)
-    latents = vae.encode(pixels).latent_dist.mode().float() * vae.config.scaling_factor
-    size = latents.shape[-2:]
-    mask = torch.from_numpy(_binary(inputs.mask)).to(latents)[None, None]
-    mask = torch.nn.functional.interpolate(mask, size=size, mode="nearest")
+def is_inpainting_unet(unet: Any) -> bool:
+    """Whether a UNet is an inpainting checkpoint's: 9 input channels (latents, mask, masked-image latents)."""
+    return int(getattr(unet, "config", {}).get("in_channels", 4)) == 9
+
+
+def inpaint_inputs(pair: LoadedPair, inputs: EditInputs, mask: Image.Image, request: GenerationRequest,
+                   generators: list[torch.Generator]) -> dict[str, Any]:  # fmt: skip
+    """The inpainting pipeline's `image` (and, where it cannot derive them, `masked_image_latents`): the init
+    pixels, or for A1111's latent fills their encoded latents with the masked area replaced (random latents
+    for "latent noise", zeros for "latent nothing")."""
+    if request.inpainting_fill not in (InpaintFill.LATENT_NOISE, InpaintFill.LATENT_NOTHING):
+        return {"image": inputs.init}
+    _, latents = _encoded(pair, inputs.init)
+    binary = torch.from_numpy(_binary(mask)).to(latents)[None, None]
+    small = torch.nn.functional.interpolate(binary, size=latents.shape[-2:], mode="nearest")
     if request.inpainting_fill is InpaintFill.LATENT_NOTHING:
-        return (latents * (1 - mask)).repeat(len(generators), 1, 1, 1)
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=generator) for generator in generators])
-    return latents * (1 - mask) + noise.to(latents) * mask
+        image = (latents * (1 - small)).repeat(len(generators), 1, 1, 1)
+    else:
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=generator) for generator in generators])
+        image = latents * (1 - small) + noise.to(latents) * small
+    if not is_inpainting_unet(pair.base.unet):
+        return {"image": image}
+    return {"image": image, "masked_image_latents": masked_image_latents(pair, inputs.init, mask)}
+
+
+def masked_image_latents(pair: LoadedPair, init: Image.Image, mask: Image.Image) -> torch.Tensor:
+    """What a 9-channel UNet is conditioned on: the unmasked pixels, encoded (diffusers derives them itself only
+    when it is handed pixels, not latents)."""
+    pixels, _ = _encoded(pair, init)
+    keep = torch.from_numpy(_binary(mask) < 0.5).to(pixels)[None, None]
+    return _encoded(pair, pixels * keep)[1]
+
+
+def _encoded(pair: LoadedPair, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels in [-1, 1] and their latents (the distribution's mode, scaled as the pipelines scale them)."""
+    vae = pair.base.vae
+    pixels = pair.base.image_processor.preprocess(image) if isinstance(image, Image.Image) else image
+    pixels = pixels.to(vae.device, vae.dtype)
+    latents = vae.encode(pixels).latent_dist.mode().float() * vae.config.scaling_factor
+    return pixels, latents
 
 
 def _binary(mask: Image.Image) -> Any:

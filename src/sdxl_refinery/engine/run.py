@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -22,7 +23,7 @@ from ..loras import LoraFile
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
 from ..steps import StagePlan, plan_steps, require_both_stages
 from .device import Placement
-from .edits import EditPipelines, start_latents, upscale, vae_dtype_kept
+from .edits import EditPipelines, inpaint_inputs, is_inpainting_unet, masked_image_latents, upscale, vae_dtype_kept
 from .image_prep import EditInputs, prepare
 from .loader import LoadedPair
 from .lora_weights import LoraMismatch, LoraWeights
@@ -133,6 +134,9 @@ class TwoStageRunner:
         # 1. Plan both stages and read the input images before any model work (bad switch points fail here).
         base_scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
         run = _Run(request, plan_stages(self.pair, request, base_scheduler), seeds, on_progress, cancel, preview_every)
+        if is_inpainting_unet(self.pair.base.unet) and request.init_image is None:
+            raise InvalidRequest("init_image", "the base model is an inpainting checkpoint (9 input channels): it "
+                                               "needs an init_image to paint into")  # fmt: skip
         run.edit = prepare(request) if request.init_image is not None else None
         # 2. The run's LoRAs, loaded (cached) and applied; taken out exactly when the run ends.
         try:
@@ -241,7 +245,7 @@ class TwoStageRunner:
                         raise  # a retry in fp32, or under a lighter memory plan, may still refine it
                     refinement_error = f"{type(error).__name__}: {error}"
                     log.warning("   Stage 2 failed, keeping the base image (refined=False): %s", refinement_error)
-                    latents = self._finish_without_refiner(request, plan, latents, generators, tracker)
+                    latents = self._finish_without_refiner(request, plan, latents, generators, tracker, run.edit)
 
             # 3. One VAE decode for the batch, again in fp32 if it gives NaN/Inf.
             tracker.check_cancelled()
@@ -325,10 +329,11 @@ class TwoStageRunner:
             tracker.begin_pass(plan.second_pass_steps)
         # 2. The pass that hands over to the refiner: from an image (img2img, inpainting, hires) or from noise.
         latents: torch.Tensor
-        if edit is not None and edit.mask is not None:
+        mask = self._base_mask(edit)
+        if edit is not None and mask is not None:
             pipe = self.edits.base_inpaint()
             pipe.scheduler = self.pair.base.scheduler
-            latents = pipe(**common, image=start_latents(self.pair, edit, request, generators), mask_image=edit.mask,
+            latents = pipe(**common, **inpaint_inputs(self.pair, edit, mask, request, generators), mask_image=mask,
                            width=request.width, height=request.height, strength=request.strength,
                            num_inference_steps=plan.base_schedule, denoising_end=end).images  # fmt: skip
         elif edit is not None or request.enable_hr:
@@ -343,6 +348,13 @@ class TwoStageRunner:
         timings["base"] = time.perf_counter() - stage_started
         log.info("   Stage 1 complete: base latents generated (%d steps, %.1f s)", tracker.executed[1], timings["base"])
         return latents
+
+    def _base_mask(self, edit: EditInputs | None) -> Image.Image | None:
+        """The base's inpainting mask: the request's; for an inpainting checkpoint without one, all white (the
+        whole image redrawn, as A1111 runs such a model for img2img)."""
+        if edit is None or edit.mask is not None or not is_inpainting_unet(self.pair.base.unet):
+            return None if edit is None else edit.mask
+        return Image.new("L", edit.init.size, 255)
 
     def _decode_images(self, latents: torch.Tensor) -> list[Image.Image]:
         images: list[Image.Image] = self.pair.base.image_processor.postprocess(self.decode_pixels(latents).float(),
@@ -397,15 +409,26 @@ class TwoStageRunner:
         latents: torch.Tensor,
         generators: list[torch.Generator],
         tracker: StepTracker,
+        edit: EditInputs | None,
     ) -> torch.Tensor:
-        """After a refiner failure: sequential latents are done; handoff ones are finished by the base."""
+        """After a refiner failure: sequential latents are done; handoff ones are finished by the base (through
+        its inpainting pipeline when the request has a mask or the base is an inpainting checkpoint)."""
         if request.mode is Mode.SEQUENTIAL:
             return latents
-        pipe = self.edits.base_img2img()
+        mask = self._base_mask(edit)
+        extra: dict[str, object] = {}
+        if edit is not None and mask is not None:
+            pipe: Any = self.edits.base_inpaint()
+            extra = {"mask_image": mask, "width": request.width, "height": request.height}
+            if is_inpainting_unet(self.pair.base.unet):
+                extra["masked_image_latents"] = masked_image_latents(self.pair, edit.init, mask)
+        else:
+            pipe = self.edits.base_img2img()
         tracker.begin_stage(2)
         pipe.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
         conditioning = self._condition(self.base_prompts, self.pair.base, request, tracker)
         finished: torch.Tensor = pipe(
+            **extra,
             **conditioning.as_kwargs(),
             num_images_per_prompt=request.n,
             image=latents,

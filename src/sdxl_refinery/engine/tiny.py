@@ -85,12 +85,12 @@ def _text_config(tokenizer: CLIPTokenizer, hidden: int) -> CLIPTextConfig:
     )
 
 
-def _unet(cross_attention_dim: int, time_ids: int) -> UNet2DConditionModel:
+def _unet(cross_attention_dim: int, time_ids: int, in_channels: int = 4) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -173,3 +173,9 @@ def save_tiny_pair(folder: Path) -> tuple[Path, Path]:
     base.save_pretrained(folder / "base", safe_serialization=True)
     refiner.save_pretrained(folder / "refiner", safe_serialization=True)
     return folder / "base", folder / "refiner"
+
+
+def tiny_inpainting_unet() -> UNet2DConditionModel:
+    """A tiny base UNet with SDXL inpainting's 9 input channels (latents, mask, masked-image latents)."""
+    torch.manual_seed(5)
+    return _unet(cross_attention_dim=_TEXT_HIDDEN + _TEXT_HIDDEN_2, time_ids=6, in_channels=9)
