@@ -98,9 +98,11 @@ async def test_inpainting_equals_diffusers_and_keeps_unmasked_pixels(service: Im
 async def test_hires_fix_with_a_latent_upscaler_equals_diffusers(service: ImageService, hand: HandDriven) -> None:
     request = GenerationRequest(prompt=PROMPT, enable_hr=True, hr_scale=2, hr_upscaler="Latent", strength=0.5,
                                 num_inference_steps=6, refiner_steps=3, seed=3, **SIZE)  # fmt: skip
-    result = await service.generate(request)
+    seen: list[tuple[int, int, int]] = []
+    result = await service.generate(request, on_progress=lambda p: seen.append((p.stage, p.step, p.total)))
     assert result.images[0].size == (128, 128)
     assert (result.base_steps, result.refiner_steps) == (6 + 3, 3)
+    assert [step for stage, step, total in seen if stage == 1 and total == 9] == list(range(1, 10))
 
     base = StableDiffusionXLImg2ImgPipeline.from_pipe(hand.base)
     fresh_schedulers(hand.base, base, hand.refiner)
@@ -198,3 +200,27 @@ async def test_a_9_channel_inpainting_checkpoint_equals_diffusers(inpainting_bas
         assert caught.value.field == "init_image"
     finally:
         service.close()
+
+
+async def test_an_interrupt_in_hires_fixs_first_pass_keeps_that_image(service: ImageService) -> None:
+    from sdxl_refinery.request import CancelToken
+
+    token = CancelToken()
+    request = GenerationRequest(prompt=PROMPT, enable_hr=True, num_inference_steps=6, seed=3, **SIZE)
+
+    def interrupt_at_step_2(progress: Any) -> None:
+        if progress.stage == 1 and progress.step == 2:
+            token.interrupt()
+
+    result = await service.generate(request, on_progress=interrupt_at_step_2, cancel=token)
+    assert result.interrupted and result.images[0].size == (64, 64)
+    assert (result.base_steps, result.refiner_steps, result.refined) == (2, 0, False)
+
+
+async def test_a_mask_of_another_size_is_stretched_onto_the_image(service: ImageService) -> None:
+    small = box_mask(32, 32)
+    common: dict[str, Any] = {"prompt": PROMPT, "init_image": picture(), "num_inference_steps": 4, "refiner_steps": 1,
+                              "seed": 6, "mask_blur": 0}  # fmt: skip
+    stretched = await service.generate(GenerationRequest(**common, mask_image=small))
+    given = await service.generate(GenerationRequest(**common, mask_image=small.resize((64, 64), Image.LANCZOS)))
+    assert np.array_equal(pixels(stretched.images), pixels(given.images))

@@ -195,3 +195,32 @@ def test_sigkill_worker_mid_job_redelivers_to_the_other(cluster: tuple[RunningSe
     assert survivor["worker"] != victim and done["attempts"] == 2
     folder = workers.data_dir / "images" / job_id
     assert sorted(path.name for path in folder.iterdir()) == ["image-1.png", "image-2.png"]
+
+
+def test_an_inpainting_job_travels_through_redis_with_its_images(cluster: tuple[RunningServer, Workers]) -> None:
+    """The queue payload carries the init image and mask themselves, so a worker on another machine needs no
+    shared input folder; the record keeps only their hashes."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    server, _ = cluster
+    init = Image.new("RGB", (64, 64), (20, 140, 90))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+
+    def encoded(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    job_id = _submit(server, steps=4, width=64, height=64, init_image=encoded(init), mask_image=encoded(mask),
+                     mask_blur=0)  # fmt: skip
+    job = server.wait_for(job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job.get("error")
+    assert set(job["request"]["mask_image"]) == {"sha256", "width", "height"}
+    name = job["result"]["images"][0]
+    made = Image.open(io.BytesIO(server.client.get(f"/v1/images/{job_id}/{name}").content)).convert("RGB")
+    assert np.array_equal(np.asarray(made)[:, 32:], np.asarray(init)[:, 32:])

@@ -323,6 +323,9 @@ class TwoStageRunner:
             tracker.begin_pass(plan.first_pass_steps)
             first = self.pair.base(**common, width=request.width, height=request.height,
                                    num_inference_steps=request.num_inference_steps).images  # fmt: skip
+            if tracker.interrupted:  # kept as it stands: the first pass, at its own size
+                timings["base"] = time.perf_counter() - stage_started
+                return first
             image = upscale(first, request, self._decode_images)
             log.info("   Hires fix: %dx%d upscaled to %dx%d (%s)", request.width, request.height, *request.hires_size,
                      request.hr_upscaler.value)  # fmt: skip
