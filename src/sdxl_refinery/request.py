@@ -134,6 +134,10 @@ class GenerationRequest(BaseModel):
     guidance_scale: Annotated[float, Faces(cli="--guidance", a1111="cfg_scale", label="CFG scale")] = Field(
         HIGH_QUALITY_GUIDANCE, ge=0.0, le=MAX_GUIDANCE, description="How closely to follow the prompt (CFG scale)."
     )
+    guidance_rescale: Annotated[float | None, Faces(cli="--guidance-rescale", label="CFG rescale")] = Field(
+        None, ge=0.0, le=1.0, description="Guidance rescale (Lin et al.) for the base; absent: the model's own, "
+        "0.7 for zero-terminal-SNR models, else 0.",
+    )  # fmt: skip
     sampler: Annotated[Sampler, Faces(cli="--sampler", a1111="sampler_name", label="Sampler")] = Field(
         Sampler.EULER, description="How each step moves toward the image, by its A1111 name (any case; "
         "'DPM++ 2M Karras' also sets the schedule).",
@@ -362,6 +366,7 @@ class GenerationRequest(BaseModel):
         inactive = {"clip_skip"} if self.clip_skip == 1 else set()
         inactive |= self._inactive_edit_fields()
         inactive |= {name for name in ("refiner_sampler", "refiner_scheduler") if getattr(self, name) is None}
+        inactive |= {"guidance_rescale"} if self.guidance_rescale is None else set()
         if not self.use_refinement:
             return inactive | {"refiner_steps", "refiner_strength", "mode", "switch_at", "aesthetic_score",
                                "negative_aesthetic_score", "refiner_sampler", "refiner_scheduler"}  # fmt: skip

@@ -123,26 +123,6 @@ def test_export_embeds_configs_for_offline_loading(single_files: tuple[Path, Pat
     assert json.loads(json.dumps(info.config))["model_index"]["requires_aesthetics_score"] is True
 
 
-@pytest.mark.parametrize("marks", [["v_pred"], ["v_pred", "ztsnr"]])
-def test_a_v_prediction_fine_tune_is_refused_not_sampled_wrongly(
-    single_files: tuple[Path, Path], tmp_path: Path, marks: list[str]
-) -> None:
-    """Files marked like NoobAI-XL V-Pred (empty `v_pred` / `ztsnr` tensors) used to load and be sampled as
-    epsilon-prediction, giving a wrong image every time; until v-prediction is sampled they are refused."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(single_files[0]), "pt") as source:
-        metadata = source.metadata()
-    tensors = {**load_file(single_files[0]), **{mark: torch.zeros(0) for mark in marks}}
-    marked = tmp_path / "vpred.safetensors"
-    save_file(tensors, marked, metadata=metadata)
-    with pytest.raises(
-        ModelLoadError, match=f"v-prediction / zero-terminal-SNR fine-tune \\(its {', '.join(marks)} key"
-    ):
-        inspect_checkpoint(marked)
-
-
 async def test_a_checkpoint_missing_a_tensor_is_refused_at_load_naming_it(
     single_files: tuple[Path, Path], tmp_path: Path
 ) -> None:

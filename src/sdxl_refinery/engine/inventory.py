@@ -140,7 +140,9 @@ def verify(path: Path) -> Verification:
         return Verification(str(path), f"{kind} (diffusers folder)", short_hash(unet) if unet else None, problems)
     info = inspect_checkpoint(path)
     problems = tensor_problems(path, info)
-    return Verification(str(path), f"{info.kind} (single file, {info.tensors} tensors)", short_hash(path), problems)
+    sampling = "" if info.sampling.is_default else f", {info.sampling.describe()} from its {info.sampling.source}"
+    return Verification(str(path), f"{info.kind} (single file, {info.tensors} tensors{sampling})", short_hash(path),
+                        problems)  # fmt: skip
 
 
 def tensor_problems(path: Path, info: CheckpointInfo) -> list[str]:

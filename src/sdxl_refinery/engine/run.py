@@ -34,6 +34,7 @@ from .schedulers import RunSchedule, make_scheduler
 from .tracking import StepTracker
 
 log = logging.getLogger(__name__)
+ZERO_SNR_GUIDANCE_RESCALE = 0.7  # "Common Diffusion Noise Schedules and Sample Steps are Flawed", section 3.4
 
 
 @dataclass
@@ -314,6 +315,7 @@ class TwoStageRunner:
         conditioning = self._condition(self.base_prompts, self.pair.base, request, tracker)
         common: dict[str, object] = {
             **conditioning.as_kwargs(), "guidance_scale": request.guidance_scale, "num_images_per_prompt": request.n,
+            "guidance_rescale": self.guidance_rescale(request),
             "generator": generators, "output_type": "latent", "callback_on_step_end": tracker,
         }  # fmt: skip
         end = request.switch_at if handoff else None
@@ -351,6 +353,13 @@ class TwoStageRunner:
         timings["base"] = time.perf_counter() - stage_started
         log.info("   Stage 1 complete: base latents generated (%d steps, %.1f s)", tracker.executed[1], timings["base"])
         return latents
+
+    def guidance_rescale(self, request: GenerationRequest) -> float:
+        """The request's guidance rescale, else the base model's own: 0.7 for a zero-terminal-SNR model (as
+        its paper and diffusers recommend), 0 otherwise."""
+        if request.guidance_rescale is not None:
+            return request.guidance_rescale
+        return ZERO_SNR_GUIDANCE_RESCALE if self._scheduler_configs[0].get("rescale_betas_zero_snr") else 0.0
 
     def _base_mask(self, edit: EditInputs | None) -> Image.Image | None:
         """The base's inpainting mask: the request's; for an inpainting checkpoint without one, all white (the
@@ -438,6 +447,7 @@ class TwoStageRunner:
             num_inference_steps=plan.base_schedule,
             denoising_start=request.switch_at,
             guidance_scale=request.guidance_scale,
+            guidance_rescale=self.guidance_rescale(request),
             generator=generators,
             output_type="latent",
             callback_on_step_end=tracker,

@@ -14,6 +14,7 @@ defaults), which is also what k-diffusion's DPM++ 2M does on its last step.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..errors import InvalidRequest
 from ..samplers import Sampler, ScheduleType, resolve_schedule
 
 DIFFUSERS_SAMPLERS: dict[Sampler, tuple[type[SchedulerMixin], dict[str, Any]]] = {
@@ -71,9 +73,20 @@ def scheduler_config(sampler: Sampler, schedule: ScheduleType) -> tuple[type[Sch
 
 
 def make_scheduler(model_config: Any, sampler: Sampler, schedule: ScheduleType) -> SchedulerMixin:
-    """A fresh scheduler for one run: `sampler` with `schedule`, over the model's own scheduler config."""
+    """A fresh scheduler for one run: `sampler` with `schedule`, over the model's own scheduler config.
+
+    Raises:
+        InvalidRequest: the model is read as v-prediction or zero terminal SNR and diffusers' scheduler for
+            this sampler cannot be told so (it would draw a wrong image).
+    """
     kind, settings = scheduler_config(sampler, schedule)
     scheduler: SchedulerMixin = kind.from_config(model_config, **settings)
+    understood = inspect.signature(kind.__init__).parameters  # from_config keeps keys a scheduler ignores
+    for key, plain in (("prediction_type", "epsilon"), ("rescale_betas_zero_snr", False)):
+        wanted = model_config.get(key, plain)
+        if wanted != plain and key not in understood:
+            raise InvalidRequest("sampler", f"{sampler.value} cannot sample this model ({key}={wanted}) in "
+                                            f"diffusers; Euler, Euler a, DPM++ 2M, DDIM and UniPC can")  # fmt: skip
     return scheduler
 
 

@@ -29,7 +29,66 @@ _KIND_MARKERS = {
 
 # Keys by which fine-tunes mark a sampling variant (NoobAI-XL V-Pred and others carry empty `v_pred` and
 # `ztsnr` tensors, which ComfyUI and Forge read).
-_UNSAMPLED_VARIANTS = {"v_pred", "ztsnr"}
+V_PREDICTION_KEY, ZERO_SNR_KEY = "v_pred", "ztsnr"
+SIDECAR_SUFFIX = ".sampling.json"  # `model.safetensors` + `model.sampling.json`, for files that do not mark it
+_PREDICTIONS = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a model's noise prediction is read: what the scheduler must be told.
+
+    Attributes:
+        prediction_type: `epsilon` (SDXL 1.0) or `v_prediction`.
+        zero_terminal_snr: trained with zero terminal SNR: the schedule's betas are rescaled, timesteps
+            trail from the very last one, and guidance is rescaled (0.7) unless the request says otherwise.
+        source: where this was read: `default`, `keys` (the file's marks) or the sidecar's path.
+    """
+
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+    source: str = "default"
+
+    @property
+    def is_default(self) -> bool:
+        return self.prediction_type == "epsilon" and not self.zero_terminal_snr
+
+    def describe(self) -> str:
+        parts = ["v-prediction" if self.prediction_type == "v_prediction" else "epsilon"]
+        return " + ".join(parts + (["zero terminal SNR"] if self.zero_terminal_snr else []))
+
+    def scheduler_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` (a scheduler config) telling the scheduler this sampling."""
+        if self.is_default:
+            return config
+        changed = {**config, "prediction_type": self.prediction_type}
+        if self.zero_terminal_snr:
+            changed |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        return changed
+
+
+def read_sampling(path: Path, keys: set[str]) -> Sampling:
+    """A file's sampling: its sidecar (`<name>.sampling.json`) when present, else its `v_pred`/`ztsnr` keys.
+
+    Raises:
+        ModelLoadError: a sidecar that is not JSON or names an unknown prediction type.
+    """
+    sidecar = path.with_name(path.name.removesuffix(path.suffix) + SIDECAR_SUFFIX)
+    if sidecar.is_file():
+        try:
+            settings = json.loads(sidecar.read_text(encoding="utf-8"))
+            prediction = str(settings.get("prediction_type", "epsilon"))
+            zero_snr = settings.get("zero_terminal_snr", False)
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as error:
+            raise ModelLoadError(f"{sidecar}: not a JSON object ({error})") from error
+        if prediction not in _PREDICTIONS or not isinstance(zero_snr, bool):
+            raise ModelLoadError(f"{sidecar}: prediction_type must be one of {', '.join(_PREDICTIONS)} and "
+                                 f"zero_terminal_snr true or false")  # fmt: skip
+        return Sampling(prediction, zero_snr, str(sidecar))
+    if V_PREDICTION_KEY in keys or ZERO_SNR_KEY in keys:
+        prediction = "v_prediction" if V_PREDICTION_KEY in keys else "epsilon"
+        return Sampling(prediction, ZERO_SNR_KEY in keys, "keys")
+    return Sampling()
 
 
 @dataclass(frozen=True)
@@ -38,13 +97,16 @@ class CheckpointInfo:
 
     Attributes:
         kind: `sdxl-base` or `sdxl-refiner`.
-        config: component configs (the shipped SDXL ones or those embedded by export).
+        config: component configs (the shipped SDXL ones or those embedded by export), the scheduler's
+            telling it the file's sampling.
         tensors: number of tensors in the file.
+        sampling: how its predictions are read (v-prediction, zero terminal SNR), from its keys or sidecar.
     """
 
     kind: str
     config: dict[str, Any]
     tensors: int
+    sampling: Sampling = Sampling()
 
 
 def shipped_config(kind: str) -> dict[str, Any]:
@@ -105,16 +167,15 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     header = read_header(path)
     metadata = header.pop("__metadata__", {}) or {}
     keys = set(header)
-    if marked := sorted(keys & _UNSAMPLED_VARIANTS):
-        # Sampled as epsilon-prediction, such a file gives a wrong image every time: refused, not guessed.
-        what = f"a v-prediction / zero-terminal-SNR fine-tune (its {', '.join(marked)} key)"
-        raise ModelLoadError(f"{path}: refused: {what}, which Refinery cannot sample correctly yet; its images "
-                             "would all be wrong")  # fmt: skip
+    sampling = read_sampling(path, keys)
     for kind, markers in _KIND_MARKERS.items():
         if all(marker in keys for marker in markers):
             embedded = metadata.get(CONFIG_METADATA_KEY)
             config = json.loads(embedded) if embedded else shipped_config(kind)
-            return CheckpointInfo(kind, config, len(keys))
+            # Sampled as epsilon-prediction, a v-prediction file gives a wrong image every time: its scheduler
+            # is told how to read it.
+            config = {**config, "scheduler": sampling.scheduler_config(config["scheduler"])}
+            return CheckpointInfo(kind, config, len(keys - {V_PREDICTION_KEY, ZERO_SNR_KEY}), sampling)
     raise ModelLoadError(f"{path}: not an SDXL base or refiner checkpoint: found {_describe_foreign(keys)}")
 
 
