@@ -71,6 +71,8 @@ def doctor_report(settings: Settings) -> dict[str, Any]:
         "models_present": present,
         "offline": os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
         "offline_ready": all(present.values()),
+        "models_folder": str(settings.models_folder()),
+        "folder_models": folder_models(settings),
     }
 
 
@@ -100,13 +102,26 @@ def pull_models(settings: Settings, fp16: bool) -> list[str]:
     return folders
 
 
+def folder_models(settings: Settings) -> list[dict[str, str]]:
+    """The models folder as `models list` and `doctor` show it: each checkpoint's name and what it is (role,
+    layout, sampling, hash), and each unusable file with the reason."""
+    from .engine.catalog import ModelFolder
+
+    entries, unusable = ModelFolder(settings.models_folder()).scan()
+    rows = [{"role": entry.role, "reference": entry.name,
+             "local": f"{entry.layout}, {entry.sampling}, hash {entry.hash or '?'}"} for entry in entries]  # fmt: skip
+    rows += [{"role": "unusable", "reference": item.name, "local": item.reason} for item in unusable]
+    return rows
+
+
 def list_models(settings: Settings) -> list[dict[str, str]]:
-    """The configured pair and every SDXL pipeline in the Hugging Face cache."""
+    """The configured pair, the models folder, and every SDXL pipeline in the Hugging Face cache."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     rows = [{"role": role, "reference": ref, "local": "yes" if _is_local(ref) else "no"}
             for role, ref in (("base", settings.base_model), ("refiner", settings.refiner_model))]  # fmt: skip
+    rows += folder_models(settings)
     try:
         cache = scan_cache_dir()
     except CacheNotFound:

@@ -72,6 +72,9 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     for role, reference in report["models"].items():
         state = "[green]present[/]" if report["models_present"][role] else "[yellow]not downloaded[/]"
         out.print(f"{role.capitalize():<11} {reference}  {state}")
+    out.print(f"Folder:     {report['models_folder']} ({len(report['folder_models'])} files)")
+    for row in report["folder_models"]:
+        out.print(f"            {row['reference']}: {row['role']} ({row['local']})", markup=False)
     ready = "[green]yes[/]" if report["offline_ready"] else "[yellow]no[/] (run `refinery models pull`)"
     out.print(f"Offline:    HF_HUB_OFFLINE={'on' if report['offline'] else 'off'}; ready to run offline: {ready}")
 
@@ -88,7 +91,7 @@ def pull(fp16: Annotated[bool, typer.Option("--fp16", help="Fetch the fp16 weigh
 
 @models_app.command("list")
 def list_models() -> None:
-    """The configured pair and the SDXL models in the Hugging Face cache."""
+    """The configured pair, the models folder (what each file is) and the SDXL models in the Hugging Face cache."""
     table = Table("role", "reference", "local")
     for row in admin.list_models(Settings()):
         table.add_row(row["role"], row["reference"], row["local"])

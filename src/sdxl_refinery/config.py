@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     data_dir: Path = Path("refinery-data")
     lora_dir: Path | None = None  # LoRA .safetensors files; default <data_dir>/loras
+    models_dir: Path | None = None  # checkpoints chosen per request by name; default <data_dir>/models
+    max_loaded_pairs: int = Field(1, ge=1, le=8)  # base + refiner pairs kept loaded; the oldest goes first
     api_key: str | None = None
     allow_open: bool = False
     cors_origins: list[str] = Field(default_factory=list)  # other sites allowed to call (and to POST)
@@ -107,6 +109,10 @@ class Settings(BaseSettings):
     def loras_folder(self) -> Path:
         """Where LoRAs are read from: `lora_dir`, else `<data_dir>/loras`."""
         return self.lora_dir if self.lora_dir is not None else self.data_dir / "loras"
+
+    def models_folder(self) -> Path:
+        """Where checkpoints are found by name: `models_dir`, else `<data_dir>/models`."""
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
 
     def speed(self) -> SpeedOptions:
         """The speed options these settings ask for."""

@@ -179,6 +179,14 @@ class GenerationRequest(BaseModel):
         (), max_length=MAX_LORAS, description="LoRAs for the base model: [{name, weight}], weights -5..5."
     )
 
+    # Checkpoints per request: names from the server's models folder (the library and CLI also take paths).
+    base_model: Annotated[str | None, Faces(a1111_option="sd_model_checkpoint", web=False)] = Field(
+        None, min_length=1, max_length=512, description="Base checkpoint: a name from the models folder (or its "
+        "A1111 title); the service's own base when absent.",
+    )  # fmt: skip
+    refiner_model: Annotated[str | None, Faces(a1111="refiner_checkpoint", web=False)] = Field(
+        None, min_length=1, max_length=512, description="Refiner checkpoint, likewise; the service's own when absent."
+    )
     # Image to image and inpainting (A1111's img2img); the A1111 adapter maps `init_images` and `mask` itself.
     init_image: Annotated[ImageField, Faces(cli="--init-image", web=False)] = Field(
         None, description="Image to start from (img2img); the size defaults to its own, floored to a multiple of 8."

@@ -11,12 +11,15 @@ import asyncio
 import json
 import logging
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import Settings
+from .engine.catalog import ModelFolder
 from .engine.sources import TINY_CONTEXT_DIM, TINY_NAME
 from .errors import GenerationFailed, InvalidRequest, RefineryError
 from .loras import SDXL_CONTEXT_DIM, LoraFile, LoraFolder
@@ -91,8 +94,10 @@ class ImageService:
         device: str = "auto",
         precision: Precision | str = Precision.AUTO,
         speed: SpeedOptions | None = None,
-        engine_factory: Callable[[], RunsRequests] | None = None,
+        engine_factory: Callable[..., RunsRequests] | None = None,
         lora_dir: Path | None = None,
+        models_dir: Path | None = None,
+        max_loaded_pairs: int = 1,
     ) -> None:
         if base_model is None or refiner_model is None:
             # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
@@ -105,28 +110,96 @@ class ImageService:
         self.precision = validate_precision(precision)
         self.speed = speed or SpeedOptions()
         self.lora_folder = LoraFolder(lora_dir)
-        self._engine: RunsRequests | None = None
+        self.models_folder = ModelFolder(models_dir)
+        self.max_loaded_pairs = max_loaded_pairs
+        self._engine: RunsRequests | None = None  # the engine of the latest run (or load)
+        self._engines: OrderedDict[tuple[str, str], RunsRequests] = OrderedDict()  # loaded pairs, oldest first
         self._engine_factory = engine_factory or self._load_engine
+        self.last_switch_seconds = 0.0  # what loading the latest run's pair cost (0 when it was loaded already)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinery-engine")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageService:
         """Build a service from a `Settings` object (the faces' way)."""
         return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision, settings.speed(),
-                   lora_dir=settings.loras_folder())  # fmt: skip
+                   lora_dir=settings.loras_folder(), models_dir=settings.models_folder(),
+                   max_loaded_pairs=settings.max_loaded_pairs)  # fmt: skip
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def _load_engine(self) -> RunsRequests:
+    def _load_engine(self, base_model: str | None = None, refiner_model: str | None = None) -> RunsRequests:
         # Imported here so that faces start fast and torch loads only when a model does.
         from .engine import Engine
 
-        return Engine.load(self.base_model, self.refiner_model, self.device, self.precision, self.speed)
+        return Engine.load(base_model or self.base_model, refiner_model or self.refiner_model, self.device,
+                           self.precision, self.speed)  # fmt: skip
 
-    def _engine_sync(self) -> RunsRequests:
-        if self._engine is None:
-            self._engine = self._engine_factory()
-        return self._engine
+    def _engine_sync(self, base_model: str | None = None, refiner_model: str | None = None) -> RunsRequests:
+        """The engine of a pair (the service's own when None), loaded on first use. Loading a pair beyond
+        `max_loaded_pairs` first unloads the one unused longest, so no more pairs are resident than allowed."""
+        key = (base_model or self.base_model, refiner_model or self.refiner_model)
+        engine = self._engines.get(key)
+        if engine is None:
+            while len(self._engines) >= self.max_loaded_pairs:
+                (old_base, old_refiner), old = self._engines.popitem(last=False)
+                log.info("Unloading %s + %s to make room for %s + %s", old_base, old_refiner, *key)
+                if (close := getattr(old, "close", None)) is not None:
+                    close()
+                self._engine = None if self._engine is old else self._engine
+            started = time.perf_counter()
+            own = key == (self.base_model, self.refiner_model)
+            engine = self._engine_factory() if own else self._engine_factory(*key)
+            self.last_switch_seconds = time.perf_counter() - started
+            log.info("Loaded %s + %s in %.1f s", *key, self.last_switch_seconds)
+            self._engines[key] = engine
+        else:
+            self.last_switch_seconds = 0.0
+        self._engines.move_to_end(key)
+        self._engine = engine
+        return engine
+
+    @property
+    def loaded_pairs(self) -> list[tuple[str, str]]:
+        """The (base, refiner) references loaded now, oldest first."""
+        return list(self._engines)
+
+    def resolve_models(self, request: GenerationRequest, allow_paths: bool) -> tuple[str | None, str | None]:
+        """The references of the request's `base_model` and `refiner_model` (None: the service's own), before
+        any work.
+
+        Args:
+            allow_paths: whether a model may be a path or Hub id (the library, the CLI) or only a name from the
+                models folder (the server).
+
+        Raises:
+            InvalidRequest: naming the field: an unknown name, or a checkpoint of another role.
+        """
+        resolved: list[str | None] = []
+        for field_name, own, roles in (("base_model", self.base_model, ("base", "inpainting")),
+                                       ("refiner_model", self.refiner_model, ("refiner",))):  # fmt: skip
+            wanted = getattr(request, field_name)
+            entry = self.models_folder.find(wanted) if wanted is not None else None
+            if wanted is None or (entry is None and self._names_own(wanted, own, field_name.split("_")[0])):
+                resolved.append(None)
+            elif entry is not None:
+                if entry.role not in roles:
+                    raise InvalidRequest(field_name, f"{entry.name} is a {entry.role} checkpoint, not a "
+                                                     f"{' or '.join(roles)} one")  # fmt: skip
+                resolved.append(str(entry.path))
+            elif allow_paths:
+                resolved.append(wanted)
+            else:
+                known = [item.name for item in self.models_folder.scan()[0] if item.role in roles]
+                raise InvalidRequest(field_name, f"no model {wanted!r} in the models folder; known: "
+                                                 f"{', '.join(known) or 'none'} (GET /v1/models)")  # fmt: skip
+        return resolved[0], resolved[1]
+
+    def _names_own(self, wanted: str, own: str, role: str) -> bool:
+        """Whether `wanted` names the service's own model of `role` (its reference, name or A1111 title)."""
+        loaded = self._engines.get((self.base_model, self.refiner_model))
+        names = {own, own.split("/")[-1], str(loaded.models.get(role) or "") if loaded else ""}
+        title = wanted.rsplit(" [", 1)[0] if wanted.endswith("]") else wanted
+        return title in names
 
     async def load(self) -> None:
         """Load the models now instead of on the first request.
@@ -183,13 +256,13 @@ class ImageService:
         if output_path is not None:
             check_writable_folder(Path(output_path))
         check_images(request)
+        models = self.resolve_models(request, allow_paths=True)
         loras = self.check_loras(request, allow_paths=True)
         token = cancel or CancelToken()
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
         loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(
-            self._executor, self._generate_sync, request, seeds, output_path, on_progress, token, preview_every, loras
-        )
+        work = loop.run_in_executor(self._executor, self._generate_sync, request, seeds, output_path, on_progress,
+                                    token, preview_every, loras, models)  # fmt: skip
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -205,9 +278,11 @@ class ImageService:
         cancel: CancelToken,
         preview_every: int,
         loras: list[tuple[LoraFile, float]],
+        models: tuple[str | None, str | None] = (None, None),
     ) -> GenerationResult:
         cancel.raise_if_cancelled()
-        engine = self._engine_sync()
+        engine = self._engine_sync(*models)
+        switched = self.last_switch_seconds
         self._log_plan(request, engine)
         try:
             output = engine.run(request, seeds, on_progress, cancel, preview_every, loras=loras)
@@ -215,6 +290,8 @@ class ImageService:
             raise
         except Exception as error:
             raise GenerationFailed(f"{type(error).__name__}: {error}") from error
+        if switched:  # this request loaded its pair: what switching cost, reported with the stages
+            output.timings["load"] = switched
         result = GenerationResult(
             images=output.images,
             seeds=seeds,

@@ -12,7 +12,7 @@ from ..request import CancelToken, GenerationRequest, ProgressCallback
 from .device import Placement, choose_placement
 from .loader import LoadedPair, load_pair, pair_modules, place_pair
 from .memory import initial_plan, module_bytes
-from .recovery import MemoryPlan
+from .recovery import MemoryPlan, free_memory
 from .run import EngineOutput, TwoStageRunner
 from .sources import ModelSource, resolve
 from .speed import SpeedPlan, active_optimizations, apply_speed_plan, choose_speed_plan
@@ -89,6 +89,14 @@ class Engine:
             "refiner_source": self.pair.refiner_source.describe(),
             **{f"{role}_hash": value for role, value in self.pair.hashes.items()},
         }
+
+    def close(self) -> None:
+        """Release the models' memory now (before another pair loads): every module goes to the meta device,
+        so nothing is kept even while something still refers to this engine. It cannot run afterwards."""
+        for module in {id(module): module for module in pair_modules(self.pair)}.values():
+            module.to("meta")
+        free_memory()
+        log.info("Released %s + %s", self.pair.base_source.describe(), self.pair.refiner_source.describe())
 
     def run(
         self,

@@ -152,12 +152,15 @@ def load_pair(base_source: ModelSource, refiner_source: ModelSource, placement: 
             base, refiner = build_tiny_pair(Path(workdir))
     else:
         base = _load(StableDiffusionXLPipeline, base_source, "base", placement)
-        shared = {"text_encoder_2": base.text_encoder_2, "tokenizer_2": base.tokenizer_2, "vae": base.vae}
-        refiner = _load(StableDiffusionXLImg2ImgPipeline, refiner_source, "refiner", placement, **shared)
+        # The refiner with its own text encoder 2 and VAE; each is replaced by the base's only if identical.
+        refiner = _load(StableDiffusionXLImg2ImgPipeline, refiner_source, "refiner", placement)
+        share_identical(base, refiner)
     # Cast here, still in CPU memory: `place_pair` moves to the device once the memory plan is known.
     base.to(dtype=placement.dtype)
     refiner.unet.to(dtype=placement.dtype)
+    refiner.text_encoder_2.to(dtype=placement.dtype)
     base.vae.to(dtype=placement.vae_dtype)
+    refiner.vae.to(dtype=placement.vae_dtype)
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
     hashes = {role: h for role, source in (("base", base_source), ("refiner", refiner_source)) if (h := _hash(source))}
@@ -171,15 +174,42 @@ def load_pair(base_source: ModelSource, refiner_source: ModelSource, placement: 
     return LoadedPair(base, refiner, base_source, refiner_source, hashes)
 
 
+def share_identical(base: Any, refiner: Any) -> list[str]:
+    """Give the refiner the base's text encoder 2 and VAE where its own hold the very same tensors (SDXL 1.0's
+    do), so one copy is loaded; a refiner whose own differ keeps them. Returns the names shared."""
+    shared = []
+    for name in ("text_encoder_2", "vae"):
+        own, base_part = getattr(refiner, name), getattr(base, name)
+        if own is base_part or _same_tensors(own, base_part):
+            refiner.register_modules(**{name: base_part})
+            shared.append(name)
+    if "text_encoder_2" in shared:
+        refiner.register_modules(tokenizer_2=base.tokenizer_2)
+    log.info("Refiner shares the base's %s; its own: %s", ", ".join(shared) or "nothing",
+             ", ".join(sorted({"text_encoder_2", "vae"} - set(shared))) or "nothing")  # fmt: skip
+    return shared
+
+
+def _same_tensors(first: Any, second: Any) -> bool:
+    one, two = first.state_dict(), second.state_dict()
+    if one.keys() != two.keys():
+        return False
+    return all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in
+               ((one[key], two[key]) for key in one))  # fmt: skip
+
+
 def place_pair(pair: LoadedPair, placement: Placement, offload: bool) -> None:
     """Move the pair onto its device, unless an offload plan will move each part when it runs."""
     if offload:
         return
     pair.base.to(placement.device)
-    pair.refiner.unet.to(placement.device)
+    for module in (pair.refiner.unet, pair.refiner.text_encoder_2, pair.refiner.vae):
+        module.to(placement.device)
 
 
 def pair_modules(pair: LoadedPair) -> list[Any]:
-    """Every distinct model of the pair (text_encoder_2 and the VAE are shared)."""
-    base = pair.base
-    return [base.unet, base.text_encoder, base.text_encoder_2, base.vae, pair.refiner.unet]
+    """Every distinct model of the pair (the refiner's text encoder 2 and VAE when they are its own)."""
+    base, refiner = pair.base, pair.refiner
+    modules = [base.unet, base.text_encoder, base.text_encoder_2, base.vae, refiner.unet, refiner.text_encoder_2,
+               refiner.vae]  # fmt: skip
+    return list({id(module): module for module in modules}.values())

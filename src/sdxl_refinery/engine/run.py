@@ -194,11 +194,14 @@ class TwoStageRunner:
         return plans_for(self.placement.device)[self._plan_index]
 
     def _all_fp32(self) -> bool:
-        return self.placement.dtype == torch.float32 and self.pair.base.vae.dtype == torch.float32
+        vaes = (self.pair.base.vae, self.pair.refiner.vae)
+        return self.placement.dtype == torch.float32 and all(vae.dtype == torch.float32 for vae in vaes)
 
     def _stage_modules(self) -> tuple[object, ...]:
-        base = self.pair.base
-        return (base.text_encoder, base.text_encoder_2, base.unet, self.pair.refiner.unet, base.vae)
+        base, refiner = self.pair.base, self.pair.refiner
+        modules = (base.text_encoder, base.text_encoder_2, base.unet, refiner.unet, base.vae, refiner.text_encoder_2,
+                   refiner.vae)  # fmt: skip
+        return tuple({id(module): module for module in modules}.values())
 
     @contextlib.contextmanager
     def _fp32_eager(self) -> Iterator[None]:
@@ -234,7 +237,7 @@ class TwoStageRunner:
                          tracker.executed[1])  # fmt: skip
             else:
                 try:
-                    with vae_dtype_kept(self.pair.base.vae):
+                    with vae_dtype_kept(self.pair.refiner.vae):
                         latents_2 = self._run_refiner(request, plan, latents, generators, tracker, timings, run.edit)
                     if not all_finite(latents_2):
                         raise NonFinite("NaN/Inf in the refiner stage's latents")
@@ -251,8 +254,10 @@ class TwoStageRunner:
             # 3. One VAE decode for the batch, again in fp32 if it gives NaN/Inf.
             tracker.check_cancelled()
             decode_started = time.perf_counter()
-            with self._tiles_if_needed(latents) as decode_tiled:
-                images = self._decode_checked(latents, run.recoveries)
+            # The last stage's own VAE decodes (the refiner's, when it has one of its own and refined).
+            vae = self.pair.refiner.vae if refined else self.pair.base.vae
+            with self._tiles_if_needed(latents, vae) as decode_tiled:
+                images = self._decode_checked(latents, run.recoveries, vae)
             if run.edit is not None:  # inpainting: back into the original, unmasked pixels unchanged
                 images = [run.edit.finish(image) for image in images]
             timings["decode"] = time.perf_counter() - decode_started
@@ -269,9 +274,8 @@ class TwoStageRunner:
         )
 
     @contextlib.contextmanager
-    def _tiles_if_needed(self, latents: torch.Tensor) -> Iterator[bool]:
+    def _tiles_if_needed(self, latents: torch.Tensor, vae: Any) -> Iterator[bool]:
         """Decode in tiles for this run only when a whole decode would not fit in free memory."""
-        vae = self.pair.base.vae
         images = 1 if vae.use_slicing else latents.shape[0]
         need = decode_bytes(latents.shape[3] * 8, latents.shape[2] * 8, images, vae.dtype.itemsize)
         free = free_bytes(self.placement.device)
@@ -285,12 +289,12 @@ class TwoStageRunner:
         finally:
             vae.disable_tiling()
 
-    def _decode_checked(self, latents: torch.Tensor, recoveries: list[str]) -> list[Image.Image]:
-        pixels = self.decode_pixels(latents)
+    def _decode_checked(self, latents: torch.Tensor, recoveries: list[str], vae: Any) -> list[Image.Image]:
+        pixels = self.decode_pixels(latents, vae)
         if not all_finite(pixels):
-            with upcast(self.pair.base.vae) as changed:
+            with upcast(vae) as changed:
                 if changed:
-                    pixels = self.decode_pixels(latents)
+                    pixels = self.decode_pixels(latents, vae)
             if not all_finite(pixels):
                 raise NonFinite("NaN/Inf in the decoded pixels")
             recoveries.append("NaN/Inf in the VAE decode; decoded again in fp32")
@@ -455,9 +459,10 @@ class TwoStageRunner:
         return finished
 
     @torch.no_grad()
-    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode latents with the VAE in its current dtype (fp32 on CUDA); pixels in [-1, 1], unclamped."""
-        vae = self.pair.base.vae
+    def decode_pixels(self, latents: torch.Tensor, vae: Any = None) -> torch.Tensor:
+        """Decode latents with `vae` (the base's by default) in its current dtype (fp32 on CUDA); pixels in
+        [-1, 1], unclamped."""
+        vae = vae if vae is not None else self.pair.base.vae
         latents = latents.to(self.placement.device, vae.dtype)
         mean = getattr(vae.config, "latents_mean", None)
         std = getattr(vae.config, "latents_std", None)

@@ -30,6 +30,7 @@ _KIND_MARKERS = {
 # Keys by which fine-tunes mark a sampling variant (NoobAI-XL V-Pred and others carry empty `v_pred` and
 # `ztsnr` tensors, which ComfyUI and Forge read).
 V_PREDICTION_KEY, ZERO_SNR_KEY = "v_pred", "ztsnr"
+_UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 SIDECAR_SUFFIX = ".sampling.json"  # `model.safetensors` + `model.sampling.json`, for files that do not mark it
 _PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -108,6 +109,11 @@ class CheckpointInfo:
     tensors: int
     sampling: Sampling = Sampling()
 
+    @property
+    def inpainting(self) -> bool:
+        """Whether it is an SDXL inpainting checkpoint (a 9-channel UNet): it needs an init image and a mask."""
+        return int(self.config["unet"].get("in_channels", 4)) == 9
+
 
 def shipped_config(kind: str) -> dict[str, Any]:
     """The packaged diffusers configs of SDXL base or refiner 1.0."""
@@ -175,6 +181,10 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
             # Sampled as epsilon-prediction, a v-prediction file gives a wrong image every time: its scheduler
             # is told how to read it.
             config = {**config, "scheduler": sampling.scheduler_config(config["scheduler"])}
+            # SDXL inpainting files hold a 9-channel first convolution (latents, mask, masked image).
+            channels = header.get(_UNET_INPUT, {}).get("shape", [0, 4])[1]
+            if kind == "sdxl-base" and channels != config["unet"]["in_channels"]:
+                config = {**config, "unet": {**config["unet"], "in_channels": channels}}
             return CheckpointInfo(kind, config, len(keys - {V_PREDICTION_KEY, ZERO_SNR_KEY}), sampling)
     raise ModelLoadError(f"{path}: not an SDXL base or refiner checkpoint: found {_describe_foreign(keys)}")
 

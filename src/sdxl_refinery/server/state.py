@@ -68,6 +68,7 @@ class AppState:
         """
         enforce_limits(request, self.limits)
         check_images(request)
+        self.service.resolve_models(request, allow_paths=False)
         self.service.check_loras(request, allow_paths=False)
         if self.worker is not None and (problem := self.worker.problem) is not None:
             raise StoreUnavailable(f"not accepting jobs until this passes: {problem}", disk_full=is_disk_full(problem))

@@ -48,7 +48,6 @@ class _Txt2ImgBase(BaseModel):
     model_config = ConfigDict(extra="ignore")  # A1111 clients send many fields Refinery has no use for
 
     n_iter: int = Field(1, ge=1, description="Batches; Refinery renders batch_size x n_iter images in one job.")
-    refiner_checkpoint: str | None = None
     sampler_index: str | None = Field(None, description="A1111's older name for sampler_name (used when it is absent).")
     send_images: bool = True
     save_images: bool = False
@@ -254,7 +253,8 @@ def skip(state: State, _: Authorized) -> dict[str, Any]:
 
 @router.get("/sdapi/v1/sd-models")
 def sd_models(state: State, _: Authorized) -> list[dict[str, Any]]:
-    """The base and the refiner, with their A1111 model hashes once loaded."""
+    """The server's own base and refiner (with their A1111 hashes once loaded), then every checkpoint of the
+    models folder, titled `name [hash10]` as A1111 titles them."""
     described = state.service.describe()
     rows = []
     for role in ("base", "refiner"):
@@ -263,6 +263,9 @@ def sd_models(state: State, _: Authorized) -> list[dict[str, Any]]:
         rows.append({"title": f"{reference} [{short}]" if short else reference,
                      "model_name": described.get(role, reference.split("/")[-1]), "hash": short, "sha256": None,
                      "filename": reference, "config": None})  # fmt: skip
+    for entry in state.service.models_folder.scan()[0]:
+        rows.append({"title": entry.title, "model_name": entry.name, "hash": entry.hash, "sha256": None,
+                     "filename": str(entry.path), "config": None})  # fmt: skip
     return rows
 
 

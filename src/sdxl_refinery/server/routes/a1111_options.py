@@ -24,17 +24,20 @@ router = APIRouter(tags=["a1111"])
 @router.get("/sdapi/v1/options")
 def get_options(state: State, _: Authorized) -> dict[str, Any]:
     """A1111's defaults, what clients stored, and what Refinery runs (checkpoint, refiner)."""
-    served = checkpoint(state)
-    return {**A1111_DEFAULTS, **stored_options(state), "sd_model_checkpoint": served["title"],
-            "sd_checkpoint_hash": served["hash"], "refiner_checkpoint": state.settings.refiner_model}  # fmt: skip
+    served, stored = checkpoint(state), stored_options(state)
+    chosen = state.service.models_folder.find(str(stored.get("sd_model_checkpoint") or "\0"))
+    current = {"sd_model_checkpoint": chosen.title, "sd_checkpoint_hash": chosen.hash} if chosen else {
+        "sd_model_checkpoint": served["title"], "sd_checkpoint_hash": served["hash"]}  # fmt: skip
+    return {**A1111_DEFAULTS, **stored, **current, "refiner_checkpoint": state.settings.refiner_model}
 
 
 @router.post("/sdapi/v1/options")
 def set_options(body: dict[str, Any], state: State, _: Authorized) -> None:
     """Store the options sent; honoured ones apply to every later A1111 request.
 
-    `sd_model_checkpoint` must name the loaded base checkpoint (one model is served) and `sd_vae` the
-    checkpoint's own VAE, else 404; an honoured option out of its field's range is a 422 naming it.
+    `sd_model_checkpoint` must name the server's own base or a checkpoint of its models folder (it becomes
+    the base of every later A1111 request that names none) and `sd_vae` the checkpoint's own VAE, else 404;
+    an honoured option out of its field's range is a 422 naming it.
     """
     check_settings(state, body)
     store_options(state, {**stored_options(state), **body})

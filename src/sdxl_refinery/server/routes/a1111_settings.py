@@ -3,9 +3,10 @@
 A1111 keeps global options (`POST /sdapi/v1/options`) and lets one request
 override them (`override_settings`). Refinery stores what clients send in
 `<data-dir>/a1111-options.json`; the options the request table names
-(`Faces.a1111_option`, e.g. `CLIP_stop_at_last_layers`) set their field on every
-A1111 request, `sd_model_checkpoint` and `sd_vae` must name what this server
-runs, and every other option is kept and echoed without effect (docs/api.md).
+(`Faces.a1111_option`, e.g. `CLIP_stop_at_last_layers`, `sd_model_checkpoint`) set
+their field on every A1111 request, `sd_model_checkpoint` must name the server's own
+base or a checkpoint of its models folder and `sd_vae` the checkpoint's own VAE, and
+every other option is kept and echoed without effect (docs/api.md).
 """
 
 from __future__ import annotations
@@ -70,8 +71,12 @@ def check_settings(state: AppState, settings: Mapping[str, Any], prefix: str = "
     if wanted is not None:
         served = checkpoint(state)
         if str(wanted) not in {str(value) for value in served.values() if value}:
-            raise NotServed("CheckpointNotFound", f"{prefix}sd_model_checkpoint {wanted!r} is not a loaded "
-                                                  f"checkpoint; this server runs {served['title']!r}")  # fmt: skip
+            try:  # a checkpoint of the models folder, by name, title or file name
+                state.service.resolve_models(GenerationRequest(prompt="x", base_model=str(wanted)), allow_paths=False)
+            except InvalidRequest as error:
+                own = served["title"]
+                message = f"{prefix}sd_model_checkpoint {wanted!r}: {error.rule}; this server's own is {own!r}"
+                raise NotServed("CheckpointNotFound", message) from None
     vae = settings.get("sd_vae")
     if vae is not None and str(vae) not in OWN_VAE:
         own = " or ".join(OWN_VAE)

@@ -98,7 +98,7 @@ def openai_images(job: Job, body: ImagesRequest, storage: ImageStorage, url_of: 
 
 OPENAI_PATHS = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/v1/models")
 # Where a request field sits in OpenAI's request: errors name OpenAI's parameter.
-_OPENAI_PARAMS = {"width": "size", "height": "size", "guidance_scale": "quality"}
+_OPENAI_PARAMS = {"width": "size", "height": "size", "guidance_scale": "quality", "base_model": "model"}
 
 
 def openai_param(field: str) -> str:
@@ -123,7 +123,7 @@ def openai_error(
 @router.post("/v1/images/generations")
 async def generate(body: ImagesRequest, state: State, request: Request, _: Authorized) -> JSONResponse:
     """Render `n` images; answers `{created, data: [{b64_json | url, revised_prompt}]}` when done."""
-    return await _render(body, body.to_request(), state, request)
+    return await _render(body, body.to_request(**_chosen_model(body)), state, request)
 
 
 @router.post("/v1/images/edits")
@@ -133,7 +133,7 @@ async def edit(state: State, request: Request, _: Authorized) -> JSONResponse:
     (strength 1); without one the whole image is redrawn at the default strength. Refined as every image is."""
     form = await request.form()
     body = _body(_form_fields(form))
-    fields: dict[str, Any] = {"init_image": await _upload(form, "image")}
+    fields: dict[str, Any] = {"init_image": await _upload(form, "image"), **_chosen_model(body)}
     if form.get("mask") is not None:
         fields |= {"mask_image": _transparent_is_edit(await _upload(form, "mask")), "strength": 1.0}
     return await _render(body, body.to_request(**fields), state, request)
@@ -147,9 +147,20 @@ async def variation(state: State, request: Request, _: Authorized) -> JSONRespon
     image = await _upload(form, "image")
     prompt = recorded_prompt(image) or VARIATION_PROMPT
     body = _body({**_form_fields(form), "prompt": prompt})
-    return await _render(body, body.to_request(init_image=image, strength=VARIATION_STRENGTH), state, request)
+    fields = {"init_image": image, "strength": VARIATION_STRENGTH, **_chosen_model(body)}
+    return await _render(body, body.to_request(**fields), state, request)
 
 
+def _chosen_model(body: ImagesRequest) -> dict[str, Any]:
+    """`model` names a checkpoint of the models folder; OpenAI's own model ids (what clients send by default)
+    and ours mean the server's own pair. An unknown name is refused at submission, as `model`."""
+    model = (body.model or "").strip()
+    if not model or model == MODEL_ID or model.startswith(_OPENAI_MODEL_PREFIXES):
+        return {}
+    return {"base_model": model}
+
+
+_OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
 VARIATION_PROMPT = "high quality, detailed"
 VARIATION_STRENGTH = 0.6
 _FORM_FIELDS = ("prompt", "model", "n", "size", "quality", "response_format", "user")
@@ -232,18 +243,14 @@ async def _render(
 
 @router.get("/v1/models")
 def models(state: State, _: Authorized) -> dict[str, Any]:
-    """The one model served: SDXL base + refiner, as configured."""
+    """The server's own pair (`sdxl-refinery`: SDXL base + refiner, as configured), then every base checkpoint of
+    the models folder, by the name that picks it in `model`."""
     created = int(time.time())
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": MODEL_ID,
-                "object": "model",
-                "created": created,
-                "owned_by": "refinery",
-                "base": state.settings.base_model,
-                "refiner": state.settings.refiner_model,
-            }
-        ],
-    }
+    data = [{"id": MODEL_ID, "object": "model", "created": created, "owned_by": "refinery",
+             "base": state.settings.base_model, "refiner": state.settings.refiner_model}]  # fmt: skip
+    for entry in state.service.models_folder.scan()[0]:
+        if entry.role in ("base", "inpainting"):
+            data.append({"id": entry.name, "object": "model", "created": created, "owned_by": "refinery",
+                         "base": entry.name, "refiner": state.settings.refiner_model, "kind": entry.role,
+                         "sampling": entry.sampling, "hash": entry.hash})  # fmt: skip
+    return {"object": "list", "data": data}
