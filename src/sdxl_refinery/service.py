@@ -116,6 +116,7 @@ class ImageService:
         self._engines: OrderedDict[tuple[str, str], RunsRequests] = OrderedDict()  # loaded pairs, oldest first
         self._engine_factory = engine_factory or self._load_engine
         self.last_switch_seconds = 0.0  # what loading the latest run's pair cost (0 when it was loaded already)
+        self.own_models: dict[str, str] = {}  # the service's own pair as last loaded (names, hashes), kept after
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinery-engine")
 
     @classmethod
@@ -149,6 +150,8 @@ class ImageService:
             started = time.perf_counter()
             own = key == (self.base_model, self.refiner_model)
             engine = self._engine_factory() if own else self._engine_factory(*key)
+            if own:
+                self.own_models = dict(engine.models)
             self.last_switch_seconds = time.perf_counter() - started
             log.info("Loaded %s + %s in %.1f s", *key, self.last_switch_seconds)
             self._engines[key] = engine
@@ -196,10 +199,11 @@ class ImageService:
 
     def _names_own(self, wanted: str, own: str, role: str) -> bool:
         """Whether `wanted` names the service's own model of `role` (its reference, name or A1111 title)."""
-        loaded = self._engines.get((self.base_model, self.refiner_model))
-        names = {own, own.split("/")[-1], str(loaded.models.get(role) or "") if loaded else ""}
-        title = wanted.rsplit(" [", 1)[0] if wanted.endswith("]") else wanted
-        return title in names
+        names = {own, own.split("/")[-1], self.own_models.get(role, own)}
+        title, _, tail = wanted.partition(" [")
+        if tail.endswith("]") and tail[:-1] == self.own_models.get(f"{role}_hash"):
+            return True  # A1111's title `name [hash10]`: the hash says which model it is
+        return (title if tail.endswith("]") else wanted) in names
 
     async def load(self) -> None:
         """Load the models now instead of on the first request.

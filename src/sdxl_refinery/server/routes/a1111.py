@@ -118,6 +118,10 @@ class _Img2ImgBase(_Txt2ImgBase):
         fields["mask_invert"], origin["mask_invert"] = bool(self.inpainting_mask_invert), "inpainting_mask_invert"
 
 
+_A1111_NAMES = {spec.name: spec.faces.a1111 or f"override_settings.{spec.faces.a1111_option}" for spec in
+                REQUEST_FIELDS if spec.faces.a1111 or spec.faces.a1111_option}  # fmt: skip
+
+
 def _strength_zero_as_a1111(fields: dict[str, Any]) -> None:
     """A1111 clients send `denoising_strength: 0` when it is unused (dropped here); where it is used (an init
     image, hires fix) A1111 still runs one step, and so does Refinery: the smallest strength that runs one."""
@@ -187,7 +191,10 @@ async def img2img(body: Img2ImgRequest, state: State, http: Request, _: Authoriz
 async def _render(body: _Txt2ImgBase, state: AppState, http: Request, parameters: dict[str, Any]) -> Any:
     check_settings(state, body.override_settings, prefix="override_settings.")
     generation = body.to_request(stored_options(state))
-    job = state.submit(generation, client="a1111", dedup=dedup_for(http, generation, "a1111", True))
+    try:
+        job = state.submit(generation, client="a1111", dedup=dedup_for(http, generation, "a1111", True))
+    except InvalidRequest as error:  # a server-side check (caps, LoRAs, checkpoints): named as A1111 names it
+        raise InvalidRequest(_A1111_NAMES.get(error.field, error.field), error.rule) from None
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
         names = job.result["images"] if body.send_images else []
@@ -255,7 +262,7 @@ def skip(state: State, _: Authorized) -> dict[str, Any]:
 def sd_models(state: State, _: Authorized) -> list[dict[str, Any]]:
     """The server's own base and refiner (with their A1111 hashes once loaded), then every checkpoint of the
     models folder, titled `name [hash10]` as A1111 titles them."""
-    described = state.service.describe()
+    described = state.service.own_models
     rows = []
     for role in ("base", "refiner"):
         reference = getattr(state.settings, f"{role}_model")

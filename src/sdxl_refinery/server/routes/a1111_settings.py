@@ -51,7 +51,7 @@ def a1111_error(status: int, kind: str, message: str, **extra: Any) -> JSONRespo
 def checkpoint(state: AppState) -> dict[str, Any]:
     """The base checkpoint as A1111 names it: title `name [hash10]`, name, file."""
     reference = state.settings.base_model
-    short = state.service.describe().get("base_hash")
+    short = state.service.own_models.get("base_hash")
     return {"title": f"{reference} [{short}]" if short else reference, "model_name": reference.split("/")[-1],
             "hash": short, "filename": reference}  # fmt: skip
 
