@@ -33,7 +33,7 @@ from ..png import check_writable_folder
 from ..service import ImageService
 from .head import HeadAsGet
 from .origins import SameOriginWrites
-from .routes import a1111, a1111_options, jobs, loras, openai, ops
+from .routes import a1111, a1111_options, checkpoints, jobs, loras, openai, ops
 from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import OPENAI_PATHS, openai_error, openai_param
 from .security import BodySizeLimit
@@ -210,6 +210,7 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
         a1111.router,
         a1111_options.router,
         loras.router,
+        checkpoints.router,
     ):
         app.include_router(router)
     web = resources.files("sdxl_refinery.server").joinpath("web")

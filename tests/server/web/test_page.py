@@ -407,3 +407,36 @@ def test_img2img_with_a_painted_mask_and_hires_fix(real_server_factory: ServerFa
         name = job["result"]["images"][0]
         made = Image.open(io.BytesIO(web.client.get(f"/v1/images/{job['id']}/{name}").content))
         assert made.size == (96, 96)
+
+
+def test_the_model_pickers_list_the_folder_and_send_the_choice(tiny_pair: tuple[Path, Path], page: Page,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    from sdxl_refinery import ImageService
+
+    from ...engine.test_model_choice import models_folder
+    from ..conftest import run_server
+
+    models = models_folder(tiny_pair, tmp_path)
+    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full",
+                           models_dir=models["folder"])  # fmt: skip
+    p = page
+    try:
+        with run_server(service, tmp_path / "data") as web:
+            p.goto(web.url + "/")
+            p.wait_for_selector("#model-row:not([hidden])")
+            assert p.eval_on_selector("#base-model", "s => [...s.options].map(o => o.value)") == ["", "beta", "gamma"]
+            assert p.eval_on_selector("#refiner-model", "s => [...s.options].map(o => o.value)") == ["", "refiner-x"]
+            fill_small_job(p, steps=3, refiner_steps=1)
+            p.select_option("#size", "custom")
+            p.fill("#width", "64")
+            p.fill("#height", "64")
+            p.select_option("#base-model", "gamma")
+            shot(p, "model-picker")
+            p.click("#submit")
+            p.wait_for_selector(".job.succeeded", timeout=120_000)
+            job = web.client.get("/v1/jobs").json()["items"][0]
+            assert job["request"]["base_model"] == "gamma" and job["request"].get("refiner_model") is None
+            full = web.client.get(f"/v1/jobs/{job['id']}").json()
+            assert full["result"]["metadata"]["models"]["base"] == "gamma"
+    finally:
+        service.close()

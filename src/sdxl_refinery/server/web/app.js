@@ -119,7 +119,7 @@ async function start() {
   if (!state.schema) applySchema(await schema.json());
   $("#key-panel").hidden = true;
   $("#app").hidden = false;
-  await Promise.all([loadGallery(), resumeActiveJobs(), loadLoras()]);
+  await Promise.all([loadGallery(), resumeActiveJobs(), loadLoras(), loadCheckpoints()]);
 }
 
 // ---------------------------------------------------------------- the form
@@ -213,6 +213,8 @@ function formRequest() {
   if (request.mode !== "handoff") delete request.switch_at;
   if (!$("#random-seed").checked && form.elements.seed.value !== "") request.seed = Number(form.elements.seed.value);
   if (state.loras.length) request.loras = state.loras.map(({ name, weight }) => ({ name, weight }));
+  if ($("#base-model").value) request.base_model = $("#base-model").value;
+  if ($("#refiner-model").value) request.refiner_model = $("#refiner-model").value;
   if (state.init) {
     request.init_image = state.init.dataUrl;
     if (state.masked) request.mask_image = state.mask.toDataURL("image/png");
@@ -292,6 +294,9 @@ function fillForm(request, seed) {
   $("#switch-row").hidden = request.mode !== "handoff";
   state.loras = (request.loras || []).map(({ name, weight }) => ({ name, weight }));
   renderLoras();
+  for (const [select, name] of [[$("#base-model"), request.base_model], [$("#refiner-model"), request.refiner_model]]) {
+    select.value = [...select.options].some((option) => option.value === name) ? name : "";
+  }
   // A recorded job keeps only its image's hash: say so, rather than silently rendering from noise.
   const recorded = request.init_image;
   $("#init-note").hidden = !recorded;
@@ -464,6 +469,26 @@ function wireImageInputs() {
     if (last) last = paintAt(event, last);
   });
   canvas.addEventListener("pointerup", () => (last = null));
+}
+
+// ---------------------------------------------------------------- checkpoints
+
+// The server's models folder (GET /v1/checkpoints) fills the model pickers; "" is the server's own pair.
+async function loadCheckpoints() {
+  const response = await api("/v1/checkpoints");
+  if (!response.ok) return;
+  const { default: own, checkpoints } = await response.json();
+  const fill = (select, roles, ownName) => {
+    const options = [new Option(`Server default (${ownName})`, "")];
+    for (const entry of checkpoints.filter((item) => roles.includes(item.role))) {
+      const note = entry.role === "inpainting" ? ", inpainting" : entry.sampling !== "epsilon" ? `, ${entry.sampling}` : "";
+      options.push(new Option(`${entry.name}${note}`, entry.name));
+    }
+    select.replaceChildren(...options);
+  };
+  fill($("#base-model"), ["base", "inpainting"], own.base);
+  fill($("#refiner-model"), ["refiner"], own.refiner);
+  $("#model-row").hidden = checkpoints.length === 0;
 }
 
 // ---------------------------------------------------------------- LoRAs
