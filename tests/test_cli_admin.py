@@ -132,3 +132,28 @@ def test_the_smoke_run_renders_the_full_recipe_small() -> None:
     assert "--base tiny --refiner tiny" in command and "--size 256x256" in command and "--steps" not in command
     default = subprocess.run(["make", "-n", "generate"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "--size" not in default.stdout[default.stdout.rindex("refinery generate") :]
+
+
+def test_models_list_and_doctor_show_what_each_file_of_the_models_folder_is(
+    tiny_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    from sdxl_refinery.engine.export import export_to_single_file
+
+    folder = tmp_path / "models"
+    (folder / "xl").mkdir(parents=True)
+    export_to_single_file(tiny_pair[0], folder / "xl" / "fine.safetensors")
+    (folder / "xl" / "fine.sampling.json").write_text('{"prediction_type": "v_prediction"}')
+    save_file({"cond_stage_model.transformer.x": torch.zeros(1)}, folder / "old.safetensors")
+    env = {"REFINERY_MODELS_DIR": str(folder), "HF_HOME": str(tmp_path), "COLUMNS": "300",
+           "REFINERY_BASE_MODEL": "tiny", "REFINERY_REFINER_MODEL": "tiny"}  # fmt: skip
+    listed = _run(["models", "list"], **env)
+    assert listed.returncode == 0, listed.stderr
+    assert "xl/fine" in listed.stdout and "single file, v-prediction" in listed.stdout
+    assert "old" in listed.stdout and "unusable" in listed.stdout and "Stable Diffusion 1.x/2.x" in listed.stdout
+    report = json.loads(_run(["doctor", "--json"], REFINERY_DEVICE="cpu", **env).stdout)
+    assert report["models_folder"] == str(folder)
+    assert [row["reference"] for row in report["folder_models"]] == ["xl/fine", "old"]
+    human = _run(["doctor"], REFINERY_DEVICE="cpu", **env).stdout
+    assert "xl/fine: base (single file, v-prediction" in human

@@ -154,3 +154,49 @@ def test_names_are_checked_before_any_work(tiny_pair: tuple[Path, Path], models:
             service.resolve_models(GenerationRequest(**REQUEST, **fields), allow_paths=False)
         assert caught.value.field == field and words in caught.value.rule
     service.close()
+
+
+def test_an_inpainting_file_and_an_fp16_bf16_mix_load_from_the_folder(
+    tiny_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A 9-channel SDXL inpainting single file is read as such (no transformers size-mismatch hint), and a file
+    holding fp16 and bf16 tensors loads in the engine's precision."""
+    import asyncio
+
+    from PIL import Image, ImageDraw
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sdxl_refinery.engine.tiny import tiny_inpainting_unet
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pair[0])
+    pipe.register_modules(unet=tiny_inpainting_unet())
+    pipe.save_pretrained(tmp_path / "inpaint-folder", safe_serialization=True)
+    export_to_single_file(tmp_path / "inpaint-folder", folder / "inpaint.safetensors")
+    export_to_single_file(tiny_pair[0], tmp_path / "full.safetensors")
+    with safe_open(str(tmp_path / "full.safetensors"), "pt") as source:
+        metadata = source.metadata()
+    tensors = load_file(tmp_path / "full.safetensors")
+    mixed = {key: tensor.to(torch.float16 if index % 2 else torch.bfloat16) for index, (key, tensor) in
+             enumerate(sorted(tensors.items()))}  # fmt: skip
+    save_file(mixed, folder / "mixed.safetensors", metadata=metadata)
+    entries = {entry.name: entry.role for entry in ModelFolder(folder).scan()[0]}
+    assert entries == {"inpaint": "inpainting", "mixed": "base"}
+
+    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full", models_dir=folder)
+    try:
+        init = Image.new("RGB", (64, 64), (40, 120, 200))
+        mask = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
+        painted = asyncio.run(service.generate(GenerationRequest(**REQUEST, base_model="inpaint", init_image=init,
+                                                                 mask_image=mask, mask_blur=0)))  # fmt: skip
+        assert np.array_equal(np.asarray(painted.images[0])[:, 32:], np.asarray(init)[:, 32:])
+        with pytest.raises(InvalidRequest, match="inpainting checkpoint"):
+            asyncio.run(service.generate(GenerationRequest(**REQUEST, base_model="inpaint")))
+        half = asyncio.run(service.generate(GenerationRequest(**REQUEST, base_model="mixed")))
+        full = asyncio.run(service.generate(GenerationRequest(**REQUEST)))
+        assert np.abs(pixels(half) - pixels(full)).mean() < 3  # the same model, its weights rounded to 16 bits
+    finally:
+        service.close()
