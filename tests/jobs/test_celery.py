@@ -32,12 +32,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 class Workers:
-    def __init__(self, redis_url: str, data_dir: Path, logs: Path) -> None:
-        self.redis_url, self.data_dir, self.logs = redis_url, data_dir, logs
+    def __init__(self, redis_url: str, data_dir: Path, logs: Path, pair: tuple[str, str] = ("tiny", "tiny")) -> None:
+        self.redis_url, self.data_dir, self.logs, self.pair = redis_url, data_dir, logs, pair
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str) -> None:
-        environment = {**os.environ, "REFINERY_BASE_MODEL": "tiny", "REFINERY_REFINER_MODEL": "tiny",
+        environment = {**os.environ, "REFINERY_BASE_MODEL": self.pair[0], "REFINERY_REFINER_MODEL": self.pair[1],
                        "REFINERY_PRECISION": "full", "REFINERY_REDIS_URL": self.redis_url,
                        "REFINERY_DATA_DIR": str(self.data_dir), "REFINERY_PREVIEW_EVERY": "1",
                        "REFINERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT), "HF_HUB_OFFLINE": "1",
@@ -67,12 +67,13 @@ def api_service() -> Iterator[ImageService]:
 
 @pytest.fixture(scope="module")
 def cluster(
-    redis_url: str, api_service: ImageService, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str, api_service: ImageService, tmp_path_factory: pytest.TempPathFactory, tiny_pair: tuple[Path, Path]
 ) -> Iterator[tuple[RunningServer, Workers]]:
-    """One API server and two worker processes (real tiny SDXL pairs) for the module (the SIGKILL test runs last)."""
+    """One API server and two worker processes (real tiny SDXL pairs, as folders, so that checkpoints of the
+    models folder pair with their refiner) for the module (the SIGKILL test runs last)."""
     tmp_path = tmp_path_factory.mktemp("cluster")
     data = tmp_path / "shared"
-    workers = Workers(redis_url, data, tmp_path)
+    workers = Workers(redis_url, data, tmp_path, (str(tiny_pair[0]), str(tiny_pair[1])))
     workers.start("w1")
     workers.start("w2")
     try:
@@ -224,3 +225,43 @@ def test_an_inpainting_job_travels_through_redis_with_its_images(cluster: tuple[
     name = job["result"]["images"][0]
     made = Image.open(io.BytesIO(server.client.get(f"/v1/images/{job_id}/{name}").content)).convert("RGB")
     assert np.array_equal(np.asarray(made)[:, 32:], np.asarray(init)[:, 32:])
+
+
+async def test_workers_resolve_checkpoint_names_from_the_shared_models_folder(
+    cluster: tuple[RunningServer, Workers], api_service: ImageService, tiny_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Workers find `base_model` names in the same folder layout (`<data-dir>/models`), and the job records
+    which checkpoint made the image; its pixels are that model's, as a local service renders them."""
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from sdxl_refinery import GenerationRequest
+    from sdxl_refinery.engine.catalog import ModelFolder
+
+    from ..engine.test_model_choice import models_folder
+
+    server, workers = cluster
+    built = models_folder(tiny_pair, tmp_path)
+    shared = workers.data_dir / "models"
+    shared.mkdir(exist_ok=True)
+    shutil.copy(built["folder"] / "beta.safetensors", shared / "beta.safetensors")
+    api_service.models_folder = ModelFolder(shared)  # the API server checks names against the same folder
+    fields = {"prompt": "a windmill", "width": 64, "height": 64, "num_inference_steps": 4, "refiner_steps": 2,
+              "seed": 3}  # fmt: skip
+    job_id = _submit(server, **fields, base_model="beta")
+    job = server.wait_for(job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job.get("error")
+    models = job["result"]["metadata"]["models"]
+    assert models["base"] == "beta" and models["base_hash"] == ModelFolder(shared).find("beta").hash  # type: ignore[union-attr]
+    name = job["result"]["images"][0]
+    made = np.asarray(Image.open(io.BytesIO(server.client.get(f"/v1/images/{job_id}/{name}").content)), dtype=float)
+    local = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full", models_dir=shared)
+    try:
+        expected = (await local.generate(GenerationRequest(**fields, base_model="beta"))).images[0]
+    finally:
+        local.close()
+    assert np.abs(made - np.asarray(expected, dtype=float)).max() <= 2.0
+    assert server.client.post("/v1/jobs", json={**fields, "base_model": "zeta"}).status_code == 422
