@@ -141,7 +141,7 @@ class ImageService:
         key = (base_model or self.base_model, refiner_model or self.refiner_model)
         engine = self._engines.get(key)
         if engine is None:
-            while len(self._engines) >= self.max_loaded_pairs:
+            while self._engines and (len(self._engines) >= self.max_loaded_pairs or not self._room_for(key)):
                 (old_base, old_refiner), old = self._engines.popitem(last=False)
                 log.info("Unloading %s + %s to make room for %s + %s", old_base, old_refiner, *key)
                 if (close := getattr(old, "close", None)) is not None:
@@ -160,6 +160,15 @@ class ImageService:
         self._engines.move_to_end(key)
         self._engine = engine
         return engine
+
+    def _room_for(self, pair: tuple[str, str]) -> bool:
+        """Whether `pair` fits beside the pairs loaded now (the memory plan's count of free memory)."""
+        from .engine.memory import room_for_pair
+
+        try:
+            return room_for_pair(*pair, self.device, self.precision.value)
+        except RefineryError:  # a reference that does not resolve: the load that follows says so, naming it
+            return True
 
     @property
     def loaded_pairs(self) -> list[tuple[str, str]]:

@@ -200,3 +200,34 @@ def test_an_inpainting_file_and_an_fp16_bf16_mix_load_from_the_folder(
         assert np.abs(pixels(half) - pixels(full)).mean() < 3  # the same model, its weights rounded to 16 bits
     finally:
         service.close()
+
+
+async def test_pairs_that_would_not_fit_beside_each_other_are_released_first(
+    tiny_pair: tuple[Path, Path], models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within the count, memory decides too: when the next pair's weights would not fit in free memory
+    beside those loaded, the loaded ones are released before it loads."""
+    from sdxl_refinery.engine import memory
+
+    asked: list[tuple[str, str]] = []
+
+    def no_room(base: str, refiner: str, device: str, precision: str) -> bool:
+        asked.append((base, refiner))
+        return False
+
+    monkeypatch.setattr(memory, "room_for_pair", no_room)
+    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full",
+                           models_dir=models["folder"], max_loaded_pairs=3)  # fmt: skip
+    try:
+        for name in ("beta", "gamma"):
+            await service.generate(GenerationRequest(**REQUEST, base_model=name))
+        assert service.loaded_pairs == [(str(models["gamma"]), str(tiny_pair[1]))]
+        assert asked == [(str(models["gamma"]), str(tiny_pair[1]))]  # asked only when another pair was loaded
+    finally:
+        service.close()
+
+
+def test_the_tiny_pair_fits_in_this_machines_memory() -> None:
+    from sdxl_refinery.engine.memory import room_for_pair
+
+    assert room_for_pair("tiny", "tiny", "cpu", "full") is True

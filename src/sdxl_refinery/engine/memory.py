@@ -133,3 +133,15 @@ def describe_plans(device: str, precision: str, speed: Any, base_model: str, ref
         "memory_plan": reason,
         "speed_plan": choose_speed_plan(placement, speed).names(),
     }
+
+
+def room_for_pair(base_model: str, refiner_model: str, device: str, precision: str) -> bool:
+    """Whether another pair's weights fit in the device's free memory now (its configs counted on the meta
+    device, a quarter to spare), so the service knows to release loaded pairs before loading it."""
+    from .device import choose_placement
+    from .inventory import configured_counts
+
+    placement = choose_placement(device, precision)
+    counts, _origin = configured_counts(base_model, refiner_model)
+    need = sum(counts.values()) * placement.dtype.itemsize
+    return need * 5 // 4 <= free_bytes(placement.device)
