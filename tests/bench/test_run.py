@@ -95,3 +95,13 @@ def test_the_lora_benchmark_times_plain_fused_and_unfused_in_one_run(tmp_path: P
     assert set(rows) == {"plain", "fused", "unfused (PEFT layers)"}
     assert all(row["step_s"] > 0 for row in rows.values())
     assert report["weights_restored_exactly"] is True and report["load_s"] > 0
+
+
+def test_share_check_bench_runs_quick(tmp_path: Path) -> None:
+    report_path = tmp_path / "share.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "share_check.py"), "--quick", "--dtype", "fp32",
+                           "--json", str(report_path)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert [row["module"] for row in report["rows"]] == ["text_encoder_2", "vae"]
+    assert all(row["identical_seconds"] >= 0 and row["parameters"] > 0 for row in report["rows"])

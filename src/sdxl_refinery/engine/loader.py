@@ -180,7 +180,7 @@ def share_identical(base: Any, refiner: Any) -> list[str]:
     shared = []
     for name in ("text_encoder_2", "vae"):
         own, base_part = getattr(refiner, name), getattr(base, name)
-        if own is base_part or _same_tensors(own, base_part):
+        if own is base_part or same_tensors(own, base_part):
             refiner.register_modules(**{name: base_part})
             shared.append(name)
     if "text_encoder_2" in shared:
@@ -190,7 +190,8 @@ def share_identical(base: Any, refiner: Any) -> list[str]:
     return shared
 
 
-def _same_tensors(first: Any, second: Any) -> bool:
+def same_tensors(first: Any, second: Any) -> bool:
+    """Whether two modules hold the very same tensors (names, shapes, dtypes and every value)."""
     one, two = first.state_dict(), second.state_dict()
     if one.keys() != two.keys():
         return False
