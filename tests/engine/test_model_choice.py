@@ -3,6 +3,7 @@ pairs stay within their bound; a refiner with its own text encoder 2 uses it."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,21 @@ def test_the_tiny_pair_fits_in_this_machines_memory() -> None:
     from sdxl_refinery.engine.memory import room_for_pair
 
     assert room_for_pair("tiny", "tiny", "cpu", "full") is True
+
+
+def test_a_scan_reads_a_header_again_only_when_the_file_changes(models: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from sdxl_refinery.engine import catalog
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(models["folder"] / "beta.safetensors", folder / "beta.safetensors")
+    reads: list[Path] = []
+    real = catalog.inspect_checkpoint
+    monkeypatch.setattr(catalog, "inspect_checkpoint", lambda path: reads.append(path) or real(path))
+    scanner = ModelFolder(folder)
+    for _ in range(3):
+        assert [entry.sampling for entry in scanner.scan()[0]] == ["epsilon"]
+    assert len(reads) == 1
+    (folder / "beta.sampling.json").write_text('{"prediction_type": "v_prediction"}')  # a sidecar changes it
+    assert [entry.sampling for entry in scanner.scan()[0]] == ["v-prediction"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from .single_file import inspect_checkpoint
+from .single_file import SIDECAR_SUFFIX, inspect_checkpoint
 from .sources import default_hash_cache, short_hash, weights_file
 
 MODEL_SUFFIX = ".safetensors"
@@ -64,6 +64,8 @@ class ModelFolder:
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
+        # What each file version was found to be: a scan reads a header again only when a file changes.
+        self._seen: dict[tuple[str, int, int, int], CatalogEntry | Unusable] = {}
 
     def scan(self) -> tuple[list[CatalogEntry], list[Unusable]]:
         """Every checkpoint in the folder, classified, and the files that are not usable with the reason."""
@@ -82,10 +84,21 @@ class ModelFolder:
     def _classify(self, path: Path, entries: list[CatalogEntry], unusable: list[Unusable]) -> None:
         assert self.root is not None
         name = path.relative_to(self.root).as_posix().removesuffix(MODEL_SUFFIX)
-        try:
-            entries.append(_folder_entry(name, path) if path.is_dir() else _file_entry(name, path))
-        except ModelLoadError as error:
-            unusable.append(Unusable(name, str(error).removeprefix(f"{path}: ")))
+        marker = path / "model_index.json" if path.is_dir() else path
+        stat = marker.stat()
+        sidecar = path.with_name(name.rsplit("/", 1)[-1] + SIDECAR_SUFFIX)  # it changes how a file is read
+        version = (str(path), stat.st_size, stat.st_mtime_ns, sidecar.stat().st_mtime_ns if sidecar.exists() else 0)
+        found = self._seen.get(version)
+        if found is None:
+            try:
+                found = _folder_entry(name, path) if path.is_dir() else _file_entry(name, path)
+            except ModelLoadError as error:
+                found = Unusable(name, str(error).removeprefix(f"{path}: "))
+            self._seen[version] = found
+        if isinstance(found, CatalogEntry):
+            entries.append(found)
+        else:
+            unusable.append(found)
 
     def find(self, reference: str) -> CatalogEntry | None:
         """The entry `reference` names: its name, title (`name [hash]`), file name or hash."""
