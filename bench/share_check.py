@@ -41,6 +41,16 @@ def _modules(quick: bool) -> dict[str, Any]:
     return {"text_encoder_2": encoder, "vae": vae}
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform says."""
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _timed(function: Any) -> tuple[float, Any]:
     started = time.perf_counter()
     value = function()
@@ -73,7 +83,7 @@ def main() -> None:
         rows.append({"module": name, "parameters": parameters, "bytes": parameters * dtype.itemsize, **timings})
         print(f"{name:15s} {parameters / 1e6:8.1f} M params  identical: {same_seconds:6.3f} s   "
               f"different: {differ_seconds:6.4f} s")  # fmt: skip
-    report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    report = {"machine": _cpu_name(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "dtype": args.dtype, "quick": args.quick, "rows": rows}  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
