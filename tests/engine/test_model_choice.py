@@ -250,3 +250,31 @@ def test_a_scan_reads_a_header_again_only_when_the_file_changes(models: dict[str
     assert len(reads) == 1
     (folder / "beta.sampling.json").write_text('{"prediction_type": "v_prediction"}')  # a sidecar changes it
     assert [entry.sampling for entry in scanner.scan()[0]] == ["v-prediction"]
+
+
+async def test_a_refiner_with_its_own_vae_decodes_its_images(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """The image is decoded by the VAE of the last stage that ran: the refiner's own when it has one."""
+    from diffusers import AutoencoderKL
+
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_pair[1])
+    torch.manual_seed(11)
+    refiner.register_modules(vae=AutoencoderKL.from_config(refiner.vae.config))
+    folder = tmp_path / "models"
+    refiner.save_pretrained(folder / "refiner-v", safe_serialization=True)
+    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full", models_dir=folder)
+    try:
+        ours = await service.generate(GenerationRequest(**REQUEST, refiner_model="refiner-v"))
+        base = StableDiffusionXLPipeline.from_pretrained(tiny_pair[0])
+        shared = {"text_encoder_2": base.text_encoder_2}
+        hand = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder / "refiner-v", **shared)
+        generator = [torch.Generator("cpu").manual_seed(5)]
+        latents = base(prompt=PROMPT, width=64, height=64, num_inference_steps=4, guidance_scale=8.0,
+                       generator=generator, output_type="latent").images  # fmt: skip
+        image = hand(prompt=PROMPT, image=latents, strength=0.3, num_inference_steps=7, guidance_scale=8.0,
+                     generator=generator, output_type="np").images[0]  # fmt: skip
+        assert np.abs(pixels(ours) - np.asarray(image) * 255).max() <= 2.0
+        engine: Any = service._engine
+        assert engine.pair.refiner.vae is not engine.pair.base.vae
+        assert engine.pair.refiner.text_encoder_2 is engine.pair.base.text_encoder_2  # identical: shared
+    finally:
+        service.close()
