@@ -36,7 +36,7 @@ def test_txt2img_with_webuiapi(server: RunningServer) -> None:
 
 def test_refiner_switch_at_selects_handoff_and_unknown_fields_are_ignored(server: RunningServer) -> None:
     answer = server.client.post("/sdapi/v1/txt2img", json={
-        "prompt": "x", "steps": 10, "width": 256, "height": 256, "refiner_checkpoint": "sd_xl_refiner_1.0",
+        "prompt": "x", "steps": 10, "width": 256, "height": 256, "refiner_checkpoint": "None",
         "refiner_switch_at": 0.7, "sampler_name": "DPM++ 2M", "alwayson_scripts": {}, "enable_hr": False,
         "n_iter": 2, "send_images": False})  # fmt: skip
     assert answer.status_code == 200, answer.text
@@ -44,6 +44,9 @@ def test_refiner_switch_at_selects_handoff_and_unknown_fields_are_ignored(server
     job = server.client.get("/v1/jobs").json()["items"][0]
     assert (job["request"]["mode"], job["request"]["switch_at"], job["request"]["n"]) == ("handoff", 0.7, 2)
     assert job["result"]["metadata"]["base_steps"] == 7
+    # A refiner A1111 would not find either is refused, as A1111 refuses it ("Could not find checkpoint").
+    unknown = server.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "refiner_checkpoint": "sd_xl_refiner_1.0"})
+    assert unknown.status_code == 422 and "refiner_checkpoint" in unknown.text
 
 
 def test_progress_shows_step_and_preview_and_interrupt_keeps_the_image(

@@ -87,6 +87,8 @@ class _Txt2ImgBase(BaseModel):
             fields["mode"] = Mode.HANDOFF
         self._images(fields, origin)
         _strength_zero_as_a1111(fields)
+        if str(fields.get("refiner_model", "?")).strip().lower() in ("", "none"):
+            del fields["refiner_model"]  # A1111's "no refiner chosen": Refinery refines with its own
         try:
             return GenerationRequest(**fields)
         except InvalidRequest as error:
