@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from diffusers.models.attention_processor import SlicedAttnProcessor
 
+import sdxl_refinery.engine.decode as decode_module  # imported before any test patches memory's names
 from sdxl_refinery import GenerationRequest, ImageService
 from sdxl_refinery.engine import memory
 from sdxl_refinery.engine.memory import GIB, choose_plan, decode_bytes, unet_working_bytes
@@ -57,8 +58,6 @@ async def test_little_free_memory_starts_the_engine_sliced(monkeypatch: pytest.M
 
 
 async def test_the_vae_decodes_in_tiles_only_when_a_decode_would_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sdxl_refinery.engine.run as run_module
-
     service = ImageService("tiny", "tiny", device="cpu", precision="full")
     roomy = await service.generate(REQUEST)
     assert roomy.memory_plan == "resident"
@@ -74,7 +73,7 @@ async def test_the_vae_decodes_in_tiles_only_when_a_decode_would_not_fit(monkeyp
         return original_decode(*args, **kwargs)
 
     monkeypatch.setattr(vae, "decode", spy)
-    monkeypatch.setattr(run_module, "free_bytes", lambda device: 1024)
+    monkeypatch.setattr(decode_module, "free_bytes", lambda device: 1024)
     cramped = await service.generate(REQUEST)
     assert cramped.memory_plan == "resident+tiled-vae"
     assert tiling_at_decode == [True] and not vae.use_tiling  # tiles for that decode only

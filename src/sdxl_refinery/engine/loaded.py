@@ -93,7 +93,7 @@ class Engine:
     def close(self) -> None:
         """Release the models' memory now (before another pair loads): every module goes to the meta device,
         so nothing is kept even while something still refers to this engine. It cannot run afterwards."""
-        for module in {id(module): module for module in pair_modules(self.pair)}.values():
+        for module in pair_modules(self.pair):
             module.to("meta")
         free_memory()
         log.info("Released %s + %s", self.pair.base_source.describe(), self.pair.refiner_source.describe())

@@ -55,6 +55,10 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+class NonFinite(Exception):
+    """NaN or Inf where a stage or the VAE should have produced numbers."""
+
+
 def free_memory() -> None:
     """Drop what can be dropped before a retry."""
     gc.collect()

@@ -22,14 +22,14 @@ from ..errors import Cancelled, GenerationFailed, InvalidRequest
 from ..loras import LoraFile
 from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
 from ..steps import StagePlan, plan_steps, require_both_stages
+from .decode import decode_checked, decode_pixels, tiles_if_needed, to_images
 from .device import Placement
 from .edits import EditPipelines, inpaint_inputs, is_inpainting_unet, masked_image_latents, upscale, vae_dtype_kept
 from .image_prep import EditInputs, prepare
-from .loader import LoadedPair
+from .loader import LoadedPair, pair_modules
 from .lora_weights import LoraMismatch, LoraWeights
-from .memory import GIB, decode_bytes, free_bytes
 from .prompts import Conditioning, PromptEncoder
-from .recovery import MemoryPlan, all_finite, apply_plan, free_memory, is_out_of_memory, plans_for, upcast
+from .recovery import MemoryPlan, NonFinite, all_finite, apply_plan, free_memory, is_out_of_memory, plans_for, upcast
 from .schedulers import RunSchedule, make_scheduler
 from .tracking import StepTracker
 
@@ -49,10 +49,6 @@ class EngineOutput:
     recoveries: list[str] = field(default_factory=list)
     decode_tiled: bool = False  # tiled for this run only, because a whole decode did not fit
     interrupted: bool = False  # stopped early by CancelToken.interrupt: the latents as they stood
-
-
-class NonFinite(Exception):
-    """NaN or Inf where a stage or the VAE should have produced numbers."""
 
 
 @dataclass
@@ -197,12 +193,6 @@ class TwoStageRunner:
         vaes = (self.pair.base.vae, self.pair.refiner.vae)
         return self.placement.dtype == torch.float32 and all(vae.dtype == torch.float32 for vae in vaes)
 
-    def _stage_modules(self) -> tuple[object, ...]:
-        base, refiner = self.pair.base, self.pair.refiner
-        modules = (base.text_encoder, base.text_encoder_2, base.unet, refiner.unet, base.vae, refiner.text_encoder_2,
-                   refiner.vae)  # fmt: skip
-        return tuple({id(module): module for module in modules}.values())
-
     @contextlib.contextmanager
     def _fp32_eager(self) -> Iterator[None]:
         """Every stage in fp32, with the plain UNets: compiled graphs (frozen weights) are for the policy's dtype."""
@@ -210,7 +200,7 @@ class TwoStageRunner:
         compiled = base.unet, refiner.unet
         base.unet, refiner.unet = (getattr(unet, "_orig_mod", unet) for unet in compiled)
         try:
-            with upcast(*self._stage_modules()):
+            with upcast(*pair_modules(self.pair)):
                 yield
         finally:
             base.unet, refiner.unet = compiled
@@ -256,8 +246,9 @@ class TwoStageRunner:
             decode_started = time.perf_counter()
             # The last stage's own VAE decodes (the refiner's, when it has one of its own and refined).
             vae = self.pair.refiner.vae if refined else self.pair.base.vae
-            with self._tiles_if_needed(latents, vae) as decode_tiled:
-                images = self._decode_checked(latents, run.recoveries, vae)
+            processor, device = self.pair.base.image_processor, self.placement.device
+            with tiles_if_needed(vae, latents, device) as decode_tiled:
+                images = decode_checked(vae, processor, latents, device, run.recoveries)
             if run.edit is not None:  # inpainting: back into the original, unmasked pixels unchanged
                 images = [run.edit.finish(image) for image in images]
             timings["decode"] = time.perf_counter() - decode_started
@@ -272,35 +263,6 @@ class TwoStageRunner:
             decode_tiled=decode_tiled,
             interrupted=tracker.interrupted,
         )
-
-    @contextlib.contextmanager
-    def _tiles_if_needed(self, latents: torch.Tensor, vae: Any) -> Iterator[bool]:
-        """Decode in tiles for this run only when a whole decode would not fit in free memory."""
-        images = 1 if vae.use_slicing else latents.shape[0]
-        need = decode_bytes(latents.shape[3] * 8, latents.shape[2] * 8, images, vae.dtype.itemsize)
-        free = free_bytes(self.placement.device)
-        if vae.use_tiling or need <= free:
-            yield False
-            return
-        log.info("   VAE decode needs about %.1f GiB, %.1f GiB free: decoding in tiles", need / GIB, free / GIB)
-        vae.enable_tiling()
-        try:
-            yield True
-        finally:
-            vae.disable_tiling()
-
-    def _decode_checked(self, latents: torch.Tensor, recoveries: list[str], vae: Any) -> list[Image.Image]:
-        pixels = self.decode_pixels(latents, vae)
-        if not all_finite(pixels):
-            with upcast(vae) as changed:
-                if changed:
-                    pixels = self.decode_pixels(latents, vae)
-            if not all_finite(pixels):
-                raise NonFinite("NaN/Inf in the decoded pixels")
-            recoveries.append("NaN/Inf in the VAE decode; decoded again in fp32")
-            log.warning("   NaN/Inf in the VAE decode: decoded again in fp32")
-        images: list[Image.Image] = self.pair.base.image_processor.postprocess(pixels.float(), output_type="pil")
-        return images
 
     def _run_base(
         self,
@@ -332,7 +294,7 @@ class TwoStageRunner:
             if tracker.interrupted:  # kept as it stands: the first pass, at its own size
                 timings["base"] = time.perf_counter() - stage_started
                 return first
-            image = upscale(first, request, self._decode_images)
+            image = upscale(first, request, self._decode_base)
             log.info("   Hires fix: %dx%d upscaled to %dx%d (%s)", request.width, request.height, *request.hires_size,
                      request.hr_upscaler.value)  # fmt: skip
             tracker.begin_pass(plan.second_pass_steps)
@@ -372,10 +334,10 @@ class TwoStageRunner:
             return None if edit is None else edit.mask
         return Image.new("L", edit.init.size, 255)
 
-    def _decode_images(self, latents: torch.Tensor) -> list[Image.Image]:
-        images: list[Image.Image] = self.pair.base.image_processor.postprocess(self.decode_pixels(latents).float(),
-                                                                               output_type="pil")  # fmt: skip
-        return images
+    def _decode_base(self, latents: torch.Tensor) -> list[Image.Image]:
+        """The base VAE's images of `latents` (hires fix's pixel upscalers)."""
+        return to_images(self.pair.base.image_processor, decode_pixels(self.pair.base.vae, latents,
+                                                                       self.placement.device))  # fmt: skip
 
     def _run_refiner(
         self,
@@ -457,20 +419,3 @@ class TwoStageRunner:
             callback_on_step_end=tracker,
         ).images
         return finished
-
-    @torch.no_grad()
-    def decode_pixels(self, latents: torch.Tensor, vae: Any = None) -> torch.Tensor:
-        """Decode latents with `vae` (the base's by default) in its current dtype (fp32 on CUDA); pixels in
-        [-1, 1], unclamped."""
-        vae = vae if vae is not None else self.pair.base.vae
-        latents = latents.to(self.placement.device, vae.dtype)
-        mean = getattr(vae.config, "latents_mean", None)
-        std = getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std_t / vae.config.scaling_factor + mean_t
-        else:
-            latents = latents / vae.config.scaling_factor
-        pixels: torch.Tensor = vae.decode(latents, return_dict=False)[0]
-        return pixels
