@@ -11,7 +11,8 @@ from pydantic import BaseModel
 
 from sdxl_refinery.errors import InvalidRequest
 from sdxl_refinery.fields import Faces, field_table
-from sdxl_refinery.request import REQUEST_FIELDS, GenerationRequest, Limits, request_schema
+from sdxl_refinery.limits import Limits, request_schema
+from sdxl_refinery.request import REQUEST_FIELDS, GenerationRequest
 from sdxl_refinery.server.routes.a1111 import Txt2ImgRequest
 from sdxl_refinery.server.routes.openai import ImagesRequest
 

@@ -12,8 +12,9 @@ from PIL import Image
 from sdxl_refinery.editing import HiresUpscaler, InpaintFill, ResizeMode, hires_size
 from sdxl_refinery.errors import InvalidRequest
 from sdxl_refinery.input_images import InputImage
+from sdxl_refinery.limits import Limits, enforce_limits
 from sdxl_refinery.png import a1111_parameters, parse_parameters
-from sdxl_refinery.request import GenerationRequest, Limits, enforce_limits
+from sdxl_refinery.request import GenerationRequest
 from sdxl_refinery.steps import plan_steps
 
 

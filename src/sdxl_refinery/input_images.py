@@ -19,9 +19,10 @@ import hashlib
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from PIL import Image, UnidentifiedImageError
+from pydantic import BeforeValidator, PlainSerializer, SerializationInfo, WithJsonSchema
 
 from .errors import InvalidRequest
 
@@ -217,3 +218,25 @@ def http_input_image(value: Any) -> Any:
     if isinstance(value, dict) or value is None:
         return value
     raise ValueError(f"must be base64 image data, not {type(value).__name__}")
+
+
+# The request model's image fields: what they accept (`parse_input_image`) and how they serialise.
+def _image_or_none(value: Any) -> InputImage | None:
+    return None if value is None else parse_input_image(value)
+
+
+def _image_json(value: InputImage | None, info: SerializationInfo) -> Any:
+    """Queues carry the image itself (a data: URL); records (`context={"images": "summary"}`) its hash and size."""
+    if value is None:
+        return None
+    if value.is_reference or (info.context or {}).get("images") == "summary":
+        return value.summary()
+    return value.data_url() if info.mode == "json" else value
+
+
+ImageField = Annotated[
+    InputImage | None,
+    BeforeValidator(_image_or_none),
+    PlainSerializer(_image_json),
+    WithJsonSchema({"type": "string", "description": "an image: a data: URL (base64 PNG, JPEG or WebP)"}),
+]

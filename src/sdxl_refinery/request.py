@@ -9,19 +9,14 @@ rule before any model work starts.
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
-    SerializationInfo,
     ValidationError,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -29,7 +24,7 @@ from pydantic import (
 from .editing import HiresUpscaler, InpaintFill, ResizeMode, hires_size
 from .errors import InvalidRequest
 from .fields import Faces, FieldSpec, field_table
-from .input_images import InputImage, parse_input_image
+from .input_images import ImageField, parse_input_image
 from .loras import MAX_LORAS, LoraRef, split_prompt
 
 # The run options live on the ground floor (options.py), progress and results in results.py; re-exported here
@@ -62,27 +57,6 @@ STANDARD_GUIDANCE = 7.5  # the documented call's high_quality=False, OpenAI's st
 MAX_HIRES_SCALE = 4.0
 MAX_MASK_BLUR = 64
 MAX_MASK_PADDING = 256
-
-
-def _image_or_none(value: Any) -> InputImage | None:
-    return None if value is None else parse_input_image(value)
-
-
-def _image_json(value: InputImage | None, info: SerializationInfo) -> Any:
-    """Queues carry the image itself (a data: URL); records (`context={"images": "summary"}`) its hash and size."""
-    if value is None:
-        return None
-    if value.is_reference or (info.context or {}).get("images") == "summary":
-        return value.summary()
-    return value.data_url() if info.mode == "json" else value
-
-
-ImageField = Annotated[
-    InputImage | None,
-    BeforeValidator(_image_or_none),
-    PlainSerializer(_image_json),
-    WithJsonSchema({"type": "string", "description": "an image: a data: URL (base64 PNG, JPEG or WebP)"}),
-]
 
 
 class Mode(str, Enum):
@@ -452,63 +426,3 @@ def invalid_request_from(error: ValidationError) -> InvalidRequest:
     if name in ("width", "height"):
         message += f"; sizes that work are multiples of 8 from {MIN_SIZE} to {MAX_SIZE}"
     return InvalidRequest(name, message)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """A server's own caps, tighter than the request's hard rules (settings `max_*`)."""
-
-    max_width: int = MAX_SIZE
-    max_height: int = MAX_SIZE
-    max_steps: int = MAX_STEPS
-    max_images: int = MAX_IMAGES
-    max_prompt_tokens: int | None = None  # CLIP tokens per prompt (prompt_tokens.py); None: no cap
-
-    def caps(self) -> dict[str, int]:
-        """The cap of each request field these limits tighten."""
-        return {"width": self.max_width, "height": self.max_height, "num_inference_steps": self.max_steps,
-                "refiner_steps": self.max_steps, "n": self.max_images}  # fmt: skip
-
-
-def enforce_limits(request: GenerationRequest, limits: Limits) -> GenerationRequest:
-    """Return `request` if it fits `limits`.
-
-    Raises:
-        InvalidRequest: naming the first field over its cap.
-    """
-    for name, cap in limits.caps().items():
-        value = getattr(request, name)
-        if value > cap:
-            works = f"; sizes that work here are multiples of 8 from {MIN_SIZE} to {cap}" if name in _SIZES else ""
-            raise InvalidRequest(name, f"must be at most {cap} on this server, not {value}{works}")
-    if request.enable_hr:
-        width, height = request.hires_size
-        if width > limits.max_width or height > limits.max_height:
-            raise InvalidRequest("hr_scale", f"makes {width}x{height}; this server makes at most "
-                                             f"{limits.max_width}x{limits.max_height}")  # fmt: skip
-    if limits.max_prompt_tokens is not None:
-        from .prompt_tokens import count_tokens
-
-        for name in ("prompt", "negative_prompt"):
-            if (tokens := count_tokens(getattr(request, name))) > limits.max_prompt_tokens:
-                raise InvalidRequest(name, f"takes {tokens} CLIP tokens; this server takes at most "
-                                           f"{limits.max_prompt_tokens} per prompt")  # fmt: skip
-    return request
-
-
-_SIZES = ("width", "height")
-
-
-def request_schema(limits: Limits) -> list[dict[str, Any]]:
-    """Every request field's default, bounds and face names, with this server's caps applied.
-
-    The web page builds its form from this, so no default or limit is written twice.
-    """
-    caps = limits.caps()
-    fields = []
-    for spec in REQUEST_FIELDS:
-        entry = spec.schema()
-        if spec.name in caps:
-            entry["maximum"] = min(entry["maximum"], caps[spec.name])
-        fields.append(entry)
-    return fields

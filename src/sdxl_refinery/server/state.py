@@ -16,7 +16,8 @@ from ..jobs.models import Job
 from ..jobs.storage import FolderStorage, ImageStorage
 from ..jobs.store import Dedup, JobStore
 from ..jobs.worker import Worker
-from ..request import GenerationRequest, Limits, enforce_limits
+from ..limits import Limits, enforce_limits
+from ..request import GenerationRequest
 from ..service import ImageService, check_images
 from .signing import UrlSigner, load_or_create_key
 

@@ -15,7 +15,8 @@ from sse_starlette.sse import EventSourceResponse
 
 from ...jobs.models import JobStatus
 from ...jobs.store import JobNotFound
-from ...request import MAX_SEED, GenerationRequest, request_schema
+from ...limits import request_schema
+from ...request import MAX_SEED, GenerationRequest
 from ..dedup import dedup_for
 from ..security import Authorized, SignedOrAuthorized
 from ..state import AppState, State
