@@ -94,3 +94,11 @@ def test_any_request_is_either_valid_or_refused_with_a_field(width: int, steps: 
         assert 64 <= request.width <= 4096 and request.width % 8 == 0
         assert 1 <= request.num_inference_steps <= 500
         assert 0 < request.refiner_strength <= 1
+
+
+def test_a_refiner_strength_too_small_for_any_schedule_is_refused() -> None:
+    """30 refiner steps at strength 1e-300 would need a schedule of 3e301 steps (it used to overflow)."""
+    with pytest.raises(InvalidRequest) as caught:
+        GenerationRequest(prompt="x", refiner_strength=1e-300)
+    assert caught.value.field == "refiner_strength" and "at most 1000" in caught.value.rule
+    assert GenerationRequest(prompt="x", refiner_strength=0.03).refiner_strength == 0.03  # 1000 steps: allowed

@@ -54,6 +54,7 @@ HIGH_QUALITY_GUIDANCE = 8.0  # the default: the documented call's high_quality=T
 STANDARD_GUIDANCE = 7.5  # the documented call's high_quality=False, OpenAI's standard quality
 
 
+MAX_SCHEDULE = 1000  # SDXL's training timesteps: no sampler schedule can be longer
 MAX_HIRES_SCALE = 4.0
 MAX_MASK_BLUR = 64
 MAX_MASK_PADDING = 256
@@ -330,6 +331,17 @@ class GenerationRequest(BaseModel):
     def refiner_sampling(self) -> tuple[Sampler, ScheduleType]:
         """The refiner's sampler and schedule type: its own fields, else the base's."""
         return self.refiner_sampler or self.sampler, self.refiner_scheduler or self.scheduler
+
+    @model_validator(mode="after")
+    def _refiner_schedule_fits_the_training_schedule(self) -> GenerationRequest:
+        # Sequential refining runs refiner_steps over a schedule of refiner_steps / refiner_strength steps.
+        if self.use_refinement and self.mode is Mode.SEQUENTIAL:
+            schedule = self.refiner_steps / self.refiner_strength
+            if schedule > MAX_SCHEDULE:
+                raise ValueError(f"refiner_strength: {self.refiner_strength:g} with refiner_steps={self.refiner_steps} "
+                                 f"needs a schedule of {schedule:.3g} steps; at most {MAX_SCHEDULE} (the model's "
+                                 f"training timesteps)")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _every_pass_has_a_step(self) -> GenerationRequest:
