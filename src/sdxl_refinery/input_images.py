@@ -82,7 +82,8 @@ class InputImage:
             raise ValueError(f"has {image.width}x{image.height} pixels; at most {MAX_INPUT_PIXELS} are taken")
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        return cls.from_bytes(buffer.getvalue())
+        data = buffer.getvalue()  # just encoded from pixels: no need to decode it again to check it
+        return cls(data, _FORMATS["PNG"], hashlib.sha256(data).hexdigest(), image.width, image.height)
 
     @classmethod
     def from_text(cls, text: str) -> InputImage:

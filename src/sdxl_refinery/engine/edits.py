@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 from PIL import Image
@@ -111,8 +112,6 @@ def _encoded(pair: LoadedPair, image: Image.Image | torch.Tensor) -> tuple[torch
 
 
 def _binary(mask: Image.Image) -> Any:
-    import numpy as np
-
     return (np.asarray(mask, dtype=np.float32) >= 128).astype(np.float32)
 
 
