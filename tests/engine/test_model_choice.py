@@ -3,7 +3,9 @@ pairs stay within their bound; a refiner with its own text encoder 2 uses it."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,16 @@ def by_hand(
     return np.asarray(image) * 255
 
 
+@contextlib.contextmanager
+def tiny_service(tiny_pair: tuple[Path, Path], **options: Any) -> Iterator[ImageService]:
+    """An fp32 CPU service over the tiny pair (its own, not the session's), closed after."""
+    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full", **options)
+    try:
+        yield service
+    finally:
+        service.close()
+
+
 def pixels(result: Any) -> np.ndarray:
     return np.asarray(result.images[0], dtype=np.float64)
 
@@ -87,9 +99,7 @@ def test_the_folder_is_classified_from_headers_and_configs(models: dict[str, Pat
 async def test_each_request_gets_its_checkpoint_and_the_cache_keeps_its_bound(
     tiny_pair: tuple[Path, Path], models: dict[str, Path]
 ) -> None:
-    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full",
-                           models_dir=models["folder"], max_loaded_pairs=1)  # fmt: skip
-    try:
+    with tiny_service(tiny_pair, models_dir=models["folder"], max_loaded_pairs=1) as service:
         default = await service.generate(GenerationRequest(**REQUEST))
         beta = await service.generate(GenerationRequest(**REQUEST, base_model="beta"))
         assert np.abs(pixels(beta) - by_hand(models["beta"], tiny_pair[1])).max() <= 2.0
@@ -103,16 +113,12 @@ async def test_each_request_gets_its_checkpoint_and_the_cache_keeps_its_bound(
         assert service.loaded_pairs == [(str(models["gamma"]), str(tiny_pair[1]))]
         back = await service.generate(GenerationRequest(**REQUEST))  # the service's own pair, loaded again
         assert np.array_equal(pixels(back), pixels(default))
-    finally:
-        service.close()
 
 
 async def test_two_pairs_stay_loaded_when_allowed_and_the_oldest_is_released(
     tiny_pair: tuple[Path, Path], models: dict[str, Path]
 ) -> None:
-    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full",
-                           models_dir=models["folder"], max_loaded_pairs=2)  # fmt: skip
-    try:
+    with tiny_service(tiny_pair, models_dir=models["folder"], max_loaded_pairs=2) as service:
         for name in ("beta", "gamma", None, "beta"):
             await service.generate(GenerationRequest(**REQUEST, base_model=name))
             assert len(service.loaded_pairs) <= 2
@@ -120,16 +126,12 @@ async def test_two_pairs_stay_loaded_when_allowed_and_the_oldest_is_released(
             str(tiny_pair[0]),
             str(models["folder"] / "beta.safetensors"),
         ]
-    finally:
-        service.close()
 
 
 async def test_a_refiner_with_its_own_text_encoder_2_uses_it(
     tiny_pair: tuple[Path, Path], models: dict[str, Path]
 ) -> None:
-    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full",
-                           models_dir=models["folder"])  # fmt: skip
-    try:
+    with tiny_service(tiny_pair, models_dir=models["folder"]) as service:
         # The refiner redraws most of the image here, so its prompt encoding shows.
         fields = {**REQUEST, "refiner_steps": 6, "refiner_strength": 0.9}
         own = await service.generate(GenerationRequest(**fields, refiner_model="refiner-x"))
@@ -140,8 +142,6 @@ async def test_a_refiner_with_its_own_text_encoder_2_uses_it(
         engine: Any = service._engine
         assert engine.pair.refiner.text_encoder_2 is not engine.pair.base.text_encoder_2
         assert engine.pair.refiner.vae is engine.pair.base.vae  # identical: one copy
-    finally:
-        service.close()
 
 
 def test_names_are_checked_before_any_work(tiny_pair: tuple[Path, Path], models: dict[str, Path]) -> None:
@@ -186,8 +186,7 @@ def test_an_inpainting_file_and_an_fp16_bf16_mix_load_from_the_folder(
     entries = {entry.name: entry.role for entry in ModelFolder(folder).scan()[0]}
     assert entries == {"inpaint": "inpainting", "mixed": "base"}
 
-    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full", models_dir=folder)
-    try:
+    with tiny_service(tiny_pair, models_dir=folder) as service:
         init = Image.new("RGB", (64, 64), (40, 120, 200))
         mask = Image.new("L", (64, 64), 0)
         ImageDraw.Draw(mask).rectangle((0, 0, 31, 63), fill=255)
@@ -199,8 +198,6 @@ def test_an_inpainting_file_and_an_fp16_bf16_mix_load_from_the_folder(
         half = asyncio.run(service.generate(GenerationRequest(**REQUEST, base_model="mixed")))
         full = asyncio.run(service.generate(GenerationRequest(**REQUEST)))
         assert np.abs(pixels(half) - pixels(full)).mean() < 3  # the same model, its weights rounded to 16 bits
-    finally:
-        service.close()
 
 
 async def test_pairs_that_would_not_fit_beside_each_other_are_released_first(
@@ -217,15 +214,11 @@ async def test_pairs_that_would_not_fit_beside_each_other_are_released_first(
         return False
 
     monkeypatch.setattr(memory, "room_for_pair", no_room)
-    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full",
-                           models_dir=models["folder"], max_loaded_pairs=3)  # fmt: skip
-    try:
+    with tiny_service(tiny_pair, models_dir=models["folder"], max_loaded_pairs=3) as service:
         for name in ("beta", "gamma"):
             await service.generate(GenerationRequest(**REQUEST, base_model=name))
         assert service.loaded_pairs == [(str(models["gamma"]), str(tiny_pair[1]))]
         assert asked == [(str(models["gamma"]), str(tiny_pair[1]))]  # asked only when another pair was loaded
-    finally:
-        service.close()
 
 
 def test_the_tiny_pair_fits_in_this_machines_memory() -> None:
@@ -261,8 +254,7 @@ async def test_a_refiner_with_its_own_vae_decodes_its_images(tiny_pair: tuple[Pa
     refiner.register_modules(vae=AutoencoderKL.from_config(refiner.vae.config))
     folder = tmp_path / "models"
     refiner.save_pretrained(folder / "refiner-v", safe_serialization=True)
-    service = ImageService(str(tiny_pair[0]), str(tiny_pair[1]), device="cpu", precision="full", models_dir=folder)
-    try:
+    with tiny_service(tiny_pair, models_dir=folder) as service:
         ours = await service.generate(GenerationRequest(**REQUEST, refiner_model="refiner-v"))
         base = StableDiffusionXLPipeline.from_pretrained(tiny_pair[0])
         shared = {"text_encoder_2": base.text_encoder_2}
@@ -276,5 +268,3 @@ async def test_a_refiner_with_its_own_vae_decodes_its_images(tiny_pair: tuple[Pa
         engine: Any = service._engine
         assert engine.pair.refiner.vae is not engine.pair.base.vae
         assert engine.pair.refiner.text_encoder_2 is engine.pair.base.text_encoder_2  # identical: shared
-    finally:
-        service.close()
