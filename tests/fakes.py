@@ -3,7 +3,9 @@
 It runs the request's real step plan (`plan_steps`), reports every step, honours
 cancellation and interrupts at every step as the real engine does (report, then
 check; an interrupt keeps the images and skips the rest), and returns
-deterministic images: the same seed and prompt give the same pixels.
+deterministic images: the same seed and prompt give the same pixels. A run of
+several requests steps them together, as the real engine's shared pass does: a
+cancelled one is let go with `Cancelled`, the others go on.
 `pause_at(step)` holds a run after that base step until `resume()` or a cancel,
 so tests wait on an event instead of guessing how long a job takes.
 """
@@ -18,9 +20,11 @@ from dataclasses import dataclass
 from PIL import Image
 
 from sdxl_refinery import ImageService
-from sdxl_refinery.engine.run import EngineOutput
+from sdxl_refinery.batching import Run, RunItem
+from sdxl_refinery.engine.passes import EngineOutput, Outcome
+from sdxl_refinery.errors import Cancelled
 from sdxl_refinery.loras import LoraFile
-from sdxl_refinery.request import CancelToken, GenerationRequest, Precision, Progress, ProgressCallback
+from sdxl_refinery.request import CancelToken, GenerationRequest, Precision, Progress
 from sdxl_refinery.steps import plan_steps
 
 
@@ -43,6 +47,7 @@ class FakeEngine:
                        "refiner_hash": "9876543210"}  # fmt: skip
         self.optimizations: list[str] = []
         self.runs: list[GenerationRequest] = []
+        self.batches: list[list[GenerationRequest]] = []  # the requests of each engine run, in order
         self.loras: list[list[tuple[LoraFile, float]]] = []  # the checked LoRAs each run was given
         self._pause_at: int | None = None
         self._stubborn = False
@@ -60,48 +65,69 @@ class FakeEngine:
         self._pause_at = None
         self._resume.set()
 
-    def _hold(self, cancel: CancelToken | None) -> None:
+    def _hold_all(self, items: list[RunItem]) -> None:
+        """Hold until `resume()`, or until every item is cancelled or interrupted (unless stubborn)."""
         self.paused.set()
         try:
             while not self._resume.wait(0.01):
-                if cancel is not None and (cancel.cancelled or cancel.interrupted) and not self._stubborn:
+                tokens = [item.cancel for item in items if item.cancel is not None]
+                if (len(tokens) == len(items) and all(t.cancelled or t.interrupted for t in tokens)
+                        and not self._stubborn):  # fmt: skip
                     return
         finally:
             self.paused.clear()
 
-    def run(
-        self,
-        request: GenerationRequest,
-        seeds: list[int],
-        on_progress: ProgressCallback | None = None,
-        cancel: CancelToken | None = None,
-        preview_every: int = 0,
-        loras: list[tuple[LoraFile, float]] | None = None,
-    ) -> EngineOutput:
-        self.runs.append(request)
-        self.loras.append(list(loras or []))
-        plan = plan_steps(request)
+    def run(self, run: Run) -> list[Outcome]:
+        requests = [item.request for item in run.items]
+        self.runs.extend(requests)
+        self.batches.append(requests)
+        self.loras.extend([list(run.loras)] * len(requests))
+        plan = plan_steps(requests[0])
         started = time.perf_counter()
         if self._pause_at == 0:
-            self._hold(cancel)
-        executed = {stage: 0 for stage in plan.totals}
+            self._hold_all(run.items)
+        live = list(range(len(run.items)))
+        executed = [{stage: 0 for stage in plan.totals} for _ in run.items]
+        gone: dict[int, Outcome] = {}
         for stage, total in plan.totals.items():
             for step in range(1, total + 1):
-                if cancel is not None and cancel.interrupted:
+                live = [index for index in live if not _stopped(run.items[index].cancel)]
+                if not live:
                     break
-                preview = _image(request, seeds[0], 64) if preview_every and step % preview_every == 0 else None
-                if on_progress is not None:
-                    on_progress(Progress(stage, step, total, time.perf_counter() - started, 0.0, preview))
-                executed[stage] = step
+                for index in live:
+                    item = run.items[index]
+                    preview = _image(item.request, item.seeds[0], 64) if item.preview_every and \
+                        step % item.preview_every == 0 else None  # fmt: skip
+                    if item.on_progress is not None:
+                        item.on_progress(Progress(stage, step, total, time.perf_counter() - started, 0.0, preview))
+                    executed[index][stage] = step
                 if stage == 1 and step == self._pause_at:
-                    self._hold(cancel)
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-        interrupted = cancel is not None and cancel.interrupted
-        images = [_image(request, seed) for seed in seeds]
-        timings = {"base": 0.0, "refiner": 0.0, "decode": 0.0, "total": time.perf_counter() - started}
-        refined = request.use_refinement and not interrupted
-        return EngineOutput(images, executed[1], executed.get(2, 0), refined, None, timings, interrupted=interrupted)
+                    self._hold_all([run.items[index] for index in live])
+                for index in live:
+                    cancel = run.items[index].cancel
+                    if cancel is not None and cancel.cancelled:
+                        if len(run.items) == 1:
+                            cancel.raise_if_cancelled()
+                        gone[index] = Cancelled("cancelled by request")
+        outcomes: list[Outcome] = []
+        for index, item in enumerate(run.items):
+            if index in gone or (item.cancel is not None and item.cancel.cancelled):
+                if len(run.items) == 1:
+                    raise Cancelled("cancelled by request")
+                outcomes.append(gone.get(index, Cancelled("cancelled by request")))
+                continue
+            interrupted = item.cancel is not None and item.cancel.interrupted
+            images = [_image(item.request, seed) for seed in item.seeds]
+            timings = {"base": 0.0, "refiner": 0.0, "decode": 0.0, "total": time.perf_counter() - started}
+            refined = item.request.use_refinement and not interrupted
+            done = executed[index]
+            outcomes.append(EngineOutput(images, done[1], done.get(2, 0), refined, None, timings,
+                                         interrupted=interrupted))  # fmt: skip
+        return outcomes
+
+
+def _stopped(cancel: CancelToken | None) -> bool:
+    return cancel is not None and (cancel.cancelled or cancel.interrupted)
 
 
 def _image(request: GenerationRequest, seed: int, size: int | None = None) -> Image.Image:

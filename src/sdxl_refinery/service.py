@@ -15,13 +15,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .batching import BatchCall, Run, RunItem, batch_key
 from .config import Settings
 from .engine.catalog import ModelFolder
 from .engine.sources import TINY_CONTEXT_DIM, TINY_NAME
-from .errors import GenerationFailed, InvalidRequest, RefineryError
+from .errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError, StorageError
 from .loras import SDXL_CONTEXT_DIM, LoraFile, LoraFolder
 from .png import check_writable_folder, numbered_paths, write_png
 from .request import (
@@ -39,7 +41,7 @@ from .request import (
 )
 
 if TYPE_CHECKING:
-    from .engine.run import EngineOutput
+    from .engine.passes import EngineOutput, Outcome
 
 log = logging.getLogger("sdxl_refinery")
 
@@ -58,15 +60,25 @@ class RunsRequests(Protocol):
     @property
     def optimizations(self) -> list[str]: ...
 
-    def run(
-        self,
-        request: GenerationRequest,
-        seeds: list[int],
-        on_progress: ProgressCallback | None = None,
-        cancel: CancelToken | None = None,
-        preview_every: int = 0,
-        loras: list[tuple[LoraFile, float]] | None = None,
-    ) -> EngineOutput: ...
+    def run(self, run: Run) -> list[Outcome]:
+        """Render the requests of `run` (one batch key): one outcome per request, in order (its output, or the
+        error that failed it alone: `Cancelled` when its own token was cancelled). A run of one request raises
+        its errors instead."""
+        ...
+
+
+@dataclass
+class _Prepared:
+    """A call checked before any work: its seeds and resolved models and LoRAs."""
+
+    call: BatchCall
+    seeds: list[int]
+    models: tuple[str | None, str | None]
+    loras: list[tuple[LoraFile, float]]
+
+    def item(self) -> RunItem:
+        call = self.call
+        return RunItem(call.request, self.seeds, call.on_progress, call.cancel, call.preview_every)
 
 
 class ImageService:
@@ -266,48 +278,110 @@ class ImageService:
             StorageError: the PNG could not be written (nothing partial is left).
             ModelLoadError, GenerationFailed: the models could not load or run.
         """
-        if output_path is not None:
-            check_writable_folder(Path(output_path))
+        call = BatchCall(request, output_path, on_progress, cancel or CancelToken(), preview_every)
+        (outcome,) = await self.generate_batch([call])
+        if isinstance(outcome, RefineryError):
+            raise outcome
+        return outcome
+
+    async def generate_batch(self, calls: list[BatchCall]) -> list[GenerationResult | RefineryError]:
+        """Render several requests in shared passes, each as it would come out alone (its own seeds, prompt,
+        progress, token and PNG), waiting for earlier calls on this service to finish first.
+
+        Args:
+            calls: requests whose `batching.batch_key` is equal (not None when there are several).
+
+        Returns:
+            One outcome per call, in order: its result, or the error that failed it alone (`Cancelled` when its
+            token was cancelled; the other calls go on).
+
+        Raises:
+            InvalidRequest: field `requests`: the calls' requests cannot share a pass.
+        """
+        keys = {batch_key(call.request) for call in calls}
+        if len(calls) > 1 and (len(keys) > 1 or None in keys):
+            raise InvalidRequest("requests", "a batch's requests must differ only in prompt, negative_prompt, seed "
+                                             "and n, and start from no image")  # fmt: skip
+        checked: list[_Prepared | RefineryError] = []
+        for call in calls:
+            try:
+                checked.append(self._prepare(call))
+            except RefineryError as error:
+                checked.append(error)
+        ready = [entry for entry in checked if isinstance(entry, _Prepared)]
+        done: list[GenerationResult | RefineryError] = []
+        if ready:
+            loop = asyncio.get_running_loop()
+            work = loop.run_in_executor(self._executor, self._generate_sync, ready)
+            try:
+                done = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                for entry in ready:
+                    entry.call.cancel.cancel()  # the engine thread stops at its next step
+                raise
+        results = iter(done)
+        return [entry if isinstance(entry, RefineryError) else next(results) for entry in checked]
+
+    def _prepare(self, call: BatchCall) -> _Prepared:
+        """Raises: InvalidRequest: the output folder, an image given only by its hash, a model or a LoRA."""
+        request = call.request
+        if call.output_path is not None:
+            check_writable_folder(Path(call.output_path))
         check_images(request)
         models = self.resolve_models(request, allow_paths=True)
         loras = self.check_loras(request, allow_paths=True)
-        token = cancel or CancelToken()
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._executor, self._generate_sync, request, seeds, output_path, on_progress,
-                                    token, preview_every, loras, models)  # fmt: skip
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            token.cancel()  # the engine thread stops at its next step
-            raise
+        return _Prepared(call, seeds, models, loras)
 
-    def _generate_sync(
-        self,
-        request: GenerationRequest,
-        seeds: list[int],
-        output_path: str | Path | None,
-        on_progress: ProgressCallback | None,
-        cancel: CancelToken,
-        preview_every: int,
-        loras: list[tuple[LoraFile, float]],
-        models: tuple[str | None, str | None] = (None, None),
-    ) -> GenerationResult:
-        cancel.raise_if_cancelled()
-        engine = self._engine_sync(*models)
+    def _generate_sync(self, ready: list[_Prepared]) -> list[GenerationResult | RefineryError]:
+        """On the engine thread: one engine run for the calls not yet cancelled, then each call's result."""
+        outcomes: list[Outcome | None] = [Cancelled("cancelled by request") if entry.call.cancel.cancelled else None
+                                          for entry in ready]  # fmt: skip
+        live = [entry for entry, outcome in zip(ready, outcomes, strict=True) if outcome is None]
+        if not live:
+            if len(ready) == 1:
+                ready[0].call.cancel.raise_if_cancelled()
+            return [Cancelled("cancelled by request") for _ in ready]
+        engine = self._engine_sync(*live[0].models)
         switched = self.last_switch_seconds
-        self._log_plan(request, engine)
+        for entry in live:
+            self._log_plan(entry.call.request, engine)
         try:
-            output = engine.run(request, seeds, on_progress, cancel, preview_every, loras=loras)
-        except RefineryError:
-            raise
+            ran = iter(engine.run(Run([entry.item() for entry in live], live[0].loras)))
+        except RefineryError as error:
+            if len(ready) == 1:
+                raise
+            ran = iter([error] * len(live))
         except Exception as error:
-            raise GenerationFailed(f"{type(error).__name__}: {error}") from error
-        if switched:  # this request loaded its pair: what switching cost, reported with the stages
-            output.timings["load"] = switched
+            failed = GenerationFailed(f"{type(error).__name__}: {error}")
+            if len(ready) == 1:
+                raise failed from error
+            ran = iter([failed] * len(live))
+        results: list[GenerationResult | RefineryError] = []
+        for entry, outcome in zip(ready, outcomes, strict=True):
+            own = outcome if outcome is not None else next(ran)
+            if isinstance(own, RefineryError):
+                results.append(own)
+                continue
+            if switched:  # this run loaded its pair: what switching cost, reported with the stages
+                own.timings["load"] = switched
+            try:
+                results.append(self._result(entry, own, engine))
+            except (Cancelled, StorageError) as error:
+                results.append(error)
+        return results
+
+    def _result(self, entry: _Prepared, output: EngineOutput, engine: RunsRequests) -> GenerationResult:
+        """The call's result, its PNGs written (atomically) when it asked for them.
+
+        Raises:
+            Cancelled: the call was cancelled before its images were written.
+            StorageError: a PNG could not be written.
+        """
+        request, loras = entry.call.request, entry.loras
         result = GenerationResult(
             images=output.images,
-            seeds=seeds,
+            seeds=entry.seeds,
             base_steps=output.base_steps,
             refiner_steps=output.refiner_steps,
             refined=output.refined,
@@ -324,10 +398,10 @@ class ImageService:
             interrupted=output.interrupted,
             loras=[{"name": lora.name, "weight": weight, "hash": lora.short_hash} for lora, weight in loras],
         )
-        if output_path is not None:
-            cancel.raise_if_cancelled()
+        if entry.call.output_path is not None:
+            entry.call.cancel.raise_if_cancelled()
             metadata = result.metadata()
-            paths = numbered_paths(Path(output_path), request.n)
+            paths = numbered_paths(Path(entry.call.output_path), request.n)
             for index, (image, path) in enumerate(zip(result.images, paths, strict=True)):
                 write_png(image, path, metadata, index)
                 result.paths.append(str(path))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .device import choose_placement
     from .loaded import Engine
-    from .run import EngineOutput
+    from .passes import EngineOutput
 
 __all__ = ["Engine", "EngineOutput", "choose_placement"]
 
@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
 
         return Engine
     if name == "EngineOutput":
-        from .run import EngineOutput
+        from .passes import EngineOutput
 
         return EngineOutput
     if name == "choose_placement":

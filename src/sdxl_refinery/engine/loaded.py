@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ..batching import Run
 from ..errors import InvalidRequest
-from ..loras import LoraFile
 from ..options import Precision, SpeedOptions
-from ..request import CancelToken, GenerationRequest, ProgressCallback
 from .device import Placement, choose_placement
 from .loader import LoadedPair, load_pair, pair_modules, place_pair
 from .memory import initial_plan, module_bytes
+from .passes import Outcome
 from .recovery import MemoryPlan, free_memory
-from .run import EngineOutput, TwoStageRunner
+from .run import TwoStageRunner
 from .sources import ModelSource, resolve
 from .speed import SpeedPlan, active_optimizations, apply_speed_plan, choose_speed_plan
 
@@ -98,24 +98,16 @@ class Engine:
         free_memory()
         log.info("Released %s + %s", self.pair.base_source.describe(), self.pair.refiner_source.describe())
 
-    def run(
-        self,
-        request: GenerationRequest,
-        seeds: list[int],
-        on_progress: ProgressCallback | None = None,
-        cancel: CancelToken | None = None,
-        preview_every: int = 0,
-        loras: list[tuple[LoraFile, float]] | None = None,
-    ) -> EngineOutput:
-        """Run one request, with `loras` (checked files and weights) applied; see `TwoStageRunner.run`.
+    def run(self, run: Run) -> list[Outcome]:
+        """Run the requests of `run` (one batch key) with its LoRAs applied; see `TwoStageRunner.run`.
 
         Raises:
             InvalidRequest: a LoRA's weights fit no layer of these models (field `loras`).
         """
-        if loras and self.speed.compile_mode is not None:
+        if run.loras and self.speed.compile_mode is not None:
             raise InvalidRequest("loras", "not available while the UNets are compiled (REFINERY_COMPILE=on holds "
                                  "their weights in the compiled graphs)")  # fmt: skip
-        return self.runner.run(request, seeds, on_progress, cancel, preview_every, loras or [])
+        return self.runner.run(run)
 
 
 def _initial_memory_plan(pair: LoadedPair, placement: Placement) -> MemoryPlan:

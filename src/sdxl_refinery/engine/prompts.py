@@ -43,6 +43,17 @@ class Conditioning:
     negative_embeds: torch.Tensor
     negative_pooled: torch.Tensor
 
+    @classmethod
+    def stacked(cls, parts: list[Conditioning], counts: list[int]) -> Conditioning:
+        """One batch of several prompts' conditioning, prompt i repeated `counts[i]` times (once per image),
+        as diffusers repeats one prompt for `num_images_per_prompt`. Every part must have as many chunks."""
+
+        def stack(name: str) -> torch.Tensor:
+            return torch.cat([getattr(part, name).repeat_interleave(count, dim=0)
+                              for part, count in zip(parts, counts, strict=True)])  # fmt: skip
+
+        return cls(stack("embeds"), stack("pooled"), stack("negative_embeds"), stack("negative_pooled"))
+
     def as_kwargs(self) -> dict[str, torch.Tensor]:
         return {
             "prompt_embeds": self.embeds,

@@ -2,7 +2,10 @@
 
 Latents pass straight from base to refiner (no decode and re-encode between
 stages). Every image has its own CPU `torch.Generator`, used by the base stage
-and then by the refiner stage, so a seed gives the same image on any device.
+and then by the refiner stage, so a seed gives the same image on any device,
+alone or in a batch. A run holds one or more requests of one batch key
+(batching.py); those whose prompts encode to the same length share each
+pipeline call, and each keeps its own progress, cancellation and outcome.
 """
 
 from __future__ import annotations
@@ -11,58 +14,30 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
-from ..errors import Cancelled, GenerationFailed, InvalidRequest
-from ..loras import LoraFile
-from ..request import CancelToken, GenerationRequest, Mode, ProgressCallback
+from ..batching import Run, RunItem
+from ..errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError
+from ..request import GenerationRequest, Mode
 from ..steps import StagePlan, plan_steps, require_both_stages
 from .decode import decode_checked, decode_pixels, tiles_if_needed, to_images
 from .device import Placement
 from .edits import EditPipelines, inpaint_inputs, is_inpainting_unet, masked_image_latents, upscale, vae_dtype_kept
-from .image_prep import EditInputs, prepare
+from .image_prep import EditInputs
 from .loader import LoadedPair, pair_modules
 from .lora_weights import LoraMismatch, LoraWeights
+from .passes import EngineOutput, Outcome, Pass, solo_pass
 from .prompts import Conditioning, PromptEncoder
 from .recovery import MemoryPlan, NonFinite, all_finite, apply_plan, free_memory, is_out_of_memory, plans_for, upcast
 from .schedulers import RunSchedule, make_scheduler
-from .tracking import StepTracker
+from .tracking import BatchTracker
 
 log = logging.getLogger(__name__)
 ZERO_SNR_GUIDANCE_RESCALE = 0.7  # "Common Diffusion Noise Schedules and Sample Steps are Flawed", section 3.4
-
-
-@dataclass
-class EngineOutput:
-    images: list[Image.Image]
-    base_steps: int
-    refiner_steps: int
-    refined: bool
-    refinement_error: str | None
-    timings: dict[str, float] = field(default_factory=dict)
-    memory_plan: str = "resident"
-    recoveries: list[str] = field(default_factory=list)
-    decode_tiled: bool = False  # tiled for this run only, because a whole decode did not fit
-    interrupted: bool = False  # stopped early by CancelToken.interrupt: the latents as they stood
-
-
-@dataclass
-class _Run:
-    """One request's run: what every attempt (fp32 retry, lighter memory plan) needs again."""
-
-    request: GenerationRequest
-    plan: StagePlan
-    seeds: list[int]
-    on_progress: ProgressCallback | None
-    cancel: CancelToken | None
-    preview_every: int
-    recoveries: list[str] = field(default_factory=list)
-    edit: EditInputs | None = None  # the prepared pixels of an img2img or inpainting request
 
 
 def plan_stages(pair: LoadedPair, request: GenerationRequest, base_scheduler: SchedulerMixin) -> StagePlan:
@@ -103,53 +78,99 @@ class TwoStageRunner:
         self.refiner_prompts = PromptEncoder([refiner.tokenizer_2], [refiner.text_encoder_2])
         self.lora_weights = LoraWeights(base)
 
-    def _condition(
-        self, encoder: PromptEncoder, pipe: object, request: GenerationRequest, tracker: StepTracker
-    ) -> Conditioning:
+    def _condition(self, encoder: PromptEncoder, pipe: object, request: GenerationRequest,
+                   tracker: BatchTracker) -> Conditioning:  # fmt: skip
         zero_negative = bool(getattr(pipe, "config", {}).get("force_zeros_for_empty_prompt", False))
         dtype = self.pair.base.text_encoder_2.dtype
         return encoder.encode(request.encoded_prompt, request.negative_prompt, zero_negative, dtype, request.clip_skip,
                               tracker.check_cancelled)  # fmt: skip
 
-    def run(
-        self,
-        request: GenerationRequest,
-        seeds: list[int],
-        on_progress: ProgressCallback | None = None,
-        cancel: CancelToken | None = None,
-        preview_every: int = 0,
-        loras: list[tuple[LoraFile, float]] | None = None,
-    ) -> EngineOutput:
-        """Run base then refiner for `request`, one image per seed, recovering from faults, with `loras`
-        (checked files and their weights) applied to the base model for this run only.
+    def _prompts(self, encoder: PromptEncoder, pipe: object, run: Pass, tracker: BatchTracker) -> dict[str, object]:
+        """The pass's prompt arguments: one request's encoding with `num_images_per_prompt` (as diffusers is
+        driven for one request), or every request's encoding repeated for each of its images."""
+        encoded = [self._condition(encoder, pipe, item.request, tracker) for item in run.items]
+        if run.solo:
+            return {**encoded[0].as_kwargs(), "num_images_per_prompt": run.request.n}
+        return {**Conditioning.stacked(encoded, run.counts).as_kwargs(), "num_images_per_prompt": 1}
+
+    def run(self, run: Run) -> list[Outcome]:
+        """Run base then refiner for every request of `run` in shared passes, one image per seed, recovering
+        from faults, with the run's LoRAs (checked files and their weights) applied to the base model for this
+        run only.
+
+        Returns:
+            One outcome per request, in order: its output, `Cancelled` when its token was cancelled (the others
+            go on), or the error that failed it alone.
 
         Raises:
-            InvalidRequest: the request cannot be planned, or a LoRA fits no layer (before any work).
-            Cancelled: `cancel` was set; raised within one step.
-            GenerationFailed: NaN/Inf survived the fp32 retries, or memory ran out under every plan.
+            InvalidRequest: the run cannot be planned, or a LoRA fits no layer (before any work).
+            Cancelled: a run of one request was cancelled; raised within one step.
+            GenerationFailed: a run of one request: NaN/Inf survived the fp32 retries, or memory ran out under
+                every plan.
         """
-        # 1. Plan both stages and read the input images before any model work (bad switch points fail here).
-        base_scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
-        run = _Run(request, plan_stages(self.pair, request, base_scheduler), seeds, on_progress, cancel, preview_every)
+        # 1. Plan both stages before any model work (bad switch points fail here); every request's plan is equal.
+        request = run.items[0].request
+        plan = plan_stages(self.pair, request, make_scheduler(self._scheduler_configs[0], request.sampler,
+                                                              request.scheduler))  # fmt: skip
         if is_inpainting_unet(self.pair.base.unet) and request.init_image is None:
             raise InvalidRequest("init_image", "the base model is an inpainting checkpoint (9 input channels): it "
                                                "needs an init_image to paint into")  # fmt: skip
-        run.edit = prepare(request) if request.init_image is not None else None
         # 2. The run's LoRAs, loaded (cached) and applied; taken out exactly when the run ends.
         try:
-            with self.lora_weights.applied(loras or []):
-                return self._run_planned(run)
+            with self.lora_weights.applied(run.loras):
+                return self._run_passes(run, plan)
         except LoraMismatch as error:
             raise InvalidRequest("loras", str(error)) from error
 
-    def _run_planned(self, run: _Run) -> EngineOutput:
+    def _run_passes(self, run: Run, plan: StagePlan) -> list[Outcome]:
+        """Requests whose prompts encode to the same length share a pass (a longer prompt's extra 77-token
+        chunks would change a shorter one's image); each pass that fails is run again request by request, so a
+        request that fails (NaN/Inf, a refiner fault, memory) fails alone."""
+        outcomes: dict[int, Outcome] = {}
+        for indices in self._groups(run.items):
+            items = [run.items[index] for index in indices]
+            if len(run.items) == 1:  # one request: its errors are the run's, raised as always
+                outputs: list[Outcome] = self._run_planned(solo_pass(items[0], plan))
+            elif len(items) == 1:
+                outputs = [self._run_alone(items[0], plan)]
+            else:
+                try:
+                    outputs = self._run_planned(Pass(items, plan))
+                except Cancelled:
+                    outputs = [Cancelled("cancelled by request")] * len(items)
+                except Exception as error:  # noqa: BLE001  # rerun apart: the fault stays with its own request
+                    log.warning("   A batch of %d requests failed (%s: %s); running each alone", len(items),
+                                type(error).__name__, error)  # fmt: skip
+                    outputs = [self._run_alone(item, plan) for item in items]
+            outcomes.update(zip(indices, outputs, strict=True))
+        return [outcomes[index] for index in range(len(run.items))]
+
+    def _run_alone(self, item: RunItem, plan: StagePlan) -> Outcome:
+        try:
+            return self._run_planned(solo_pass(item, plan))[0]
+        except RefineryError as error:
+            return error
+        except Exception as error:  # noqa: BLE001  # this request's failure, not the batch's
+            return GenerationFailed(f"{type(error).__name__}: {error}")
+
+    def _groups(self, items: list[RunItem]) -> list[list[int]]:
+        """Indices of the requests that can share a pass: their prompts need as many 77-token chunks."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(items):
+            texts = (item.request.encoded_prompt, item.request.negative_prompt)
+            key = tuple(encoder.chunk_count(text) for encoder in (self.base_prompts, self.refiner_prompts)
+                        for text in texts) if len(items) > 1 else ()  # fmt: skip
+            groups.setdefault(key, []).append(index)
+        return list(groups.values())
+
+    def _run_planned(self, run: Pass) -> list[Outcome]:
         plans = plans_for(self.placement.device)
         # 3. Run under the current memory plan; on out-of-memory, free memory and step to a lighter plan.
         while True:
             memory_plan = plans[self._plan_index]
             last_plan = self._plan_index == len(plans) - 1
             try:
-                output = self._run_guarded(run, last_plan)
+                outcomes = self._run_guarded(run, last_plan)
             except Cancelled:
                 raise
             except Exception as error:
@@ -166,15 +187,20 @@ class TwoStageRunner:
                             lighter.name)  # fmt: skip
                 apply_plan((self.pair.base, self.pair.refiner), lighter, self.placement.device)
                 continue
-            output.memory_plan = memory_plan.name + ("+tiled-vae" if output.decode_tiled else "")
-            output.recoveries = run.recoveries
-            return output
+            for output in outcomes:
+                if isinstance(output, EngineOutput):
+                    output.memory_plan = memory_plan.name + ("+tiled-vae" if output.decode_tiled else "")
+                    output.recoveries = list(run.recoveries)
+            return outcomes
 
-    def _run_guarded(self, run: _Run, last_plan: bool) -> EngineOutput:
-        """One run; if NaN/Inf appears, the same run again with every stage in fp32."""
+    def _run_guarded(self, run: Pass, last_plan: bool) -> list[Outcome]:
+        """One run; if NaN/Inf appears, the same run again with every stage in fp32 (a shared pass is not
+        retried: its requests are run again apart, so that only the faulty one pays for fp32)."""
         try:
             return self._run_once(run, last_plan, fp32=False)
         except NonFinite as fault:
+            if not run.solo:
+                raise
             if self._all_fp32():
                 raise GenerationFailed(f"numerical fault: {fault}, with every model already in fp32") from fault
             run.recoveries.append(f"{fault}; stages rerun in fp32")
@@ -205,83 +231,103 @@ class TwoStageRunner:
         finally:
             base.unet, refiner.unet = compiled
 
-    def _run_once(self, run: _Run, last_plan: bool, fp32: bool) -> EngineOutput:
-        request, plan, seeds = run.request, run.plan, run.seeds
-        tracker = StepTracker(plan.totals, run.on_progress, run.cancel, run.preview_every)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    def _run_once(self, run: Pass, last_plan: bool, fp32: bool) -> list[Outcome]:
+        request = run.request
+        tracker = run.tracker()
+        generators = run.generators()
         timings: dict[str, float] = {}
         started = time.perf_counter()
         with self._fp32_eager() if fp32 else contextlib.nullcontext():
             # 1. Stage 1: the base, into latents.
             with vae_dtype_kept(self.pair.base.vae):
-                latents = self._run_base(request, plan, generators, tracker, timings, run.edit)
+                latents = self._run_base(run, generators, tracker, timings)
             if not all_finite(latents):
                 raise NonFinite("NaN/Inf in the base stage's latents")
+            tracker.settle(latents)  # a request interrupted now keeps its base latents
 
             # 2. Stage 2: the refiner on those latents, or the documented fallback.
             refined, refinement_error = False, None
             if not request.use_refinement:
                 log.info("   Refinement: DISABLED (use_refinement=False): stage 2 skipped")
             elif tracker.interrupted:
-                log.info("   Interrupted after %d base steps: stage 2 skipped, keeping the image as it stands",
-                         tracker.executed[1])  # fmt: skip
+                log.info("   Interrupted in the base stage: stage 2 skipped, keeping the images as they stand")
             else:
                 try:
                     with vae_dtype_kept(self.pair.refiner.vae):
-                        latents_2 = self._run_refiner(request, plan, latents, generators, tracker, timings, run.edit)
+                        latents_2 = self._run_refiner(run, latents, generators, tracker, timings)
                     if not all_finite(latents_2):
                         raise NonFinite("NaN/Inf in the refiner stage's latents")
-                    latents, refined = latents_2, not tracker.interrupted
+                    latents, refined = latents_2, True
                 except Cancelled:
                     raise
                 except Exception as error:  # refiner faults fall back to the base image, reported, never silent
-                    if (isinstance(error, NonFinite) and not fp32) or (is_out_of_memory(error) and not last_plan):
-                        raise  # a retry in fp32, or under a lighter memory plan, may still refine it
+                    if not run.solo or (isinstance(error, NonFinite) and not fp32) or (
+                            is_out_of_memory(error) and not last_plan):  # fmt: skip
+                        raise  # a retry in fp32, under a lighter memory plan, or apart may still refine it
                     refinement_error = f"{type(error).__name__}: {error}"
                     log.warning("   Stage 2 failed, keeping the base image (refined=False): %s", refinement_error)
-                    latents = self._finish_without_refiner(request, plan, latents, generators, tracker, run.edit)
+                    latents = self._finish_without_refiner(run, latents, generators, tracker)
 
-            # 3. One VAE decode for the batch, again in fp32 if it gives NaN/Inf.
+            # 3. One VAE decode for the images that ran to the end, again in fp32 if it gives NaN/Inf.
             tracker.check_cancelled()
             decode_started = time.perf_counter()
-            # The last stage's own VAE decodes (the refiner's, when it has one of its own and refined).
-            vae = self.pair.refiner.vae if refined else self.pair.base.vae
-            processor, device = self.pair.base.image_processor, self.placement.device
-            with tiles_if_needed(vae, latents, device) as decode_tiled:
-                images = decode_checked(vae, processor, latents, device, run.recoveries)
-            if run.edit is not None:  # inpainting: back into the original, unmasked pixels unchanged
-                images = [run.edit.finish(image) for image in images]
+            images, decode_tiled = self._decode(run, tracker, latents, refined)
             timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
-        return EngineOutput(
-            images=images,
-            base_steps=tracker.executed[1],
-            refiner_steps=tracker.executed.get(2, 0) if refined or tracker.interrupted else 0,
-            refined=refined,
-            refinement_error=refinement_error,
-            timings=timings,
-            decode_tiled=decode_tiled,
-            interrupted=tracker.interrupted,
-        )
+        outcomes: list[Outcome] = []
+        for index, own in enumerate(images):
+            steps = tracker.trackers[index]
+            if own is None:
+                outcomes.append(Cancelled("cancelled by request"))
+                continue
+            kept = index in tracker.kept or (steps.interrupted and not refined)
+            outcomes.append(EngineOutput(
+                images=own, base_steps=steps.executed[1],
+                refiner_steps=steps.executed.get(2, 0) if refined or kept else 0,
+                refined=refined and not kept, refinement_error=refinement_error, timings=dict(timings),
+                decode_tiled=decode_tiled, interrupted=kept or steps.interrupted,
+            ))  # fmt: skip
+        return outcomes
+
+    def _decode(
+        self, run: Pass, tracker: BatchTracker, latents: torch.Tensor, refined: bool
+    ) -> tuple[list[list[Image.Image] | None], bool]:
+        """Each request's images (None for a cancelled one): those that ran to the end decoded together by the
+        last stage's own VAE (the refiner's, when it has one and refined), interrupted ones from their kept
+        latents by the base's VAE, as a run of that request alone decodes them."""
+        processor, device = self.pair.base.image_processor, self.placement.device
+        finished = [index for index in range(len(run.items)) if index not in tracker.gone]
+        images: list[list[Image.Image] | None] = [None] * len(run.items)
+        decode_tiled = False
+        if finished:
+            vae = self.pair.refiner.vae if refined else self.pair.base.vae
+            shares = torch.cat([latents[tracker.slices[index]] for index in finished])
+            with tiles_if_needed(vae, shares, device) as decode_tiled:
+                decoded = decode_checked(vae, processor, shares, device, run.recoveries)
+            for index in finished:
+                images[index], decoded = decoded[: run.counts[index]], decoded[run.counts[index] :]
+        for index, kept in tracker.kept.items():
+            with tiles_if_needed(self.pair.base.vae, kept, device) as tiled:
+                images[index] = decode_checked(self.pair.base.vae, processor, kept, device, run.recoveries)
+            decode_tiled = decode_tiled or tiled
+        if run.edit is not None:  # inpainting: back into the original, unmasked pixels unchanged
+            images = [[run.edit.finish(image) for image in own] if own else own for own in images]
+        return images, decode_tiled
 
     def _run_base(
-        self,
-        request: GenerationRequest,
-        plan: StagePlan,
-        generators: list[torch.Generator],
-        tracker: StepTracker,
-        timings: dict[str, float],
-        edit: EditInputs | None,
+        self, run: Pass, generators: list[torch.Generator], tracker: BatchTracker, timings: dict[str, float]
     ) -> torch.Tensor:
+        request, plan, edit = run.request, run.plan, run.edit
         handoff = request.use_refinement and request.mode is Mode.HANDOFF
+        if not run.solo:
+            log.info("   One pass for %d requests (%d images)", len(run.items), len(generators))
         log.info("   Stage 1/2: Base generation (%d steps)...", plan.base_steps)
         tracker.begin_stage(1)
         stage_started = time.perf_counter()
         self.pair.base.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
-        conditioning = self._condition(self.base_prompts, self.pair.base, request, tracker)
         common: dict[str, object] = {
-            **conditioning.as_kwargs(), "guidance_scale": request.guidance_scale, "num_images_per_prompt": request.n,
-            "guidance_rescale": self.guidance_rescale(request),
+            **self._prompts(self.base_prompts, self.pair.base, run, tracker),
+            "guidance_scale": request.guidance_scale, "guidance_rescale": self.guidance_rescale(request),
             "generator": generators, "output_type": "latent", "callback_on_step_end": tracker,
         }  # fmt: skip
         end = request.switch_at if handoff else None
@@ -317,7 +363,7 @@ class TwoStageRunner:
             latents = self.pair.base(**common, width=request.width, height=request.height, num_inference_steps=steps,
                                      denoising_end=end).images  # fmt: skip
         timings["base"] = time.perf_counter() - stage_started
-        log.info("   Stage 1 complete: base latents generated (%d steps, %.1f s)", tracker.executed[1], timings["base"])
+        log.info("   Stage 1 complete: base latents generated (%.1f s)", timings["base"])
         return latents
 
     def guidance_rescale(self, request: GenerationRequest) -> float:
@@ -341,30 +387,28 @@ class TwoStageRunner:
 
     def _run_refiner(
         self,
-        request: GenerationRequest,
-        plan: StagePlan,
+        run: Pass,
         latents: torch.Tensor,
         generators: list[torch.Generator],
-        tracker: StepTracker,
+        tracker: BatchTracker,
         timings: dict[str, float],
-        edit: EditInputs | None,
     ) -> torch.Tensor:
+        request, plan, edit = run.request, run.plan, run.edit
         log.info("   Stage 2/2: Refinement pass (%d additional steps)...", plan.refiner_steps)
         tracker.begin_stage(2)
         stage_started = time.perf_counter()
         handoff = request.mode is Mode.HANDOFF
         self.pair.refiner.scheduler = make_scheduler(self._scheduler_configs[1], *request.refiner_sampling)
         with self.lora_weights.refiner_view():  # the refiner's prompt, as its own unchanged encoder gives it
-            conditioning = self._condition(self.refiner_prompts, self.pair.refiner, request, tracker)
+            prompts = self._prompts(self.refiner_prompts, self.pair.refiner, run, tracker)
         # An inpainting request is refined by the inpainting pipeline: stage 2 repaints the masked area only.
         masked = edit is not None and edit.mask is not None
         pipe = self.edits.refiner_inpaint() if masked else self.pair.refiner
         pipe.scheduler = self.pair.refiner.scheduler
         extra = {"mask_image": edit.mask, "width": request.width, "height": request.height} if masked and edit else {}
         refined: torch.Tensor = pipe(
-            **conditioning.as_kwargs(),
+            **prompts,
             **extra,
-            num_images_per_prompt=request.n,
             image=latents,
             strength=plan.refiner_strength if plan.refiner_strength is not None else 0.3,
             num_inference_steps=plan.refiner_schedule,
@@ -377,20 +421,16 @@ class TwoStageRunner:
             callback_on_step_end=tracker,
         ).images
         timings["refiner"] = time.perf_counter() - stage_started
-        log.info("   Stage 2 complete: refinement applied (%d steps, %.1f s)", tracker.executed[2], timings["refiner"])
+        log.info("   Stage 2 complete: refinement applied (%.1f s)", timings["refiner"])
         return refined
 
     def _finish_without_refiner(
-        self,
-        request: GenerationRequest,
-        plan: StagePlan,
-        latents: torch.Tensor,
-        generators: list[torch.Generator],
-        tracker: StepTracker,
-        edit: EditInputs | None,
+        self, run: Pass, latents: torch.Tensor, generators: list[torch.Generator], tracker: BatchTracker
     ) -> torch.Tensor:
-        """After a refiner failure: sequential latents are done; handoff ones are finished by the base (through
-        its inpainting pipeline when the request has a mask or the base is an inpainting checkpoint)."""
+        """After a refiner failure (a run of one request): sequential latents are done; handoff ones are
+        finished by the base (through its inpainting pipeline when the request has a mask or the base is an
+        inpainting checkpoint)."""
+        request, edit = run.request, run.edit
         if request.mode is Mode.SEQUENTIAL:
             return latents
         mask = self._base_mask(edit)
@@ -404,13 +444,11 @@ class TwoStageRunner:
             pipe = self.edits.base_img2img()
         tracker.begin_stage(2)
         pipe.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
-        conditioning = self._condition(self.base_prompts, self.pair.base, request, tracker)
         finished: torch.Tensor = pipe(
             **extra,
-            **conditioning.as_kwargs(),
-            num_images_per_prompt=request.n,
+            **self._prompts(self.base_prompts, self.pair.base, run, tracker),
             image=latents,
-            num_inference_steps=plan.base_schedule,
+            num_inference_steps=run.plan.base_schedule,
             denoising_start=request.switch_at,
             guidance_scale=request.guidance_scale,
             guidance_rescale=self.guidance_rescale(request),

@@ -1,10 +1,13 @@
 """Per-step bookkeeping shared by both stages: progress, ETA, previews, cancellation.
 
-A `StepTracker` is handed to diffusers as `callback_on_step_end`. It counts the
-steps each stage really executes, raises `Cancelled` at the first step after a
-cancellation, stops the pipeline's loop at the first step after an interrupt
-(diffusers' own `_interrupt` flag: the stage returns its latents as they stand),
-and reports progress with an ETA over both stages.
+Each request of a run has a `StepTracker`: it counts the steps each stage really
+executes and reports that request's progress with an ETA over both stages. A
+`BatchTracker` holds the trackers of every request sharing one pass and is what
+diffusers gets as `callback_on_step_end`. After each step it lets a cancelled
+request go (its images are discarded) and keeps an interrupted request's latents
+as they stand; when no request is left it raises `Cancelled` (all were
+cancelled) or stops the pipeline's loop (diffusers' own `_interrupt` flag).
+A run of one request therefore stops within one step, as it always did.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..errors import Cancelled
 from ..request import CancelToken, Progress, ProgressCallback
 from .preview import latents_to_preview
 
@@ -71,6 +75,11 @@ class StepTracker:
             self._cancel.raise_if_cancelled()
 
     @property
+    def cancelled(self) -> bool:
+        """Whether the request was cancelled: its images are to be discarded."""
+        return self._cancel is not None and self._cancel.cancelled
+
+    @property
     def interrupted(self) -> bool:
         """Whether the run was asked to stop and keep what it has."""
         return self._cancel is not None and self._cancel.interrupted
@@ -82,30 +91,105 @@ class StepTracker:
         remaining += sum(n for stage, n in self.planned.items() if stage > self._stage)
         return max(remaining, 0) * per_step
 
-    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        """diffusers' `callback_on_step_end` hook, after each model evaluation: count, report, maybe cancel or
-        interrupt. A step counts when its last evaluation is done, as A1111 counts Heun's or PLMS's steps."""
+    def evaluated(self, pipe: Any, latents: torch.Tensor | None) -> None:
+        """After each model evaluation: count, and report when a step is done (as A1111 counts Heun's or
+        PLMS's steps: when its last evaluation is done). `latents` are this request's own."""
         self._evaluations += 1
         planned = self.planned[self._stage] - self._pass_offset if self._pass_planned is None else self._pass_planned
         evaluations = getattr(pipe, "num_timesteps", None) or planned
         done = self._pass_offset + min(self._evaluations * planned // evaluations, planned)
         if done == self.executed[self._stage]:  # an evaluation inside a step
-            return self._checked(pipe)
+            return
         self.executed[self._stage] = done
         now = time.perf_counter()
         if self._on_progress is not None:
             done = self.executed[self._stage]
             preview = None
-            latents = tensors.get("latents")
-            if self._preview_every and isinstance(latents, torch.Tensor) and done % self._preview_every == 0:
+            if self._preview_every and latents is not None and done % self._preview_every == 0:
                 preview = latents_to_preview(latents)
             self._on_progress(
                 Progress(self._stage, done, self.planned[self._stage], now - self._started, self._eta(now), preview)
             )
-        return self._checked(pipe)
 
-    def _checked(self, pipe: Any) -> dict[str, Any]:
-        self.check_cancelled()
-        if self.interrupted:
+
+class BatchTracker:
+    """The trackers of the requests sharing one pass, behind the one callback diffusers calls.
+
+    Args:
+        trackers: one per request, in batch order.
+        counts: images per request, in batch order (request i owns the next `counts[i]` latents).
+    """
+
+    def __init__(self, trackers: list[StepTracker], counts: list[int]) -> None:
+        self.trackers = trackers
+        starts = [sum(counts[:index]) for index in range(len(counts))]
+        self.slices = [slice(start, start + count) for start, count in zip(starts, counts, strict=True)]
+        self.kept: dict[int, torch.Tensor] = {}  # request index -> its latents when it was interrupted
+        self.gone: set[int] = set()  # requests that need no more steps: cancelled or interrupted
+
+    @property
+    def live(self) -> list[int]:
+        """The requests still denoising."""
+        return [index for index in range(len(self.trackers)) if index not in self.gone]
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether no request needs more steps (the rest of the run is skipped, its images kept as they stand)."""
+        return not self.live
+
+    def cancelled(self, index: int) -> bool:
+        return self.trackers[index].cancelled
+
+    def begin_stage(self, stage: int, planned: int | None = None) -> None:
+        """Start `stage` for every request still denoising.
+
+        Raises:
+            Cancelled: every request was cancelled.
+        """
+        self.settle(None)
+        for index in self.live:
+            self.trackers[index].begin_stage(stage, planned)
+
+    def begin_pass(self, planned: int) -> None:
+        """Start another pipeline call of the current stage (hires fix's second pass) of `planned` steps.
+
+        Raises:
+            Cancelled: every request was cancelled.
+        """
+        self.settle(None)
+        for index in self.live:
+            self.trackers[index].begin_pass(planned)
+
+    def check_cancelled(self) -> None:
+        """Raises: Cancelled: every request was cancelled (one cancelled request does not stop the others)."""
+        if all(tracker.cancelled for tracker in self.trackers):
+            raise Cancelled("cancelled by request")
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' `callback_on_step_end` hook: each request counts and reports its step; then cancelled
+        and interrupted requests are let go, and the pipeline stops when none is left."""
+        latents = tensors.get("latents")
+        latents = latents if isinstance(latents, torch.Tensor) else None
+        for index in self.live:
+            own = latents[self.slices[index]] if latents is not None else None
+            self.trackers[index].evaluated(pipe, own)
+        self.settle(latents)
+        if not self.live:
             pipe._interrupt = True  # the pipeline skips its remaining steps and returns the latents
         return {}
+
+    def settle(self, latents: torch.Tensor | None) -> None:
+        """Stop tracking cancelled requests, and interrupted ones when `latents` (the whole batch's, as they
+        stand) are given to keep their share of.
+
+        Raises:
+            Cancelled: every request was cancelled.
+        """
+        for index in self.live:
+            tracker = self.trackers[index]
+            if tracker.cancelled:
+                self.gone.add(index)
+            elif tracker.interrupted and latents is not None:
+                self.kept[index] = latents[self.slices[index]].detach().clone()
+                self.gone.add(index)
+        self.check_cancelled()

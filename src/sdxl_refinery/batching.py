@@ -1,0 +1,91 @@
+"""Batching: which requests may share one pass, what a run of several requests is, and the device policy.
+
+Several jobs share a pass when everything but their words and seeds is equal: each image keeps its own
+seed (its own generator) and its own prompt encoding, so it comes out as it would alone, within the float
+rounding of a larger batch. Guidance scales must be equal too: diffusers' pipelines take one scalar, and a
+per-sample guidance would mean rewriting their denoising loops (see docs/api.md, "Batching").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .results import CancelToken, ProgressCallback
+
+if TYPE_CHECKING:
+    from .loras import LoraFile
+    from .request import GenerationRequest
+
+# What may differ between the requests of one pass: their words and their seeds.
+PER_JOB_FIELDS = frozenset({"prompt", "negative_prompt", "seed", "n"})
+# Edits start from the job's own image (and mask): they run alone.
+SOLO_FIELDS = ("init_image", "mask_image")
+
+# Device defaults, from docs/performance.md. CUDA (H200): at 512 a batch of 4 images costs what one does
+# (45.0 images per minute against 13.1), so up to 8 images wait at most 100 ms (1.5 base steps) for partners.
+# CPU (2 cores): a batch of 4 costs 4 single images (0.081 images per minute either way), so no batching.
+CUDA_MAX_BATCH, CUDA_WINDOW_MS = 8, 100
+
+
+def batch_key(request: GenerationRequest) -> str | None:
+    """What a request must share with others to run in one pass with them; None when it runs alone
+    (img2img and inpainting start from the request's own image)."""
+    if any(getattr(request, name) is not None for name in SOLO_FIELDS):
+        return None
+    # LoRAs compare as applied: the field's and the prompt's <lora:...> tags together.
+    shared = request.model_dump(mode="json", exclude={*PER_JOB_FIELDS, "loras"})
+    shared["all_loras"] = [[lora.name, lora.weight] for lora in request.all_loras]
+    return json.dumps(shared, sort_keys=True)
+
+
+def default_batching(device: str) -> tuple[int, int]:
+    """The batch size in images and the window in milliseconds for a device: CUDA batches, others do not."""
+    if device.startswith("cuda"):
+        return CUDA_MAX_BATCH, CUDA_WINDOW_MS
+    return 1, 0
+
+
+@dataclass
+class BatchCall:
+    """One job's part of a batched call to the service.
+
+    Attributes:
+        request: what to render; its key (`batch_key`) equals every other call's of the batch.
+        output_path: where to write its PNG (a batch of its own `n` writes `stem-1.png`, ...), or None.
+        on_progress: its own progress reports (from the engine thread).
+        cancel: its own token: cancelling it stops this job only.
+        preview_every: a preview every this many of its steps (0: none).
+    """
+
+    request: GenerationRequest
+    output_path: str | Path | None = None
+    on_progress: ProgressCallback | None = None
+    cancel: CancelToken = field(default_factory=CancelToken)
+    preview_every: int = 0
+
+
+@dataclass
+class RunItem:
+    """One request's share of an engine run: its seeds (one image each), progress and token."""
+
+    request: GenerationRequest
+    seeds: list[int]
+    on_progress: ProgressCallback | None = None
+    cancel: CancelToken | None = None
+    preview_every: int = 0
+
+
+@dataclass
+class Run:
+    """What the engine runs in one go: one or more requests of one batch key, and their LoRAs (equal for all,
+    since they are part of the key), as checked files with weights."""
+
+    items: list[RunItem]
+    loras: list[tuple[LoraFile, float]] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return sum(len(item.seeds) for item in self.items)
