@@ -8,6 +8,7 @@ per-sample guidance would mean rewriting their denoising loops (see docs/api.md,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +32,15 @@ CUDA_MAX_BATCH, CUDA_WINDOW_MS = 8, 100
 
 
 def batch_key(request: GenerationRequest) -> str | None:
-    """What a request must share with others to run in one pass with them; None when it runs alone
-    (img2img and inpainting start from the request's own image)."""
+    """What a request must share with others to run in one pass with them (a digest of every field but its
+    words and seeds, for queues to match on); None when it runs alone (img2img and inpainting start from the
+    request's own image)."""
     if any(getattr(request, name) is not None for name in SOLO_FIELDS):
         return None
     # LoRAs compare as applied: the field's and the prompt's <lora:...> tags together.
     shared = request.model_dump(mode="json", exclude={*PER_JOB_FIELDS, "loras"})
     shared["all_loras"] = [[lora.name, lora.weight] for lora in request.all_loras]
-    return json.dumps(shared, sort_keys=True)
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def default_batching(device: str) -> tuple[int, int]:

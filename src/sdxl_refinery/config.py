@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     max_images: int = Field(8, ge=1, le=16)
     max_prompt_tokens: int = Field(1000, ge=75)  # CLIP tokens per prompt; each 75 costs an encoder pass
 
+    # batching (docs/api.md, "Batching"): unset, the device's measured default (CUDA batches, CPU does not)
+    max_batch: int | None = Field(None, ge=1, le=16)  # images one pass may hold; compatible jobs join whole
+    batch_window_ms: int | None = Field(None, ge=0, le=10_000)  # how long a job waits at most for partners
+
+    @property
+    def batch_window_seconds(self) -> float | None:
+        return None if self.batch_window_ms is None else self.batch_window_ms / 1000
+
     # scale-out
     backend: Literal["embedded", "celery"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -26,6 +26,7 @@ from kombu.exceptions import OperationalError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from ..batching import batch_key
 from ..config import Settings
 from ..errors import StoreUnavailable
 from ..request import GenerationRequest
@@ -132,6 +133,7 @@ class CeleryJobStore(JobStore):
             client=record.get("client"),
             fingerprint=record.get("fingerprint"),
             answered=bool(record.get("answered")),
+            batch=record.get("batch") or None,
         )
 
     def _move(
@@ -193,7 +195,8 @@ class CeleryJobStore(JobStore):
         seq = int(self.redis.incr(f"{PREFIX}seq"))
         record = {"id": job.id, "seq": seq, "status": job.status.value, "request": job.request.model_dump_json(),
                   "client": job.client, "created": job.created, "attempts": 0, "cancel_requested": False,
-                  "fingerprint": job.fingerprint, "answered": False}  # fmt: skip
+                  "fingerprint": job.fingerprint, "answered": False,
+                  "batch_key": batch_key(job.request), "n": job.request.n}  # fmt: skip
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(job.id), json.dumps(record))
             pipe.zadd(f"{PREFIX}all", {job.id: seq})
@@ -229,8 +232,39 @@ class CeleryJobStore(JobStore):
 
     @guarded
     def start(self, job_id: str, worker: str) -> Job | None:
-        patch = {"started": time.time(), "worker": worker, "progress": None}
+        patch = {"started": time.time(), "worker": worker, "progress": None, "batch": False}
         return self._move(job_id, "queued,running", JobStatus.RUNNING, patch, count=True)
+
+    @guarded
+    def claim_partners(self, worker: str, key: str, room: int) -> builtins.list[Job]:
+        """Queued jobs of batch key `key`, oldest first, each moved to running by the same atomic script as
+        `start` (a job another worker took meanwhile is skipped), while their images fit in `room`."""
+        claimed: builtins.list[Job] = []
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self.redis.zrange(f"{PREFIX}status:queued", 0,
+                                                                                          -1)]  # fmt: skip
+        for job_id, raw in zip(ids, self.redis.mget([self._key(i) for i in ids]) if ids else [], strict=True):
+            record = json.loads(raw) if raw is not None else {}
+            if room <= 0:
+                break
+            if record.get("batch_key") != key:
+                continue
+            if int(record.get("n", 1)) > room:
+                break  # the next in line does not fit: later ones must not overtake it
+            job = self.start_queued(job_id, worker)
+            if job is not None:
+                claimed.append(job)
+                room -= job.request.n
+        return claimed
+
+    def start_queued(self, job_id: str, worker: str) -> Job | None:
+        """`start`, for a job still queued only."""
+        patch = {"started": time.time(), "worker": worker, "progress": None, "batch": None}
+        return self._move(job_id, "queued", JobStatus.RUNNING, patch, count=True)
+
+    @guarded
+    def mark_batch(self, job_ids: builtins.list[str], batch: dict[str, int] | None) -> None:
+        for job_id in job_ids:
+            self._move(job_id, "running", JobStatus.RUNNING, {"batch": batch or False})
 
     @guarded
     def cancel_requested(self, job_id: str) -> bool:
@@ -274,7 +308,7 @@ class CeleryJobStore(JobStore):
 
     @guarded
     def requeue(self, job_id: str) -> None:
-        self._move(job_id, "running", JobStatus.QUEUED, {"progress": None, "worker": None})
+        self._move(job_id, "running", JobStatus.QUEUED, {"progress": None, "worker": None, "batch": False})
 
     @guarded
     def position(self, job_id: str) -> int | None:

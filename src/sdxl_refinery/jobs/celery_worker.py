@@ -42,7 +42,8 @@ class WorkerRuntime:
         self.service = ImageService.from_settings(settings)
         self.sink = RedisEventSink(self.store.redis)
         self.worker = Worker(self.store, self.service, FolderStorage(settings.data_dir / "images"), self.sink,
-                             preview_every=settings.preview_every, name=name, poll_cancel=True)  # fmt: skip
+                             preview_every=settings.preview_every, name=name, poll_cancel=True,
+                             max_batch=settings.max_batch, batch_window=settings.batch_window_seconds)  # fmt: skip
         self._stop = threading.Event()
 
     def run_job(self, job_id: str) -> str:
@@ -72,7 +73,9 @@ class WorkerRuntime:
             self.sink.publish(job_id, "done", {"status": "cancelled", "error": "cancelled by request"})
             return "cancelled"
         self._try_beat()
-        await self.worker.process(job)
+        jobs = await self.worker.gather(job)  # partners' own tasks find them running here, then finished
+        self._try_beat()
+        await self.worker.process_batch(jobs)
         self._try_beat()
         finished: str = (await stored(self.store.get, job_id)).status.value
         return finished
@@ -87,7 +90,7 @@ class WorkerRuntime:
         described = self.service.describe()
         record = {"name": self.name, "host": socket.gethostname(), "device": described.get("device"),
                   "precision": described.get("precision"), "loaded": self.service.loaded,
-                  "current_job": self.worker.current[0] if self.worker.current else None,
+                  "current_job": next(iter(self.worker.current), None), "current_jobs": list(self.worker.current),
                   "seen": time.time()}  # fmt: skip
         self.store.redis.hset(f"{PREFIX}workers", self.name, json.dumps(record))
 

@@ -65,6 +65,7 @@ class Job:
     client: str | None = None  # which API accepted it: native, openai, a1111, web
     fingerprint: str | None = None  # who asked for what (see store.Dedup): retries attach to this job
     answered: bool = False  # a synchronous call delivered its images to a connected client
+    batch: dict[str, int] | None = None  # while running with others in one pass: {"jobs": k, "images": m}
 
     @staticmethod
     def new_id() -> str:

@@ -74,12 +74,20 @@ def _crash_count(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
 
 
+def _batching(db: sqlite3.Connection) -> None:
+    # Workers take queued jobs of the same batch key (batching.batch_key) into one pass, and say so per job.
+    db.execute("ALTER TABLE jobs ADD COLUMN batch_key TEXT")
+    db.execute("ALTER TABLE jobs ADD COLUMN batch TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_batch_key ON jobs (status, batch_key, queue_order)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs table and queue index", _jobs_table),
     Migration(2, "index for listing jobs of one status newest first", _listing_index),
     Migration(3, "fingerprint and answered flag, so that retries attach to their job", _retry_attachment),
     Migration(4, "interrupt flag: stop a running job and keep its image", _interrupt_flag),
     Migration(5, "crash count, so that a job that kills its worker is not run forever", _crash_count),
+    Migration(6, "batch key and batch of each job, so that compatible jobs share a pass", _batching),
 )
 LATEST = MIGRATIONS[-1].version
 

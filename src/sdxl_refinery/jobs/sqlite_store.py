@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..batching import batch_key
 from ..errors import StoreUnavailable, is_disk_full
 from ..request import GenerationRequest
 from .models import Job, JobProgress, JobStatus
@@ -81,6 +82,7 @@ class SQLiteJobStore(JobStore):
             client=row["client"],
             fingerprint=row["fingerprint"],
             answered=bool(row["answered"]),
+            batch=json.loads(row["batch"]) if row["batch"] else None,
         )
 
     # -- JobStore ------------------------------------------------------------------------------
@@ -113,10 +115,11 @@ class SQLiteJobStore(JobStore):
                     if depth >= max_depth:
                         raise QueueFull(depth, retry_after=30)
                 self._db.execute(
-                    "INSERT INTO jobs (id, status, queue_order, request, client, created, fingerprint) VALUES (?, ?, "
-                    "(SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?, ?)",
-                    (job.id, job.status.value, request.model_dump_json(), client, job.created, job.fingerprint),
-                )
+                    "INSERT INTO jobs (id, status, queue_order, request, client, created, fingerprint, batch_key) "
+                    "VALUES (?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?, ?, ?)",
+                    (job.id, job.status.value, request.model_dump_json(), client, job.created, job.fingerprint,
+                     batch_key(request)),
+                )  # fmt: skip
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -147,12 +150,45 @@ class SQLiteJobStore(JobStore):
     def claim_next(self, worker: str) -> Job | None:
         """Atomically move the oldest queued job to running for `worker`."""
         rows = self._execute(
-            "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, worker = ?, progress = NULL "
-            "WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY queue_order LIMIT 1) RETURNING *",
+            "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, worker = ?, progress = NULL, "
+            "batch = NULL WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY queue_order LIMIT 1) "
+            "RETURNING *",
             time.time(),
             worker,
         )
         return self._job(rows[0]) if rows else None
+
+    def claim_partners(self, worker: str, key: str, room: int) -> builtins.list[Job]:
+        """Atomically move queued jobs of batch key `key` to running for `worker`, oldest first, each whole,
+        while their images fit in `room`."""
+        claimed: builtins.list[Job] = []
+        with self._lock, self._guarded():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                candidates = self._db.execute(
+                    "SELECT id, json_extract(request, '$.n') AS n FROM jobs WHERE status = 'queued' AND batch_key = ? "
+                    "ORDER BY queue_order LIMIT ?", (key, room),
+                ).fetchall()  # fmt: skip
+                for candidate in candidates:
+                    if candidate["n"] > room:
+                        break  # the next in line does not fit: later ones must not overtake it
+                    room -= candidate["n"]
+                    rows = self._db.execute(
+                        "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, worker = ?, "
+                        "progress = NULL WHERE id = ? AND status = 'queued' RETURNING *",
+                        (time.time(), worker, candidate["id"]),
+                    ).fetchall()  # fmt: skip
+                    claimed += [self._job(row) for row in rows]
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return claimed
+
+    def mark_batch(self, job_ids: builtins.list[str], batch: dict[str, int] | None) -> None:
+        for job_id in job_ids:
+            self._execute("UPDATE jobs SET batch = ? WHERE id = ?", json.dumps(batch) if batch else None, job_id)
 
     def start(self, job_id: str, worker: str) -> Job | None:
         rows = self._execute(
@@ -208,7 +244,7 @@ class SQLiteJobStore(JobStore):
 
     def requeue(self, job_id: str) -> None:
         self._execute(
-            "UPDATE jobs SET status = 'queued', queue_order = ?, progress = NULL, worker = NULL "
+            "UPDATE jobs SET status = 'queued', queue_order = ?, progress = NULL, worker = NULL, batch = NULL "
             "WHERE id = ? AND status = 'running'", self._head_of_queue(), job_id,
         )  # fmt: skip
 

@@ -115,6 +115,16 @@ class JobStore(ABC):
         """Newest first; returns the page and the total count."""
 
     @abstractmethod
+    def claim_partners(self, worker: str, key: str, room: int) -> builtins.list[Job]:
+        """Atomically take queued jobs whose batch key (`batching.batch_key`) is `key` for `worker`, oldest
+        first and each whole, while their images add up to at most `room`; stops at the first that does not
+        fit, so that no later job overtakes it. Jobs of a run alone (no key) are never taken here."""
+
+    @abstractmethod
+    def mark_batch(self, job_ids: builtins.list[str], batch: dict[str, int] | None) -> None:
+        """Record on each running job that it shares a pass: `{"jobs": k, "images": m}` (None: it runs alone)."""
+
+    @abstractmethod
     def start(self, job_id: str, worker: str) -> Job | None:
         """Atomically mark a queued (or redelivered running) job as running for `worker`.
 

@@ -1,8 +1,12 @@
-"""The worker loop: claim a job, run it on the service, record every step and the outcome.
+"""The worker loop: claim a job and the queued jobs that can share its pass, run them on the service,
+record every step and each job's outcome.
 
-One worker per service (one device). Images go where the storage says, under
-names fixed by the job, so a job re-run after a crash overwrites its own files
-and never leaves duplicates.
+One worker per service (one device). The job at the head of the queue is always
+taken first; partners (the same batch key, `batching.batch_key`) join it from
+anywhere in the queue, oldest first, up to `max_batch` images, waiting at most
+`batch_window` seconds for them. Images go where the storage says, under names
+fixed by the job, so a job re-run after a crash overwrites its own files and
+never leaves duplicates.
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import Cancelled, RefineryError, StorageError, StoreUnavailable, is_disk_full, is_read_only
-from ..request import CancelToken, Progress
+from ..batching import BatchCall, batch_key, default_batching
+from ..errors import (
+    Cancelled,
+    GenerationFailed,
+    RefineryError,
+    StorageError,
+    StoreUnavailable,
+    is_disk_full,
+    is_read_only,
+)
+from ..request import CancelToken, GenerationResult, Progress
 from ..service import ImageService
 from ..steps import plan_steps
 from .metrics import QueueMetrics
@@ -34,6 +47,7 @@ CANCEL_POLL_INTERVAL = 0.25  # seconds between checks of the store's cancel and 
 # After a failed progress write or flag check, the running job leaves the store alone this long: a lost
 # Redis answers each call only when its timeout runs out, and the steps should not wait on that.
 STORE_QUIET_SECONDS = 5.0
+PARTNER_POLL_SECONDS = 0.02  # within the batch window, how often the queue is looked at again (no wake from Celery)
 
 
 class EventSink(Protocol):
@@ -129,6 +143,9 @@ class Worker:
         preview_every: a live preview every this many steps (0: none).
         name: this worker's name in job records.
         poll_cancel: check the store's cancel and interrupt flags every step (when they come from other processes).
+        max_batch: images one pass may hold (jobs join whole); None: the device's default
+            (`batching.default_batching`), read once the models are loaded.
+        batch_window: seconds a claimed job waits at most for partners; None: the device's default.
     """
 
     def __init__(
@@ -141,6 +158,8 @@ class Worker:
         preview_every: int = 5,
         name: str = "worker-0",
         poll_cancel: bool = False,
+        max_batch: int | None = None,
+        batch_window: float | None = None,
     ) -> None:
         self.store = store
         self.service = service
@@ -150,7 +169,9 @@ class Worker:
         self.preview_every = preview_every
         self.name = name
         self.poll_cancel = poll_cancel
-        self.current: tuple[str, CancelToken] | None = None
+        self.max_batch = max_batch
+        self.batch_window = batch_window
+        self.current: dict[str, CancelToken] = {}  # the jobs running now (one pass), by id
         self.store_fault: StoreUnavailable | None = None  # the job store fails: cleared when a store call works
         self.output_fault: StorageError | None = None  # images cannot be written: cleared when a job succeeds
         self._wake = asyncio.Event()
@@ -188,18 +209,26 @@ class Worker:
         self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
-        """Stop the job if it is the one running here; True if it was."""
-        if self.current is not None and self.current[0] == job_id:
-            self.current[1].cancel()
-            return True
-        return False
+        """Stop the job if it is running here (the others of its pass go on); True if it was."""
+        token = self.current.get(job_id)
+        if token is not None:
+            token.cancel()
+        return token is not None
 
     def interrupt(self, job_id: str) -> bool:
-        """Stop the job within one step, keeping its image, if it is the one running here; True if it was."""
-        if self.current is not None and self.current[0] == job_id:
-            self.current[1].interrupt()
-            return True
-        return False
+        """Stop the job within one step, keeping its image, if it is running here; True if it was."""
+        token = self.current.get(job_id)
+        if token is not None:
+            token.interrupt()
+        return token is not None
+
+    def batching(self) -> tuple[int, float]:
+        """Images per pass and the window in seconds: the settings', else the loaded device's defaults."""
+        device = str(self.service.describe().get("device", "cpu"))
+        default_size, default_window_ms = default_batching(device)
+        size = self.max_batch if self.max_batch is not None else default_size
+        window = self.batch_window if self.batch_window is not None else default_window_ms / 1000
+        return size, window
 
     async def run(self, stop: asyncio.Event, claim_next: Callable[[str], Job | None]) -> None:
         """Claim and run jobs until `stop` is set; a job still running then goes back to the queue.
@@ -221,36 +250,83 @@ class Worker:
                 for waiter in waiters:
                     waiter.cancel()
                 continue
-            await self.process(job, stop)
+            jobs = await self.gather(job, stop)
+            await self.process_batch(jobs, stop)
+
+    async def gather(self, first: Job, stop: asyncio.Event | None = None) -> list[Job]:
+        """`first` and the queued jobs that can share its pass, claimed for this worker: up to the batch size
+        in images, waiting at most the batch window for them (never longer, whatever arrives)."""
+        key = batch_key(first.request)
+        size, window = self.batching()
+        jobs = [first]
+        room = size - first.request.n
+        if key is None or room <= 0:
+            return jobs
+        deadline = time.monotonic() + window
+        while True:
+            partners = await self.stored(self.store.claim_partners, self.name, key, room, stop=stop)
+            jobs += partners
+            room -= sum(job.request.n for job in partners)
+            left = deadline - time.monotonic()
+            if room <= 0 or left <= 0 or (stop is not None and stop.is_set()):
+                break
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=min(left, PARTNER_POLL_SECONDS))
+        if len(jobs) > 1:
+            batch = {"jobs": len(jobs), "images": sum(job.request.n for job in jobs)}
+            await self.stored(self.store.mark_batch, [job.id for job in jobs], batch, stop=stop)
+            for job in jobs:
+                job.batch = batch
+            log.info("Jobs %s share one pass (%d images)", ", ".join(job.id for job in jobs), batch["images"])
+        return jobs
 
     async def process(self, job: Job, stop: asyncio.Event | None = None) -> None:
         """Run one claimed job to its end and record the outcome."""
-        token = CancelToken()
-        self.current = (job.id, token)
-        output = self.storage.output_path(job.id)
-        for stale in output.parent.glob(".*.part"):  # a previous attempt died while writing
-            stale.unlink()
-        reporter = _JobReporter(job, self.store, self.events, self.metrics, token, self.poll_cancel,
-                                self._store_failed)  # fmt: skip
-        self.events.publish(job.id, "started", {"attempt": job.attempts})
-        started = time.perf_counter()
-        status, outcome = await self._generate(job, output, token, reporter, stop)
-        if self.metrics is not None:
-            self.metrics.finished.labels(status.value).inc()
-            self.metrics.job_seconds.labels(status.value).observe(time.perf_counter() - started)
-        self.current = None
-        self.events.drop_preview(job.id)
-        if status is not JobStatus.QUEUED:
-            self.events.publish(job.id, "done", {"status": status.value, **outcome})
+        await self.process_batch([job], stop)
 
-    async def _generate(
-        self, job: Job, output: Path, token: CancelToken, reporter: _JobReporter, stop: asyncio.Event | None
-    ) -> tuple[JobStatus, dict[str, Any]]:
+    async def process_batch(self, jobs: list[Job], stop: asyncio.Event | None = None) -> None:
+        """Run claimed jobs of one batch key in shared passes to their end and record each one's outcome: each
+        has its own progress, previews, token and result."""
+        calls: list[BatchCall] = []
+        reporters: list[_JobReporter] = []
+        for job in jobs:
+            token = CancelToken()
+            self.current[job.id] = token
+            output = self.storage.output_path(job.id)
+            for stale in output.parent.glob(".*.part"):  # a previous attempt died while writing
+                stale.unlink()
+            reporter = _JobReporter(job, self.store, self.events, self.metrics, token, self.poll_cancel,
+                                    self._store_failed)  # fmt: skip
+            reporters.append(reporter)
+            calls.append(BatchCall(job.request, output, reporter, token, self.preview_every))
+            self.events.publish(job.id, "started", {"attempt": job.attempts, "batch": job.batch})
+        started = time.perf_counter()
         try:
-            result = await self.service.generate(
-                job.request, output_path=output, on_progress=reporter, cancel=token,
-                preview_every=self.preview_every,
-            )  # fmt: skip
+            outcomes: list[GenerationResult | RefineryError] = await self.service.generate_batch(calls)
+        except RefineryError as error:  # not one pass after all (a bug if it happens): every job fails
+            outcomes = [error] * len(jobs)
+        except Exception as error:  # recorded on every job of the pass, never lost
+            log.exception("Jobs %s failed", ", ".join(job.id for job in jobs))
+            outcomes = [GenerationFailed(f"internal error: {type(error).__name__}: {error}")] * len(jobs)
+        for job, reporter, outcome in zip(jobs, reporters, outcomes, strict=True):
+            status, recorded = await self._record(job, outcome, reporter, stop)
+            if self.metrics is not None:
+                self.metrics.finished.labels(status.value).inc()
+                self.metrics.job_seconds.labels(status.value).observe(time.perf_counter() - started)
+            self.current.pop(job.id, None)
+            self.events.drop_preview(job.id)
+            if status is not JobStatus.QUEUED:
+                self.events.publish(job.id, "done", {"status": status.value, **recorded})
+
+    async def _record(
+        self, job: Job, outcome: GenerationResult | RefineryError, reporter: _JobReporter, stop: asyncio.Event | None
+    ) -> tuple[JobStatus, dict[str, Any]]:
+        """Store one job's outcome: succeeded, failed, cancelled, or back in the queue (shutdown, full disk)."""
+        try:
+            if isinstance(outcome, RefineryError):
+                raise outcome
+            result = outcome
         except Cancelled:
             await self.stored(reporter.flush, stop=stop)
             if stop is not None and stop.is_set() and not (await self.stored(self.store.get, job.id)).cancel_requested:
@@ -271,21 +347,16 @@ class Worker:
         except RefineryError as error:
             await self.stored(self.store.fail, job.id, str(error), stop=stop)
             return JobStatus.FAILED, {"error": str(error)}
-        except Exception as error:
-            log.exception("Job %s failed", job.id)
-            message = f"internal error: {type(error).__name__}: {error}"
-            await self.stored(self.store.fail, job.id, message, stop=stop)
-            return JobStatus.FAILED, {"error": message}
-        outcome = {"images": [Path(p).name for p in result.paths], "seeds": result.seeds,
-                   "metadata": result.metadata()}  # fmt: skip
-        await self.stored(self.store.succeed, job.id, outcome, stop=stop)
+        stored = {"images": [Path(p).name for p in result.paths], "seeds": result.seeds,
+                  "metadata": result.metadata()}  # fmt: skip
+        await self.stored(self.store.succeed, job.id, stored, stop=stop)
         self.output_fault = None
-        return JobStatus.SUCCEEDED, {"result": outcome}
+        return JobStatus.SUCCEEDED, {"result": stored}
 
     def stop_current(self) -> None:
-        """At shutdown: stop the running job within one step (it is re-queued, not cancelled)."""
-        if self.current is not None:
-            self.current[1].cancel()
+        """At shutdown: stop the running jobs within one step (they are re-queued, not cancelled)."""
+        for token in self.current.values():
+            token.cancel()
 
 
 async def _pause(seconds: float, stop: asyncio.Event | None) -> None:

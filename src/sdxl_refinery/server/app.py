@@ -138,7 +138,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("Recovered %d job(s) left running by a previous process: %s", len(recovered), recovered)
     if state.store.hands_out_work:  # embedded: this process runs the jobs
         state.worker = Worker(state.store, state.service, state.storage, state.events, state.metrics,
-                              state.settings.preview_every)  # fmt: skip
+                              state.settings.preview_every, max_batch=state.settings.max_batch,
+                              batch_window=state.settings.batch_window_seconds)  # fmt: skip
         if state.settings.load_on_start:
             tasks.append(asyncio.create_task(_load(state)))
         tasks.append(asyncio.create_task(state.worker.run(state.stop, state.store.claim_next)))
@@ -158,8 +159,7 @@ async def _drain(state: AppState, tasks: list[asyncio.Task[Any]]) -> None:
     now (the engine thread finishes its step on its own) so that nothing depends on the process ending well."""
     grace = state.settings.shutdown_grace_seconds
     _, pending = await asyncio.wait(tasks, timeout=grace)
-    if pending and state.worker is not None and state.worker.current is not None:
-        job_id = state.worker.current[0]
+    for job_id in list(state.worker.current) if pending and state.worker is not None else []:
         log.warning("Job %s is still in its step after %.0f s of shutdown grace: back to the queue now", job_id, grace)
         try:
             await asyncio.to_thread(state.store.requeue, job_id)

@@ -230,10 +230,11 @@ def progress(state: State, _: Authorized, skip_current_image: bool = False) -> d
                           "interrupted": False, "skipped": False}}  # fmt: skip
     preview = None if skip_current_image else state.events.preview(job.id)
     stage = job.progress.as_dict()["stage_name"]
+    shared = f" (in a batch of {job.batch['jobs']} jobs, {job.batch['images']} images)" if job.batch else ""
     return {
         "progress": round(job.progress.percent / 100, 4), "eta_relative": job.progress.eta or 0.0,
         "current_image": base64.b64encode(preview).decode() if preview else None,
-        "textinfo": f"{stage} step {job.progress.step}/{job.progress.total}",
+        "textinfo": f"{stage} step {job.progress.step}/{job.progress.total}{shared}",
         "state": {"job": job.id, "job_count": queued + 1, "job_no": 0, "sampling_step": job.progress.step,
                   "sampling_steps": job.progress.total, "interrupted": job.interrupt_requested or job.cancel_requested,
                   "skipped": False,

@@ -28,10 +28,11 @@ def _workers(state: AppState) -> list[dict[str, Any]]:
     if remote is not None:
         return remote
     described = state.service.describe()
-    current = state.worker.current[0] if state.worker and state.worker.current else None
+    current = list(state.worker.current) if state.worker else []
     name = state.worker.name if state.worker else "embedded"
     return [{"name": name, "host": "local", "device": described.get("device"), "precision": described.get("precision"),
-             "loaded": state.service.loaded, "current_job": current}]  # fmt: skip
+             "loaded": state.service.loaded, "current_job": current[0] if current else None,
+             "current_jobs": current}]  # fmt: skip
 
 
 @router.get("/v1/workers")
