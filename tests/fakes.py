@@ -61,15 +61,20 @@ class FakeEngine:
         self._stubborn = stubborn
         self._resume.clear()
 
-    def resume(self) -> None:
-        self._pause_at = None
-        self._resume.set()
+    def resume(self, then_pause_at: int | None = None) -> None:
+        """Release the run held now; `then_pause_at` holds the next run after that base step."""
+        held, self._resume = self._resume, threading.Event()
+        self._pause_at = then_pause_at
+        if then_pause_at is None:
+            self._resume.set()
+        held.set()
 
     def _hold_all(self, items: list[RunItem]) -> None:
         """Hold until `resume()`, or until every item is cancelled or interrupted (unless stubborn)."""
         self.paused.set()
+        released = self._resume
         try:
-            while not self._resume.wait(0.01):
+            while not released.wait(0.01):
                 tokens = [item.cancel for item in items if item.cancel is not None]
                 if (len(tokens) == len(items) and all(t.cancelled or t.interrupted for t in tokens)
                         and not self._stubborn):  # fmt: skip

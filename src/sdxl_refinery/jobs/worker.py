@@ -302,6 +302,8 @@ class Worker:
             calls.append(BatchCall(job.request, output, reporter, token, self.preview_every))
             self.events.publish(job.id, "started", {"attempt": job.attempts, "batch": job.batch})
         started = time.perf_counter()
+        released: set[str] = set()  # jobs of the pass cancelled and recorded so while the others go on
+        watcher = asyncio.create_task(self._release_cancelled(jobs, released, stop)) if len(jobs) > 1 else None
         try:
             outcomes: list[GenerationResult | RefineryError] = await self.service.generate_batch(calls)
         except RefineryError as error:  # not one pass after all (a bug if it happens): every job fails
@@ -309,7 +311,14 @@ class Worker:
         except Exception as error:  # recorded on every job of the pass, never lost
             log.exception("Jobs %s failed", ", ".join(job.id for job in jobs))
             outcomes = [GenerationFailed(f"internal error: {type(error).__name__}: {error}")] * len(jobs)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
         for job, reporter, outcome in zip(jobs, reporters, outcomes, strict=True):
+            if job.id in released:
+                self.current.pop(job.id, None)
+                continue
             status, recorded = await self._record(job, outcome, reporter, stop)
             if self.metrics is not None:
                 self.metrics.finished.labels(status.value).inc()
@@ -318,6 +327,25 @@ class Worker:
             self.events.drop_preview(job.id)
             if status is not JobStatus.QUEUED:
                 self.events.publish(job.id, "done", {"status": status.value, **recorded})
+
+    async def _release_cancelled(self, jobs: list[Job], released: set[str], stop: asyncio.Event | None) -> None:
+        """While a pass runs: a job cancelled by request is recorded cancelled at once (the engine lets its slot
+        go at its next step and discards its images); the other jobs of the pass go on."""
+        while stop is None or not stop.is_set():
+            await asyncio.sleep(CANCEL_POLL_INTERVAL)
+            if stop is not None and stop.is_set():
+                return  # shutting down: the tokens were cancelled to requeue the jobs, not to cancel them
+            for job in jobs:
+                token = self.current.get(job.id)
+                if job.id in released or token is None or not token.cancelled:
+                    continue
+                released.add(job.id)
+                await self.stored(self.store.mark_cancelled, job.id, stop=stop)
+                self.events.drop_preview(job.id)
+                self.events.publish(job.id, "done", {"status": JobStatus.CANCELLED.value,
+                                                     "error": "cancelled by request"})  # fmt: skip
+                if self.metrics is not None:
+                    self.metrics.finished.labels(JobStatus.CANCELLED.value).inc()
 
     async def _record(
         self, job: Job, outcome: GenerationResult | RefineryError, reporter: _JobReporter, stop: asyncio.Event | None
