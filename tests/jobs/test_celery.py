@@ -32,8 +32,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 class Workers:
-    def __init__(self, redis_url: str, data_dir: Path, logs: Path, pair: tuple[str, str] = ("tiny", "tiny")) -> None:
+    def __init__(self, redis_url: str, data_dir: Path, logs: Path, pair: tuple[str, str] = ("tiny", "tiny"),
+                 **settings: str) -> None:  # fmt: skip
         self.redis_url, self.data_dir, self.logs, self.pair = redis_url, data_dir, logs, pair
+        self.settings = {f"REFINERY_{name.upper()}": value for name, value in settings.items()}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str) -> None:
@@ -41,7 +43,7 @@ class Workers:
                        "REFINERY_PRECISION": "full", "REFINERY_REDIS_URL": self.redis_url,
                        "REFINERY_DATA_DIR": str(self.data_dir), "REFINERY_PREVIEW_EVERY": "1",
                        "REFINERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT), "HF_HUB_OFFLINE": "1",
-                       "OMP_NUM_THREADS": "1"}  # fmt: skip  # two workers share this machine's two cores
+                       "OMP_NUM_THREADS": "1", **self.settings}  # fmt: skip  # two workers share two cores
         with (self.logs / f"{name}.log").open("ab") as sink:
             self.processes[name] = subprocess.Popen([sys.executable, "-m", "sdxl_refinery", "worker", "--name", name],
                                                     env=environment, stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip

@@ -40,7 +40,7 @@ def test_compatible_jobs_share_one_pass_and_each_gets_its_own_images(
         assert job["result"]["seeds"] == [100 + index + k for k in range(1 + index % 2)]
         assert len(job["result"]["images"]) == 1 + index % 2
         assert job["result"]["metadata"]["request"]["prompt"] == f"job {index}"
-        assert job["batch"] is None  # shown while it runs only
+        assert job["batch"] == {"jobs": 3, "images": 4}
 
 
 def test_an_incompatible_job_at_the_head_runs_right_after_the_batch_behind_it(

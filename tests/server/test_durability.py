@@ -15,9 +15,10 @@ from ..waiting import patience, poll
 from .conftest import free_port
 
 
-def _start(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _start(data: Path, port: int, log: Path, **settings: str) -> subprocess.Popen[bytes]:
     environment = {**os.environ, "REFINERY_BASE_MODEL": "tiny", "REFINERY_REFINER_MODEL": "tiny",
-                   "REFINERY_PRECISION": "full", "REFINERY_MAX_STEPS": "500", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+                   "REFINERY_PRECISION": "full", "REFINERY_MAX_STEPS": "500", "HF_HUB_OFFLINE": "1",
+                   **{f"REFINERY_{name.upper()}": value for name, value in settings.items()}}  # fmt: skip
     with log.open("ab") as sink:
         return subprocess.Popen(
             [sys.executable, "-m", "sdxl_refinery", "serve", "--port", str(port), "--data-dir", str(data)],
@@ -76,6 +77,37 @@ def test_sigkill_mid_job_then_restart_completes_every_job_once(tmp_path: Path) -
     assert finished[0]["attempts"] == 2  # the job that was running ran again from the start
     assert [job["attempts"] for job in finished[1:]] == [1, 1]
     for job in finished:
+        folder = data / "images" / job["id"]
+        assert sorted(path.name for path in folder.iterdir()) == ["image-1.png", "image-2.png"]
+    assert sorted(path.name for path in (data / "images").iterdir() if path.is_dir()) == sorted(jobs)
+
+
+def test_sigkill_mid_batch_then_restart_finishes_every_job_of_the_batch_once(tmp_path: Path) -> None:
+    """Three jobs share one pass (6 images); the server dies mid-pass; after the restart each job ran again
+    once (its crash counted on its own), none is duplicated, and each has exactly its own images."""
+    data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    batching = {"max_batch": "6", "batch_window_ms": "5000"}
+    process = _start(data, port, log, **batching)
+    try:
+        _wait_ready(url, process)
+        jobs = [httpx.post(url + "/v1/jobs", json={"prompt": f"batch job {i}", "width": 128, "height": 128,
+                                                   "num_inference_steps": 60, "refiner_steps": 3, "n": 2,
+                                                   "seed": 7 * i}).json()["id"] for i in range(3)]  # fmt: skip
+        _wait_for_step(url, jobs[0], 3)
+        assert [_job(url, job_id)["batch"] for job_id in jobs] == [{"jobs": 3, "images": 6}] * 3
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=patience(30))
+
+        process = _start(data, port, log, **batching)
+        _wait_ready(url, process)
+        finished = [_wait_succeeded(url, job_id) for job_id in jobs]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=patience(60))
+    assert [job["attempts"] for job in finished] == [2, 2, 2]
+    for index, job in enumerate(finished):
+        assert job["result"]["seeds"] == [7 * index, 7 * index + 1]
         folder = data / "images" / job["id"]
         assert sorted(path.name for path in folder.iterdir()) == ["image-1.png", "image-2.png"]
     assert sorted(path.name for path in (data / "images").iterdir() if path.is_dir()) == sorted(jobs)

@@ -145,7 +145,7 @@ class AppState:
             "request": job.request.recorded(), "progress": job.progress.as_dict(),
             "position": self.store.position(job.id) if job.status.value == "queued" else None,
             "error": job.error, "result": None,
-            "batch": job.batch if job.status.value == "running" else None,
+            "batch": job.batch,
         }  # fmt: skip
         if job.result is not None:
             view["result"] = {**job.result,
