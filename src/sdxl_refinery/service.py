@@ -11,8 +11,6 @@ import asyncio
 import json
 import logging
 import secrets
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from .engine.catalog import ModelFolder
 from .engine.sources import TINY_CONTEXT_DIM, TINY_NAME
 from .errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError, StorageError
 from .loras import SDXL_CONTEXT_DIM, LoraFile, LoraFolder
+from .pairs import LoadedPairs
 from .png import check_writable_folder, numbered_paths, write_png
 from .request import (
     HIGH_QUALITY_GUIDANCE,
@@ -125,9 +124,8 @@ class ImageService:
         self.models_folder = ModelFolder(models_dir)
         self.max_loaded_pairs = max_loaded_pairs
         self._engine: RunsRequests | None = None  # the engine of the latest run (or load)
-        self._engines: OrderedDict[tuple[str, str], RunsRequests] = OrderedDict()  # loaded pairs, oldest first
+        self._pairs = LoadedPairs(max_loaded_pairs, self._room_for, self._released)
         self._engine_factory = engine_factory or self._load_engine
-        self.last_switch_seconds = 0.0  # what loading the latest run's pair cost (0 when it was loaded already)
         self.own_models: dict[str, str] = {}  # the service's own pair as last loaded (names, hashes), kept after
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinery-engine")
 
@@ -148,30 +146,17 @@ class ImageService:
                            self.precision, self.speed)  # fmt: skip
 
     def _engine_sync(self, base_model: str | None = None, refiner_model: str | None = None) -> RunsRequests:
-        """The engine of a pair (the service's own when None), loaded on first use. Loading a pair beyond
-        `max_loaded_pairs` first unloads the one unused longest, so no more pairs are resident than allowed."""
+        """The engine of a pair (the service's own when None), loaded on first use within the cache's bounds."""
         key = (base_model or self.base_model, refiner_model or self.refiner_model)
-        engine = self._engines.get(key)
-        if engine is None:
-            while self._engines and (len(self._engines) >= self.max_loaded_pairs or not self._room_for(key)):
-                (old_base, old_refiner), old = self._engines.popitem(last=False)
-                log.info("Unloading %s + %s to make room for %s + %s", old_base, old_refiner, *key)
-                if (close := getattr(old, "close", None)) is not None:
-                    close()
-                self._engine = None if self._engine is old else self._engine
-            started = time.perf_counter()
-            own = key == (self.base_model, self.refiner_model)
-            engine = self._engine_factory() if own else self._engine_factory(*key)
-            if own:
-                self.own_models = dict(engine.models)
-            self.last_switch_seconds = time.perf_counter() - started
-            log.info("Loaded %s + %s in %.1f s", *key, self.last_switch_seconds)
-            self._engines[key] = engine
-        else:
-            self.last_switch_seconds = 0.0
-        self._engines.move_to_end(key)
+        own = key == (self.base_model, self.refiner_model)
+        engine = self._pairs.get(key, lambda: self._engine_factory() if own else self._engine_factory(*key))
+        if own:
+            self.own_models = dict(engine.models)
         self._engine = engine
         return engine
+
+    def _released(self, engine: RunsRequests) -> None:
+        self._engine = None if self._engine is engine else self._engine
 
     def _room_for(self, pair: tuple[str, str]) -> bool:
         """Whether `pair` fits beside the pairs loaded now (the memory plan's count of free memory)."""
@@ -183,9 +168,14 @@ class ImageService:
             return True
 
     @property
+    def last_switch_seconds(self) -> float:
+        """What loading the latest run's pair cost (0 when it was loaded already)."""
+        return self._pairs.last_load_seconds
+
+    @property
     def loaded_pairs(self) -> list[tuple[str, str]]:
         """The (base, refiner) references loaded now, oldest first."""
-        return list(self._engines)
+        return self._pairs.keys()
 
     def resolve_models(self, request: GenerationRequest, allow_paths: bool) -> tuple[str | None, str | None]:
         """The references of the request's `base_model` and `refiner_model` (None: the service's own), before
