@@ -12,18 +12,24 @@
 #    trace of one base step naming where they part (bench/precision_check.py);
 # 3. eager: the full-size SDXL UNets (random weights), ours (fp16 + fp32 VAE, channels_last, fused QKV)
 #    against plain fp16 diffusers, at 512 (batch 1 and 4) and 1024;
-# 4. compiled (not in QUICK): ours with compile on (max-autotune, CUDA graphs) at 1024, its warm-up
-#    apart from the per-step times. On an H200 this warm-up did not finish in 200 s.
+# 4. throughput (issue 25): a full-size SDXL pair with random weights written as folders
+#    (bench/random_pair.py), then bench/throughput.py: 1 and 8 concurrent HTTP clients against a real
+#    `refinery serve`, batching (8 images, 100 ms) against one job at a time, at 1024 and 512 (20 + 6 steps);
+#    in QUICK the tiny pair at 64;
+# 5. compiled (only with COMPILED=1): ours with compile on (max-autotune, CUDA graphs) at 1024, its warm-up
+#    apart from the per-step times. On an H200 this warm-up did not finish in 200 s, so it is left out unless
+#    asked for, to keep the device time for the stages that give figures.
 #
 # Writes, under $OUT (default bench/results): smoke-$DEVICE.json, precision-$DEVICE.json,
-# bench-$DEVICE.json (+ .png), bench-$DEVICE-compiled.json and gpu-$DEVICE.log (every stage's whole
-# output): six files, inside what a device call brings back (eight). Needs a CUDA build of
+# bench-$DEVICE.json (+ .png), throughput-$DEVICE-{1024,512}.json, bench-$DEVICE-compiled.json (COMPILED=1)
+# and gpu-$DEVICE.log (every stage's whole output): at most eight files, what a device call brings back. Needs a CUDA build of
 # torch in $PYTHON (default python) and the package importable (PYTHONPATH=src works).
 set -uo pipefail
 DEVICE="${DEVICE:-cuda}"
 OUT="${OUT:-bench/results}"
 PYTHON="${PYTHON:-python}"
 SMOKE_S="${SMOKE_S:-90}" PRECISION_S="${PRECISION_S:-90}" EAGER_S="${EAGER_S:-130}" COMPILED_S="${COMPILED_S:-200}"
+THROUGHPUT_S="${THROUGHPUT_S:-330}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu',
@@ -56,7 +62,20 @@ stage precision "$PRECISION_S" "$PYTHON" bench/precision_check.py --device "$DEV
     --json "$OUT/precision-$DEVICE.json"
 stage eager "$EAGER_S" "$PYTHON" bench/run.py --device "$DEVICE" --compile off "${eager[@]}" \
     --json "$OUT/bench-$DEVICE.json" --plot "$OUT/bench-$DEVICE.png"
-if [[ "${QUICK:-0}" != "1" ]]; then
+if [[ "${QUICK:-0}" == "1" ]]; then
+    stage throughput "$THROUGHPUT_S" "$PYTHON" bench/throughput.py --device "$DEVICE" --quick \
+        --json "$OUT/throughput-$DEVICE-quick.json"
+else
+    pair="${PAIR_DIR:-/tmp/sdxl-random}"
+    stage throughput "$THROUGHPUT_S" bash -c "
+        '$PYTHON' bench/random_pair.py --out '$pair' --dtype fp16 &&
+        for size in 1024 512; do
+            '$PYTHON' bench/throughput.py --device '$DEVICE' --base '$pair/base' --refiner '$pair/refiner' \
+                --clients 1 8 --jobs 2 --size \$size --steps 20 --refiner-steps 6 --max-batch 8 --window-ms 100 \
+                --json '$OUT/throughput-$DEVICE-'\$size.json || exit 1
+        done"
+fi
+if [[ "${COMPILED:-0}" == "1" ]]; then
     stage compiled "$COMPILED_S" "$PYTHON" bench/run.py --device "$DEVICE" --compile on --resolution 1024 \
         --steps 5 --batch 1 --skip-baseline --json "$OUT/bench-$DEVICE-compiled.json"
 fi

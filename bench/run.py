@@ -39,10 +39,6 @@ FIGURES = ("setup_s", "text_s", "base_step_s", "refiner_step_s", "decode_s", "en
 
 def _components(kind: str, quick: bool, dtype: Any, device: str) -> dict[str, Any]:
     """UNet, VAE and text encoders of SDXL (or the tiny pair) with random weights, on `device` in `dtype`."""
-    import torch
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if quick:
         from sdxl_refinery.engine.tiny import build_tiny_pair
@@ -53,30 +49,39 @@ def _components(kind: str, quick: bool, dtype: Any, device: str) -> dict[str, An
         if kind == "sdxl-base":
             parts["text_encoder"] = pipe.text_encoder
         return {name: part.to(device, dtype) for name, part in parts.items()}
+    names = ["unet", "vae", "text_encoder_2"] + (["text_encoder"] if kind == "sdxl-base" else [])
+    return {name: _one_component(kind, name, dtype, device) for name in names}
+
+
+def _one_component(kind: str, name: str, dtype: Any, device: str = "cpu") -> Any:
+    """One full-size SDXL component of `kind` (its shipped config) with random weights, in `dtype` on `device`."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     from sdxl_refinery.engine.single_file import shipped_config
 
     config = shipped_config(kind)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # allocate in the target dtype at once: peak memory is the side's own
     with init_empty_weights():
-        parts = {"unet": UNet2DConditionModel.from_config(config["unet"]),
-                 "vae": AutoencoderKL.from_config(config["vae"]),
-                 "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))}  # fmt: skip
-        if "text_encoder" in config:
-            parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
+        builders = {"unet": lambda: UNet2DConditionModel.from_config(config["unet"]),
+                    "vae": lambda: AutoencoderKL.from_config(config["vae"]),
+                    "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
+                    "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))}  # fmt: skip
+        part = builders[name]()
     torch.set_default_dtype(default_dtype)
-    for part in parts.values():
-        part.to_empty(device=device)
-        with torch.no_grad():
-            for parameter in part.parameters():
-                parameter.normal_(0.0, 0.02)
-            for name, buffer in part.named_buffers():  # to_empty leaves buffers uninitialised
-                if name.endswith("position_ids"):
-                    buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
-                else:
-                    buffer.zero_()
-        part.to(dtype).eval()
-    return parts
+    part.to_empty(device=device)
+    with torch.no_grad():
+        for parameter in part.parameters():
+            parameter.normal_(0.0, 0.02)
+        for buffer_name, buffer in part.named_buffers():  # to_empty leaves buffers uninitialised
+            if buffer_name.endswith("position_ids"):
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+            else:
+                buffer.zero_()
+    return part.to(dtype).eval()
 
 
 def _timed(function: Any, repeats: int) -> float:

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_gpu_script_runs_every_stage_end_to_end_on_cpu(tmp_path: Path) -> None:
-    """bench/gpu.sh as a lent GPU machine runs it, on the tiny pair: smoke, precision, benchmark table."""
+    """bench/gpu.sh as a lent GPU machine runs it, on the tiny pair: smoke, precision, benchmark table, and
+    throughput against real servers with concurrent clients, batching against one job at a time."""
     env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
@@ -43,6 +44,12 @@ def test_the_gpu_script_runs_every_stage_end_to_end_on_cpu(tmp_path: Path) -> No
     assert trace["modules_traced"] > 100
     parted = trace["first_divergences"]
     assert all(row["module"].startswith(("text_encoder", "unet")) and row["finite"] for row in parted)
+    throughput = json.loads((tmp_path / "throughput-cpu-quick.json").read_text())
+    for setting in ("one_at_a_time", "batching"):
+        rows = throughput["results"][setting]
+        assert {clients: row["jobs"] for clients, row in rows.items()} == {"1": 1, "2": 2}
+        assert all(row["images_per_minute"] > 0 and 0 < row["p50_s"] <= row["p95_s"] for row in rows.values())
+    assert set(throughput["ratios"]) == {"1", "2"} and throughput["machine"]["cores"]
     stages = (tmp_path / "gpu-cpu.log").read_text()
     assert "== smoke: exit 0" in stages and "== precision: exit 0" in stages and "== eager: exit 0" in stages
 

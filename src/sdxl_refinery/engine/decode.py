@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from .memory import GIB, decode_bytes, free_bytes
+from .passes import Pass
 from .recovery import NonFinite, all_finite, upcast
+from .tracking import BatchTracker
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +74,30 @@ def decode_checked(vae: Any, processor: Any, latents: torch.Tensor, device: str,
         recoveries.append("NaN/Inf in the VAE decode; decoded again in fp32")
         log.warning("   NaN/Inf in the VAE decode: decoded again in fp32")
     return to_images(processor, pixels)
+
+
+def decode_pass(
+    run: Pass, tracker: BatchTracker, latents: torch.Tensor, vaes: tuple[Any, Any], processor: Any, device: str
+) -> tuple[list[list[Image.Image] | None], bool]:
+    """Each request's images (None for a cancelled one), and whether a decode was tiled.
+
+    Args:
+        vaes: the last stage's VAE, which decodes the requests that ran to the end together, and the base's,
+            which decodes each interrupted request from the latents it kept, as a run of it alone would.
+    """
+    finished = [index for index in range(len(run.items)) if index not in tracker.gone]
+    images: list[list[Image.Image] | None] = [None] * len(run.items)
+    decode_tiled = False
+    if finished:
+        shares = torch.cat([latents[tracker.slices[index]] for index in finished])
+        with tiles_if_needed(vaes[0], shares, device) as decode_tiled:
+            decoded = decode_checked(vaes[0], processor, shares, device, run.recoveries)
+        for index in finished:
+            images[index], decoded = decoded[: run.counts[index]], decoded[run.counts[index] :]
+    for index, kept in tracker.kept.items():
+        with tiles_if_needed(vaes[1], kept, device) as tiled:
+            images[index] = decode_checked(vaes[1], processor, kept, device, run.recoveries)
+        decode_tiled = decode_tiled or tiled
+    if run.edit is not None:  # inpainting: back into the original, unmasked pixels unchanged
+        images = [[run.edit.finish(image) for image in own] if own else own for own in images]
+    return images, decode_tiled

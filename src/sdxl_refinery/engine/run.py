@@ -24,7 +24,7 @@ from ..batching import Run, RunItem
 from ..errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError
 from ..request import GenerationRequest, Mode
 from ..steps import StagePlan, plan_steps, require_both_stages
-from .decode import decode_checked, decode_pixels, tiles_if_needed, to_images
+from .decode import decode_pass, decode_pixels, to_images
 from .device import Placement
 from .edits import EditPipelines, inpaint_inputs, is_inpainting_unet, masked_image_latents, upscale, vae_dtype_kept
 from .image_prep import EditInputs
@@ -271,7 +271,10 @@ class TwoStageRunner:
             # 3. One VAE decode for the images that ran to the end, again in fp32 if it gives NaN/Inf.
             tracker.check_cancelled()
             decode_started = time.perf_counter()
-            images, decode_tiled = self._decode(run, tracker, latents, refined)
+            # The last stage's own VAE decodes (the refiner's, when it has one and refined).
+            vae = self.pair.refiner.vae if refined else self.pair.base.vae
+            images, decode_tiled = decode_pass(run, tracker, latents, (vae, self.pair.base.vae),
+                                               self.pair.base.image_processor, self.placement.device)  # fmt: skip
             timings["decode"] = time.perf_counter() - decode_started
         timings["total"] = time.perf_counter() - started
         outcomes: list[Outcome] = []
@@ -288,31 +291,6 @@ class TwoStageRunner:
                 decode_tiled=decode_tiled, interrupted=kept or steps.interrupted,
             ))  # fmt: skip
         return outcomes
-
-    def _decode(
-        self, run: Pass, tracker: BatchTracker, latents: torch.Tensor, refined: bool
-    ) -> tuple[list[list[Image.Image] | None], bool]:
-        """Each request's images (None for a cancelled one): those that ran to the end decoded together by the
-        last stage's own VAE (the refiner's, when it has one and refined), interrupted ones from their kept
-        latents by the base's VAE, as a run of that request alone decodes them."""
-        processor, device = self.pair.base.image_processor, self.placement.device
-        finished = [index for index in range(len(run.items)) if index not in tracker.gone]
-        images: list[list[Image.Image] | None] = [None] * len(run.items)
-        decode_tiled = False
-        if finished:
-            vae = self.pair.refiner.vae if refined else self.pair.base.vae
-            shares = torch.cat([latents[tracker.slices[index]] for index in finished])
-            with tiles_if_needed(vae, shares, device) as decode_tiled:
-                decoded = decode_checked(vae, processor, shares, device, run.recoveries)
-            for index in finished:
-                images[index], decoded = decoded[: run.counts[index]], decoded[run.counts[index] :]
-        for index, kept in tracker.kept.items():
-            with tiles_if_needed(self.pair.base.vae, kept, device) as tiled:
-                images[index] = decode_checked(self.pair.base.vae, processor, kept, device, run.recoveries)
-            decode_tiled = decode_tiled or tiled
-        if run.edit is not None:  # inpainting: back into the original, unmasked pixels unchanged
-            images = [[run.edit.finish(image) for image in own] if own else own for own in images]
-        return images, decode_tiled
 
     def _run_base(
         self, run: Pass, generators: list[torch.Generator], tracker: BatchTracker, timings: dict[str, float]
