@@ -95,13 +95,34 @@ def read_header(path: Path, name: str | None = None) -> dict[str, Any]:
             (length,) = struct.unpack("<Q", file.read(8))
             if length > min(size - 8, MAX_HEADER_BYTES):  # read nothing a garbage length points at
                 raise ValueError(f"a header of {length} bytes in a file of {size}")
-            header: dict[str, Any] = json.loads(file.read(length))
+            header: dict[str, Any] = checked_header_shape(json.loads(file.read(length)))
             end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
             if size < 8 + length + end:
                 raise InvalidRequest("loras", f"{name}: truncated ({size} bytes, its header says "
                                      f"{8 + length + end})")  # fmt: skip
-    except (OSError, struct.error, ValueError, KeyError, TypeError) as error:
-        raise InvalidRequest("loras", f"{name}: not a readable safetensors file ({error})") from None
+    except (OSError, struct.error, ValueError, KeyError, TypeError, RecursionError) as error:
+        raise InvalidRequest("loras", f"{name}: not a readable safetensors file ({str(error)[:200]})") from None
+    return header
+
+
+def checked_header_shape(header: Any) -> dict[str, Any]:
+    """A safetensors header's shape: a mapping of tensors, each with a dtype, a shape and two data offsets,
+    and an optional `__metadata__` mapping.
+
+    Raises:
+        ValueError: naming what is of another shape.
+    """
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a {type(header).__name__}, not a mapping")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict):
+                raise ValueError("__metadata__ is not a mapping")
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and isinstance(entry.get("shape"), list)):  # fmt: skip
+            raise ValueError(f"tensor {key[:80]!r} has no shape and two data offsets")
     return header
 
 

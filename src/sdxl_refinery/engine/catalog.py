@@ -59,6 +59,11 @@ class Unusable:
     reason: str
 
 
+# What a hostile or damaged file's header or config can raise while it is read (a JSON bomb's recursion, a list
+# where a mapping belongs, missing offsets): each makes that one file unusable, never the listing.
+HOSTILE_FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError)
+
+
 class ModelFolder:
     """The checkpoints under `root`, scanned on each listing (headers only; hashes cached)."""
 
@@ -85,15 +90,22 @@ class ModelFolder:
         assert self.root is not None
         name = path.relative_to(self.root).as_posix().removesuffix(MODEL_SUFFIX)
         marker = path / "model_index.json" if path.is_dir() else path
-        stat = marker.stat()
         sidecar = path.with_name(name.rsplit("/", 1)[-1] + SIDECAR_SUFFIX)  # it changes how a file is read
-        version = (str(path), stat.st_size, stat.st_mtime_ns, sidecar.stat().st_mtime_ns if sidecar.exists() else 0)
+        try:
+            stat = marker.stat()
+            version = (str(path), stat.st_size, stat.st_mtime_ns,
+                       sidecar.stat().st_mtime_ns if sidecar.exists() else 0)  # fmt: skip
+        except OSError as error:  # a dangling link, a folder named like a file without its index, no access
+            unusable.append(Unusable(name, f"cannot be read: {error.strerror or error}"))
+            return
         found = self._seen.get(version)
         if found is None:
             try:
                 found = _folder_entry(name, path) if path.is_dir() else _file_entry(name, path)
             except ModelLoadError as error:
                 found = Unusable(name, str(error).removeprefix(f"{path}: "))
+            except HOSTILE_FILE_ERRORS as error:  # a header or config of another shape: this file alone is out
+                found = Unusable(name, f"not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})")
             self._seen[version] = found
         if isinstance(found, CatalogEntry):
             entries.append(found)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from ..loras import checked_header_shape
 
 CONFIG_METADATA_KEY = "refinery.config"
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
@@ -133,9 +134,11 @@ def read_header(path: Path) -> dict[str, Any]:
         if length > min(size - 8, 100_000_000):
             raise ModelLoadError(f"{path}: not a safetensors file (header length {length} does not fit the file)")
         try:
-            header: dict[str, Any] = json.loads(stream.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            header: dict[str, Any] = checked_header_shape(json.loads(stream.read(length)))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise ModelLoadError(f"{path}: not a safetensors file (unreadable header)") from error
+        except ValueError as error:
+            raise ModelLoadError(f"{path}: not a safetensors file ({error})") from error
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + length + end > size:
         raise ModelLoadError(f"{path}: truncated: the header announces {8 + length + end} bytes, the file has {size}")
