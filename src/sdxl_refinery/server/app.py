@@ -37,6 +37,7 @@ from .routes import a1111, a1111_options, checkpoints, jobs, loras, openai, ops
 from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import OPENAI_PATHS, openai_error, openai_param
 from .security import BodySizeLimit
+from .signing import WeakSigningKey
 from .state import AppState, IdempotencyConflict
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,8 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
                          QueueMetrics())  # fmt: skip
     except OSError as error:
         raise StorageError(f"data folder {settings.data_dir} cannot be used: {error}") from error
+    except WeakSigningKey as error:  # an empty key would open every image without the API key
+        raise StorageError(f"refusing to start: {error}") from error
     # The schema and docs routes are added by `ops.docs_router`, behind the API key like everything else.
     description = "SDXL base + refiner, every image. Native, OpenAI and A1111 APIs."
     app = FastAPI(title="Refinery", version="0.1.0", lifespan=_lifespan, openapi_url=None, docs_url=None,

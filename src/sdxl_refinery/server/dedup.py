@@ -37,7 +37,7 @@ def dedup_for(http: Request, request: GenerationRequest, client: str, retries_at
         InvalidRequest: an Idempotency-Key longer than 255 characters.
     """
     caller = _digest("caller", presented_key(http.headers.get("authorization", "")) or "")
-    key = http.headers.get("idempotency-key")
+    key = (http.headers.get("idempotency-key") or "").strip() or None  # blank: no key (clients send it empty)
     if key is not None:
         if len(key) > MAX_KEY_LENGTH:
             raise InvalidRequest("Idempotency-Key", f"must be at most {MAX_KEY_LENGTH} characters")

@@ -19,7 +19,7 @@ from ..jobs.worker import Worker
 from ..limits import Limits, enforce_limits
 from ..request import GenerationRequest
 from ..service import ImageService, check_images
-from .signing import UrlSigner, load_or_create_key
+from .signing import UrlSigner
 
 LISTED_PROMPT_CHARS = 300  # prompts in job listings are cut here; the job itself has them whole
 
@@ -50,7 +50,7 @@ class AppState:
 
     def __post_init__(self) -> None:
         self.storage = FolderStorage(self.settings.data_dir / "images")
-        self.signer = UrlSigner(load_or_create_key(self.settings.data_dir), self.settings.url_ttl_seconds)
+        self.signer = UrlSigner(self.settings.data_dir, self.settings.url_ttl_seconds)
 
     @property
     def limits(self) -> Limits:
