@@ -88,7 +88,3 @@ class Run:
 
     items: list[RunItem]
     loras: list[tuple[LoraFile, float]] = field(default_factory=list)
-
-    @property
-    def images(self) -> int:
-        return sum(len(item.seeds) for item in self.items)

@@ -13,18 +13,18 @@ import logging
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .batching import BatchCall, Run, RunItem, batch_key
+from .batching import BatchCall, Run, batch_key
 from .config import Settings
 from .engine.catalog import ModelFolder
 from .engine.sources import TINY_CONTEXT_DIM, TINY_NAME
 from .errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError, StorageError
 from .loras import SDXL_CONTEXT_DIM, LoraFile, LoraFolder
 from .pairs import LoadedPairs
-from .png import check_writable_folder, numbered_paths, write_png
+from .png import check_writable_folder
+from .prepared import PreparedCall, finish_call
 from .request import (
     HIGH_QUALITY_GUIDANCE,
     MAX_SEED,
@@ -40,7 +40,7 @@ from .request import (
 )
 
 if TYPE_CHECKING:
-    from .engine.passes import EngineOutput, Outcome
+    from .engine.passes import Outcome
 
 log = logging.getLogger("sdxl_refinery")
 
@@ -64,20 +64,6 @@ class RunsRequests(Protocol):
         error that failed it alone: `Cancelled` when its own token was cancelled). A run of one request raises
         its errors instead."""
         ...
-
-
-@dataclass
-class _Prepared:
-    """A call checked before any work: its seeds and resolved models and LoRAs."""
-
-    call: BatchCall
-    seeds: list[int]
-    models: tuple[str | None, str | None]
-    loras: list[tuple[LoraFile, float]]
-
-    def item(self) -> RunItem:
-        call = self.call
-        return RunItem(call.request, self.seeds, call.on_progress, call.cancel, call.preview_every)
 
 
 class ImageService:
@@ -122,7 +108,6 @@ class ImageService:
         self.speed = speed or SpeedOptions()
         self.lora_folder = LoraFolder(lora_dir)
         self.models_folder = ModelFolder(models_dir)
-        self.max_loaded_pairs = max_loaded_pairs
         self._engine: RunsRequests | None = None  # the engine of the latest run (or load)
         self._pairs = LoadedPairs(max_loaded_pairs, self._room_for, self._released)
         self._engine_factory = engine_factory or self._load_engine
@@ -171,6 +156,11 @@ class ImageService:
     def last_switch_seconds(self) -> float:
         """What loading the latest run's pair cost (0 when it was loaded already)."""
         return self._pairs.last_load_seconds
+
+    @property
+    def max_loaded_pairs(self) -> int:
+        """At most this many (base, refiner) pairs are loaded at once."""
+        return self._pairs.limit
 
     @property
     def loaded_pairs(self) -> list[tuple[str, str]]:
@@ -292,13 +282,13 @@ class ImageService:
         if len(calls) > 1 and (len(keys) > 1 or None in keys):
             raise InvalidRequest("requests", "a batch's requests must differ only in prompt, negative_prompt, seed "
                                              "and n, and start from no image")  # fmt: skip
-        checked: list[_Prepared | RefineryError] = []
+        checked: list[PreparedCall | RefineryError] = []
         for call in calls:
             try:
                 checked.append(self._prepare(call))
             except RefineryError as error:
                 checked.append(error)
-        ready = [entry for entry in checked if isinstance(entry, _Prepared)]
+        ready = [entry for entry in checked if isinstance(entry, PreparedCall)]
         done: list[GenerationResult | RefineryError] = []
         if ready:
             loop = asyncio.get_running_loop()
@@ -312,7 +302,7 @@ class ImageService:
         results = iter(done)
         return [entry if isinstance(entry, RefineryError) else next(results) for entry in checked]
 
-    def _prepare(self, call: BatchCall) -> _Prepared:
+    def _prepare(self, call: BatchCall) -> PreparedCall:
         """Raises: InvalidRequest: the output folder, an image given only by its hash, a model or a LoRA."""
         request = call.request
         if call.output_path is not None:
@@ -321,9 +311,9 @@ class ImageService:
         models = self.resolve_models(request, allow_paths=True)
         loras = self.check_loras(request, allow_paths=True)
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
-        return _Prepared(call, seeds, models, loras)
+        return PreparedCall(call, seeds, models, loras)
 
-    def _generate_sync(self, ready: list[_Prepared]) -> list[GenerationResult | RefineryError]:
+    def _generate_sync(self, ready: list[PreparedCall]) -> list[GenerationResult | RefineryError]:
         """On the engine thread: one engine run for the calls not yet cancelled, then each call's result."""
         outcomes: list[Outcome | None] = [Cancelled("cancelled by request") if entry.call.cancel.cancelled else None
                                           for entry in ready]  # fmt: skip
@@ -356,47 +346,10 @@ class ImageService:
             if switched:  # this run loaded its pair: what switching cost, reported with the stages
                 own.timings["load"] = switched
             try:
-                results.append(self._result(entry, own, engine))
+                results.append(finish_call(entry, own, engine))
             except (Cancelled, StorageError) as error:
                 results.append(error)
         return results
-
-    def _result(self, entry: _Prepared, output: EngineOutput, engine: RunsRequests) -> GenerationResult:
-        """The call's result, its PNGs written (atomically) when it asked for them.
-
-        Raises:
-            Cancelled: the call was cancelled before its images were written.
-            StorageError: a PNG could not be written.
-        """
-        request, loras = entry.call.request, entry.loras
-        result = GenerationResult(
-            images=output.images,
-            seeds=entry.seeds,
-            base_steps=output.base_steps,
-            refiner_steps=output.refiner_steps,
-            refined=output.refined,
-            refinement_error=output.refinement_error,
-            device=engine.placement.device,
-            precision=engine.placement.precision_name,
-            precision_policy=engine.placement.precision,
-            timings=output.timings,
-            request=request,
-            models=engine.models,
-            memory_plan=output.memory_plan,
-            recoveries=output.recoveries,
-            optimizations=engine.optimizations,
-            interrupted=output.interrupted,
-            loras=[{"name": lora.name, "weight": weight, "hash": lora.short_hash} for lora, weight in loras],
-        )
-        if entry.call.output_path is not None:
-            entry.call.cancel.raise_if_cancelled()
-            metadata = result.metadata()
-            paths = numbered_paths(Path(entry.call.output_path), request.n)
-            for index, (image, path) in enumerate(zip(result.images, paths, strict=True)):
-                write_png(image, path, metadata, index)
-                result.paths.append(str(path))
-                log.info("Image saved to %s", path)
-        return result
 
     def check_loras(self, request: GenerationRequest, allow_paths: bool) -> list[tuple[LoraFile, float]]:
         """The request's LoRAs (field and prompt tags), each resolved and checked, before any work.
