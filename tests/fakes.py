@@ -40,6 +40,7 @@ class FakeEngine:
     """Deterministic images after the planned steps; see the module docstring."""
 
     placement = FakePlacement()
+    encoder_layers = 3  # as the tiny pair's text encoders: the deepest clip skip it takes
 
     def __init__(self) -> None:
         self.models = {"base": "fake-base", "base_source": "folder:fake-base", "refiner": "fake-refiner",

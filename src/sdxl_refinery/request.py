@@ -424,6 +424,13 @@ def check_prompt_text(value: str) -> str:
     return value
 
 
+def check_clip_skip(clip_skip: int, layers: int) -> None:
+    """Raises: InvalidRequest: `clip_skip` deeper than `layers`, the models' shallowest text encoder."""
+    if clip_skip > layers:
+        raise InvalidRequest("clip_skip", f"must be at most {layers} for these models (their text encoders have "
+                                          f"{layers} layers), not {clip_skip}")  # fmt: skip
+
+
 def invalid_request_from(error: ValidationError) -> InvalidRequest:
     """Turn pydantic's first validation error into an `InvalidRequest`."""
     first = error.errors()[0]

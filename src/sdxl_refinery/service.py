@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .batching import BatchCall, Run, batch_key
 from .config import Settings
 from .engine.catalog import ModelFolder
-from .engine.sources import TINY_CONTEXT_DIM, TINY_NAME
+from .engine.sources import SDXL_ENCODER_LAYERS, TINY_CONTEXT_DIM, TINY_ENCODER_LAYERS, TINY_NAME
 from .errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError, StorageError
 from .loras import SDXL_CONTEXT_DIM, LoraFile, LoraFolder
 from .pairs import LoadedPairs
@@ -35,6 +35,7 @@ from .request import (
     Precision,
     ProgressCallback,
     SpeedOptions,
+    check_clip_skip,
     validate_device,
     validate_precision,
 )
@@ -366,6 +367,29 @@ class ImageService:
             return []
         files = self.lora_folder.check(wanted, allow_paths, self._context_width())
         return [(file, lora.weight) for file, lora in zip(files, wanted, strict=True)]
+
+    def check_clip_skip(self, request: GenerationRequest) -> None:
+        """Refuse at submission a `clip_skip` the server's models cannot take (the engine would at run time).
+
+        Raises:
+            InvalidRequest: field `clip_skip`, deeper than the text encoders.
+        """
+        check_clip_skip(request.clip_skip, self._encoder_layers())
+
+    def _encoder_layers(self) -> int:
+        """Layers of the shallowest text encoder: the loaded engine's, else the tiny pair's or what the pair's
+        folders' configs say, else SDXL's."""
+        loaded: int | None = getattr(self._engine, "encoder_layers", None)
+        if loaded is not None:
+            return loaded
+        if self.base_model == TINY_NAME:
+            return TINY_ENCODER_LAYERS
+        folders = (Path(self.base_model), Path(self.refiner_model))
+        names = [(folders[0], "text_encoder"), *((folder, "text_encoder_2") for folder in folders)]
+        configs = [folder / name / "config.json" for folder, name in names]
+        depths = [int(json.loads(config.read_text()).get("num_hidden_layers", SDXL_ENCODER_LAYERS))
+                  for config in configs if config.is_file()]  # fmt: skip
+        return min(depths, default=SDXL_ENCODER_LAYERS)
 
     def _context_width(self) -> int:
         """The base's cross-attention width, which a LoRA must be made for: the loaded engine's, else what

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,28 +11,7 @@ import httpx
 
 from ..waiting import patience, poll
 from .conftest import free_port
-
-
-def _start(data: Path, port: int, log: Path, **settings: str) -> subprocess.Popen[bytes]:
-    environment = {**os.environ, "REFINERY_BASE_MODEL": "tiny", "REFINERY_REFINER_MODEL": "tiny",
-                   "REFINERY_PRECISION": "full", "REFINERY_MAX_STEPS": "500", "HF_HUB_OFFLINE": "1",
-                   **{f"REFINERY_{name.upper()}": value for name, value in settings.items()}}  # fmt: skip
-    with log.open("ab") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "sdxl_refinery", "serve", "--port", str(port), "--data-dir", str(data)],
-            env=environment, stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    def ready() -> bool:
-        assert process.poll() is None, "server exited"
-        try:
-            return httpx.get(url + "/ready").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    poll(ready, "the server to be ready", interval=0.2)
+from .processes import start_server, wait_ready
 
 
 def _job(url: str, job_id: str) -> dict[str, Any]:
@@ -66,9 +42,9 @@ def _kill_mid_run_and_restart(
     start it again on the same data and wait for every job to succeed: the data folder, ids and finished jobs."""
     data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
-    process = _start(data, port, log, **settings)
+    process = start_server(data, port, log, **settings)
     try:
-        _wait_ready(url, process)
+        wait_ready(url, process)
         jobs = [httpx.post(url + "/v1/jobs", json=body).json()["id"] for body in bodies]
         _wait_for_step(url, jobs[0], 3)
         if before_kill is not None:
@@ -76,8 +52,8 @@ def _kill_mid_run_and_restart(
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=patience(30))
 
-        process = _start(data, port, log, **settings)
-        _wait_ready(url, process)
+        process = start_server(data, port, log, **settings)
+        wait_ready(url, process)
         finished = [_wait_succeeded(url, job_id) for job_id in jobs]
     finally:
         process.send_signal(signal.SIGTERM)
@@ -122,17 +98,17 @@ def test_a_job_that_kills_its_server_three_times_ends_failed(tmp_path: Path) -> 
     """SIGKILL while the same job runs, three times: the third restart fails it instead of running it again."""
     data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
-    process = _start(data, port, log)
+    process = start_server(data, port, log)
     try:
-        _wait_ready(url, process)
+        wait_ready(url, process)
         body = {"prompt": "the fatal one", "width": 256, "height": 256, "num_inference_steps": 400}
         job_id = httpx.post(url + "/v1/jobs", json=body).json()["id"]
         for crash in range(3):
             _wait_for_step(url, job_id, 2)
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=patience(30))
-            process = _start(data, port, log)
-            _wait_ready(url, process)
+            process = start_server(data, port, log)
+            wait_ready(url, process)
             if crash < 2:
                 assert _job(url, job_id)["status"] in ("queued", "running")
         job = _job(url, job_id)

@@ -20,7 +20,8 @@ from sdxl_refinery.jobs.sqlite_store import SQLiteJobStore
 from ..fakes import FakeEngine
 from ..waiting import patience, poll
 from .conftest import SMALL_JOB, ServerFactory, free_port, run_server
-from .test_durability import _start, _wait_for_step, _wait_ready, _wait_succeeded
+from .processes import start_server, wait_ready
+from .test_durability import _wait_for_step, _wait_succeeded
 
 
 def test_a_full_disk_sends_the_job_back_to_the_queue_until_there_is_room(
@@ -62,9 +63,9 @@ def test_unwritable_data_folder_is_a_clear_startup_error(tmp_path: Path) -> None
 def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(tmp_path: Path) -> None:
     data, port, log = tmp_path / "data", free_port(), tmp_path / "server.log"
     url = f"http://127.0.0.1:{port}"
-    process = _start(data, port, log)
+    process = start_server(data, port, log)
     try:
-        _wait_ready(url, process)
+        wait_ready(url, process)
         job_id = httpx.post(url + "/v1/jobs", json={**SMALL_JOB, "num_inference_steps": 60}).json()["id"]
         _wait_for_step(url, job_id, 3)
         process.send_signal(signal.SIGTERM)
@@ -74,8 +75,8 @@ def test_sigterm_requeues_the_running_job_and_a_restart_finishes_it(tmp_path: Pa
         )  # uvicorn re-raises the signal after shutting down
         with sqlite3.connect(data / "jobs.sqlite3") as db:
             assert db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone() == ("queued",)
-        process = _start(data, port, log)
-        _wait_ready(url, process)
+        process = start_server(data, port, log)
+        wait_ready(url, process)
         job = _wait_succeeded(url, job_id)
         assert job["attempts"] == 2
     finally:

@@ -10,7 +10,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from sdxl_refinery.server.routes.a1111_settings import OPTIONS_FILE
+from sdxl_refinery.server.routes.a1111_settings import OPTIONS_FILE, OPTIONS_LOCK_FILE
 from sdxl_refinery.server.signing import KEY_FILE
 
 from ..fakes import fake_service
@@ -64,6 +64,6 @@ def test_fuzzing_wrote_nothing_outside_the_data_folder(fuzz_root: Path, fuzz_ser
     assert sorted(path.name for path in fuzz_root.iterdir()) == ["data"]
     data = fuzz_root / "data"
     stray = [path for path in data.rglob("*") if path.is_file()
-             and not (path.name.startswith("jobs.sqlite3") or path.name in (KEY_FILE, OPTIONS_FILE)
+             and not (path.name.startswith("jobs.sqlite3") or path.name in (KEY_FILE, OPTIONS_FILE, OPTIONS_LOCK_FILE)
                  or path.parent.parent == data / "images")]  # fmt: skip
     assert stray == []

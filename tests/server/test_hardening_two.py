@@ -1,8 +1,12 @@
-"""Hardening, round two (issue 31): the signing key, URL queries that were 500s, an empty Idempotency-Key."""
+"""Hardening, round two (issue 31): the signing key, URL queries that were 500s, an empty Idempotency-Key,
+A1111 options (deep, concurrent, oversized) and a clip skip deeper than the encoders."""
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -11,9 +15,11 @@ import pytest
 from sdxl_refinery.config import Settings
 from sdxl_refinery.errors import StorageError
 from sdxl_refinery.server.app import create_app
+from sdxl_refinery.server.routes.a1111_settings import OPTIONS_FILE
 from sdxl_refinery.server.signing import KEY_FILE
 
 from ..fakes import fake_service
+from ..waiting import poll
 from .conftest import RunningServer, ServerFactory
 
 
@@ -59,3 +65,71 @@ def test_an_empty_idempotency_key_is_no_key(server: RunningServer) -> None:
     other = server.client.post("/v1/jobs", json={**body, "prompt": "a boat"}, headers={"Idempotency-Key": ""})
     assert (first.status_code, other.status_code) == (202, 202)  # not a 409 for reusing "" with another body
     assert first.json()["id"] != other.json()["id"]
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_deep_option_values_are_refused_and_a_stored_one_is_left_out(server: RunningServer, tmp_path: Path) -> None:
+    deep = server.client.post("/sdapi/v1/options", json={"samples_format": "png", "hostile": _nested(300)})
+    assert deep.status_code == 422 and deep.json()["detail"][0]["loc"][-1] == "hostile"
+    assert "nests 300 levels deep" in deep.text
+    assert "hostile" not in server.client.get("/sdapi/v1/options").json()
+    # A file an older server wrote with such a value: the options still read, without it.
+    (tmp_path / "data" / OPTIONS_FILE).write_text(json.dumps({"hostile": _nested(300), "kept": 1}))
+    options = server.client.get("/sdapi/v1/options")
+    assert options.status_code == 200 and options.json()["kept"] == 1 and "hostile" not in options.json()
+    (tmp_path / "data" / OPTIONS_FILE).write_text("[1, 2")  # not JSON at all
+    assert server.client.get("/sdapi/v1/options").status_code == 200
+    assert server.client.post("/sdapi/v1/txt2img", json={"prompt": "a cup", "steps": 2}).status_code == 200
+
+
+def test_concurrent_option_posts_each_keep_their_update(server: RunningServer) -> None:
+    def post(index: int) -> int:
+        return httpx.post(f"{server.url}/sdapi/v1/options", json={f"key_{index}": index}, timeout=60).status_code
+
+    with ThreadPoolExecutor(40) as pool:
+        assert set(pool.map(post, range(40))) == {200}
+    options = server.client.get("/sdapi/v1/options").json()
+    assert {name: options.get(name) for name in (f"key_{index}" for index in range(40))} == {
+        f"key_{index}": index for index in range(40)}  # fmt: skip
+
+
+def test_stored_options_are_capped(server: RunningServer, tmp_path: Path) -> None:
+    piece = "y" * 100_000
+    assert server.client.post("/sdapi/v1/options", json={"a": piece}).status_code == 200
+    assert server.client.post("/sdapi/v1/options", json={"b": piece}).status_code == 200
+    third = server.client.post("/sdapi/v1/options", json={"c": piece})
+    assert third.status_code == 422 and third.json()["detail"][0]["loc"][-1] == "options"
+    assert "at most 262144 bytes" in third.text
+    stored = json.loads((tmp_path / "data" / OPTIONS_FILE).read_text())
+    assert set(stored) == {"a", "b"} and (tmp_path / "data" / OPTIONS_FILE).stat().st_size <= 262144
+    assert server.client.post("/sdapi/v1/options", json={"a": "short"}).status_code == 200  # replacing fits
+
+
+def test_a_clip_skip_deeper_than_the_encoders_is_a_422_at_submission(server: RunningServer, tmp_path: Path) -> None:
+    # The tiny pair's text encoders have 3 layers: clip skip 4 cannot run. Nothing may be queued for it.
+    def named(answer: httpx.Response) -> str:
+        assert answer.status_code == 422, answer.text
+        assert "must be at most 3 for these models" in answer.text
+        return str(answer.json()["detail"][0]["loc"][-1])
+
+    poll(lambda: server.client.get("/ready").status_code == 200, "the fake engine to load")
+    body = {"prompt": "a cup", "steps": 2}
+    assert named(server.client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 4})) == (
+        "CLIP_stop_at_last_layers")  # fmt: skip
+    assert named(server.client.post("/v1/jobs", json={"prompt": "a cup", "clip_skip": 4})) == "clip_skip"
+    assert named(server.client.post("/sdapi/v1/txt2img", json={**body, "clip_skip": 4})) == "clip_skip"
+    overridden = {**body, "override_settings": {"CLIP_stop_at_last_layers": 4}}
+    assert named(server.client.post("/sdapi/v1/txt2img", json=overridden)) == (
+        "override_settings.CLIP_stop_at_last_layers")  # fmt: skip
+    # Stored by an older server (or before the models changed): each request says which option to fix.
+    (tmp_path / "data" / OPTIONS_FILE).write_text(json.dumps({"CLIP_stop_at_last_layers": 4}))
+    assert named(server.client.post("/sdapi/v1/txt2img", json=body)) == "CLIP_stop_at_last_layers"
+    assert server.client.get("/sdapi/v1/options").status_code == 200
+    assert server.client.get("/v1/jobs").json()["total"] == 0
+    assert server.client.post("/sdapi/v1/txt2img", json={**body, "clip_skip": 3}).status_code == 200

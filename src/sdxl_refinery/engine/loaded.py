@@ -13,7 +13,7 @@ from .loader import LoadedPair, load_pair, pair_modules, place_pair
 from .memory import initial_plan, module_bytes
 from .passes import Outcome
 from .recovery import MemoryPlan, free_memory
-from .run import TwoStageRunner
+from .run import TwoStageRunner, encoder_layers
 from .sources import ModelSource, resolve
 from .speed import SpeedPlan, active_optimizations, apply_speed_plan, choose_speed_plan
 
@@ -68,6 +68,11 @@ class Engine:
         """The base UNet's cross-attention width: what a LoRA must have been trained for."""
         width: int = self.pair.base.unet.config.cross_attention_dim
         return width
+
+    @property
+    def encoder_layers(self) -> int:
+        """Layers of the shallowest text encoder of the pair: the deepest `clip_skip` it takes."""
+        return encoder_layers(self.pair)
 
     @property
     def memory_plan(self) -> str:

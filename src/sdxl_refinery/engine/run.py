@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..batching import Run, RunItem
 from ..errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError
-from ..request import GenerationRequest, Mode
+from ..request import GenerationRequest, Mode, check_clip_skip
 from ..steps import StagePlan, plan_steps, require_both_stages
 from .decode import decode_pass, decode_pixels, to_images
 from .device import Placement
@@ -49,14 +49,17 @@ def plan_stages(pair: LoadedPair, request: GenerationRequest, base_scheduler: Sc
     """
     plan = plan_steps(request, RunSchedule(base_scheduler))
     require_both_stages(request, plan)
-    encoders = [pair.base.text_encoder, pair.base.text_encoder_2]
-    if request.use_refinement:
-        encoders.append(pair.refiner.text_encoder_2)
-    layers = min(int(encoder.config.num_hidden_layers) for encoder in encoders)
-    if request.clip_skip > layers:
-        raise InvalidRequest("clip_skip", f"must be at most {layers} for these models (their text encoders have "
-                                          f"{layers} layers), not {request.clip_skip}")  # fmt: skip
+    check_clip_skip(request.clip_skip, encoder_layers(pair, request.use_refinement))
     return plan
+
+
+def encoder_layers(pair: LoadedPair, refined: bool = True) -> int:
+    """Layers of the shallowest text encoder a request runs through (`refined`: the refiner's too): the deepest
+    `clip_skip` these models take."""
+    encoders = [pair.base.text_encoder, pair.base.text_encoder_2]
+    if refined:
+        encoders.append(pair.refiner.text_encoder_2)
+    return min(int(encoder.config.num_hidden_layers) for encoder in encoders)
 
 
 class TwoStageRunner:

@@ -25,6 +25,8 @@ from .single_file import inspect_checkpoint
 
 TINY_NAME = "tiny"  # the random-weight pair built from configs (engine/tiny.py)
 TINY_CONTEXT_DIM = 80  # the tiny base UNet's cross-attention width (its two encoders, 32 + 48)
+TINY_ENCODER_LAYERS = 3  # layers of each tiny text encoder: the deepest clip skip it takes
+SDXL_ENCODER_LAYERS = 12  # layers of SDXL's shallower text encoder (CLIP ViT-L; OpenCLIP bigG has 32)
 
 log = logging.getLogger(__name__)
 

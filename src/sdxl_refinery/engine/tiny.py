@@ -24,6 +24,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .sources import TINY_ENCODER_LAYERS
+
 # Different widths for the two encoders, as in SDXL (768 and 1280), so nothing can confuse one for the other.
 _TEXT_HIDDEN = 32
 _TEXT_HIDDEN_2 = 48
@@ -77,7 +79,7 @@ def _text_config(tokenizer: CLIPTokenizer, hidden: int) -> CLIPTextConfig:
         intermediate_size=37,
         layer_norm_eps=1e-05,
         num_attention_heads=4,
-        num_hidden_layers=3,
+        num_hidden_layers=TINY_ENCODER_LAYERS,
         vocab_size=len(tokenizer),
         hidden_act="gelu",
         projection_dim=hidden,

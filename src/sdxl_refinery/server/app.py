@@ -30,8 +30,10 @@ from ..jobs.sqlite_store import SQLiteJobStore
 from ..jobs.store import JobStore, QueueFull
 from ..jobs.worker import Worker
 from ..png import check_writable_folder
+from ..request import GenerationRequest
 from ..service import ImageService
 from .head import HeadAsGet
+from .offload import document_bodies
 from .origins import SameOriginWrites
 from .routes import a1111, a1111_options, checkpoints, jobs, loras, openai, ops
 from .routes.a1111_settings import NotServed, a1111_error
@@ -205,6 +207,7 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
                   redoc_url=None, description=description)  # fmt: skip
     app.state.refinery = state
     _install_error_handlers(app)
+    document_bodies(app, [GenerationRequest, a1111.Txt2ImgRequest, a1111.Img2ImgRequest])
     for router in (
         ops.router,
         ops.docs_router,

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+from anyio import CapacityLimiter
 from fastapi import Depends, Request
 
 from ..config import Settings
@@ -19,6 +20,7 @@ from ..jobs.worker import Worker
 from ..limits import Limits, enforce_limits
 from ..request import GenerationRequest
 from ..service import ImageService, check_images
+from .offload import checks_limiter
 from .signing import UrlSigner
 
 LISTED_PROMPT_CHARS = 300  # prompts in job listings are cut here; the job itself has them whole
@@ -47,6 +49,7 @@ class AppState:
     storage: ImageStorage = field(init=False)
 
     signer: UrlSigner = field(init=False)
+    checks: CapacityLimiter = field(default_factory=checks_limiter)  # threads checking bodies (offload.py)
 
     def __post_init__(self) -> None:
         self.storage = FolderStorage(self.settings.data_dir / "images")
@@ -61,8 +64,9 @@ class AppState:
         """Check the server's limits, persist the job (or attach to the one `dedup` names), wake the worker.
 
         Raises:
-            InvalidRequest: a field over this server's caps, or a LoRA that is unknown, unreadable or made
-                for another model (only names from the LoRA folder: no paths over HTTP).
+            InvalidRequest: a field over this server's caps, a `clip_skip` deeper than its text encoders, or a
+                LoRA that is unknown, unreadable or made for another model (only names from the LoRA folder: no
+                paths over HTTP).
             QueueFull: the queue is at `max_queue`.
             IdempotencyConflict: an Idempotency-Key reused for a different request.
             StoreUnavailable: the job store or the image disk fails now (503, or 507 for a full disk).
@@ -71,6 +75,7 @@ class AppState:
         check_images(request)
         self.service.resolve_models(request, allow_paths=False)
         self.service.check_loras(request, allow_paths=False)
+        self.service.check_clip_skip(request)
         if self.worker is not None and (problem := self.worker.problem) is not None:
             raise StoreUnavailable(f"not accepting jobs until this passes: {problem}", disk_full=is_disk_full(problem))
         if dedup is not None:

@@ -12,7 +12,7 @@ import base64
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -25,6 +25,7 @@ from ...png import a1111_parameters
 from ...request import REQUEST_FIELDS, GenerationRequest, Mode
 from ...samplers import a1111_samplers
 from ..dedup import dedup_for
+from ..offload import json_body_schema, off_loop, parsed_body
 from ..security import Authorized
 from ..state import AppState, State
 from .a1111_settings import a1111_error, check_settings, stored_options
@@ -54,11 +55,15 @@ class _Txt2ImgBase(BaseModel):
     override_settings: dict[str, Any] = Field(default_factory=dict, description="A1111 options for this request.")
     override_settings_restore_afterwards: bool = Field(True, description="Overrides never outlive their request.")
 
-    def to_request(self, options: Mapping[str, Any] | None = None) -> GenerationRequest:
+    def to_request(
+        self, options: Mapping[str, Any] | None = None, check: Callable[[GenerationRequest], None] | None = None
+    ) -> GenerationRequest:
         """The request this body asks for: table fields by their A1111 names, then A1111's conventions.
 
         A field the body leaves out is taken from its A1111 option (`Faces.a1111_option`), in
-        `override_settings` first, then in the stored `options`.
+        `override_settings` first, then in the stored `options`. `check` (the server's own checks of a
+        request, e.g. clip skip against its encoders) runs on the result, so its errors name where a value
+        came from too.
 
         Raises:
             InvalidRequest: naming the A1111 field (or option) and its rule.
@@ -90,9 +95,12 @@ class _Txt2ImgBase(BaseModel):
         if str(fields.get("refiner_model", "?")).strip().lower() in ("", "none"):
             del fields["refiner_model"]  # A1111's "no refiner chosen": Refinery refines with its own
         try:
-            return GenerationRequest(**fields)
+            request = GenerationRequest(**fields)
+            if check is not None:
+                check(request)
         except InvalidRequest as error:
             raise InvalidRequest(origin.get(error.field, error.field), error.rule) from None
+        return request
 
     def _images(self, fields: dict[str, Any], origin: dict[str, str]) -> None:
         """The init image and mask of an img2img body (none in txt2img)."""
@@ -173,30 +181,37 @@ def a1111_info(job: Job) -> str:
     })  # fmt: skip
 
 
-@router.post("/sdapi/v1/txt2img")
-async def txt2img(body: Txt2ImgRequest, state: State, http: Request, _: Authorized) -> Any:
+@router.post("/sdapi/v1/txt2img", openapi_extra=json_body_schema(Txt2ImgRequest))
+async def txt2img(state: State, http: Request, _: Authorized) -> Any:
     """Render and answer `{images, parameters, info}` when done, as A1111 does: no time limit unless set.
 
     A client that disconnects leaves its job running (A1111 clients stop one with `/interrupt`).
     """
+    body = await parsed_body(http, Txt2ImgRequest, state.checks)
     return await _render(body, state, http, body.model_dump())
 
 
-@router.post("/sdapi/v1/img2img")
-async def img2img(body: Img2ImgRequest, state: State, http: Request, _: Authorized) -> Any:
+@router.post("/sdapi/v1/img2img", openapi_extra=json_body_schema(Img2ImgRequest))
+async def img2img(state: State, http: Request, _: Authorized) -> Any:
     """img2img and inpainting (with `mask`), answered as txt2img is; `parameters` leaves the images out unless
     `include_init_images`, as A1111 does."""
+    body = await parsed_body(http, Img2ImgRequest, state.checks)
     hidden = set() if body.include_init_images else {"init_images", "mask"}
     return await _render(body, state, http, body.model_dump(exclude=hidden))
 
 
-async def _render(body: _Txt2ImgBase, state: AppState, http: Request, parameters: dict[str, Any]) -> Any:
+def _submit(body: _Txt2ImgBase, state: AppState, http: Request) -> Job:
+    """Check the overrides, build the request (decoding its images) and queue it: in a worker thread."""
     check_settings(state, body.override_settings, prefix="override_settings.")
-    generation = body.to_request(stored_options(state))
+    generation = body.to_request(stored_options(state), check=state.service.check_clip_skip)
     try:
-        job = state.submit(generation, client="a1111", dedup=dedup_for(http, generation, "a1111", True))
+        return state.submit(generation, client="a1111", dedup=dedup_for(http, generation, "a1111", True))
     except InvalidRequest as error:  # a server-side check (caps, LoRAs, checkpoints): named as A1111 names it
         raise InvalidRequest(_A1111_NAMES.get(error.field, error.field), error.rule) from None
+
+
+async def _render(body: _Txt2ImgBase, state: AppState, http: Request, parameters: dict[str, Any]) -> Any:
+    job: Job = await off_loop(state.checks, _submit, body, state, http)
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
         names = job.result["images"] if body.send_images else []

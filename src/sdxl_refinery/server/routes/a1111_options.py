@@ -16,7 +16,7 @@ from ...editing import HiresUpscaler
 from ...samplers import a1111_schedulers
 from ..security import Authorized
 from ..state import State
-from .a1111_settings import A1111_DEFAULTS, check_settings, checkpoint, store_options, stored_options
+from .a1111_settings import A1111_DEFAULTS, check_settings, check_shape, checkpoint, stored_options, update_options
 
 router = APIRouter(tags=["a1111"])
 
@@ -37,10 +37,12 @@ def set_options(body: dict[str, Any], state: State, _: Authorized) -> None:
 
     `sd_model_checkpoint` must name the server's own base or a checkpoint of its models folder (it becomes
     the base of every later A1111 request that names none) and `sd_vae` the checkpoint's own VAE, else 404;
-    an honoured option out of its field's range is a 422 naming it.
+    an honoured option out of its field's range (or a `CLIP_stop_at_last_layers` deeper than the text
+    encoders), a value nested over 16 levels, or options over 256 KB stored are a 422 naming what broke.
     """
+    check_shape(body)
     check_settings(state, body)
-    store_options(state, {**stored_options(state), **body})
+    update_options(state, body)
 
 
 @router.get("/sdapi/v1/schedulers")

@@ -13,11 +13,12 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from ...jobs.models import JobStatus
-from ...jobs.store import JobNotFound
+from ...jobs.models import Job, JobStatus
+from ...jobs.store import Dedup, JobNotFound
 from ...limits import request_schema
 from ...request import MAX_SEED, GenerationRequest
 from ..dedup import dedup_for
+from ..offload import json_body_schema, off_loop, parsed_body
 from ..security import Authorized, SignedOrAuthorized
 from ..state import AppState, State
 
@@ -40,13 +41,20 @@ def schema(state: State, _: Authorized) -> dict[str, Any]:
     return {"fields": request_schema(state.limits), "max_seed": MAX_SEED}
 
 
-@router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED)
-def submit_job(body: GenerationRequest, state: State, request: Request, _: Authorized) -> JSONResponse:
-    """Queue a generation; answers once the job is stored, with its id and queue position."""
-    job = state.submit(body, client="native", dedup=dedup_for(request, body, "native", retries_attach=False))
-    view: dict[str, Any] = {"id": job.id, "status": job.status.value, "position": state.store.position(job.id),
-            "url": str(request.url_for("get_job", job_id=job.id))}  # fmt: skip
+@router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED, openapi_extra=json_body_schema(GenerationRequest))
+async def submit_job(state: State, request: Request, _: Authorized) -> JSONResponse:
+    """Queue a generation (a `GenerationRequest`); answers once the job is stored, with its id and queue position."""
+    body = await parsed_body(request, GenerationRequest, state.checks)
+    dedup = dedup_for(request, body, "native", retries_attach=False)
+    job, position = await off_loop(state.checks, _submitted, state, body, dedup)
+    view: dict[str, Any] = {"id": job.id, "status": job.status.value, "position": position,
+                            "url": str(request.url_for("get_job", job_id=job.id))}  # fmt: skip
     return JSONResponse(view, status_code=202, headers={"Location": view["url"]})
+
+
+def _submitted(state: AppState, body: GenerationRequest, dedup: Dedup | None) -> tuple[Job, int | None]:
+    job = state.submit(body, client="native", dedup=dedup)
+    return job, state.store.position(job.id)
 
 
 @router.get("/v1/jobs")

@@ -27,6 +27,7 @@ from ...jobs.storage import ImageStorage
 from ...png import PARAMETERS_KEY, parse_parameters
 from ...request import HIGH_QUALITY_GUIDANCE, STANDARD_GUIDANCE, GenerationRequest, invalid_request_from
 from ..dedup import dedup_for
+from ..offload import off_loop
 from ..security import Authorized
 from ..state import AppState, State
 
@@ -133,9 +134,10 @@ async def edit(state: State, request: Request, _: Authorized) -> JSONResponse:
     (strength 1); without one the whole image is redrawn at the default strength. Refined as every image is."""
     form = await request.form()
     body = _body(_form_fields(form))
-    fields: dict[str, Any] = {"init_image": await _upload(form, "image"), **_chosen_model(body)}
+    fields: dict[str, Any] = {"init_image": await _upload(state, form, "image"), **_chosen_model(body)}
     if form.get("mask") is not None:
-        fields |= {"mask_image": _transparent_is_edit(await _upload(form, "mask")), "strength": 1.0}
+        mask = await off_loop(state.checks, _transparent_is_edit, await _upload(state, form, "mask"))
+        fields |= {"mask_image": mask, "strength": 1.0}
     return await _render(body, body.to_request(**fields), state, request)
 
 
@@ -144,8 +146,8 @@ async def variation(state: State, request: Request, _: Authorized) -> JSONRespon
     """OpenAI's variations (multipart `image`, `n`, `size`, `response_format`): img2img of the image at strength
     0.6, prompted by the prompt its PNG records (A1111's `parameters` or ours), else by `VARIATION_PROMPT`."""
     form = await request.form()
-    image = await _upload(form, "image")
-    prompt = recorded_prompt(image) or VARIATION_PROMPT
+    image = await _upload(state, form, "image")
+    prompt = await off_loop(state.checks, recorded_prompt, image) or VARIATION_PROMPT
     body = _body({**_form_fields(form), "prompt": prompt})
     fields = {"init_image": image, "strength": VARIATION_STRENGTH, **_chosen_model(body)}
     return await _render(body, body.to_request(**fields), state, request)
@@ -178,7 +180,7 @@ def _form_fields(form: FormData) -> dict[str, Any]:
     return {name: value for name in _FORM_FIELDS if isinstance(value := form.get(name), str)}
 
 
-async def _upload(form: FormData, name: str) -> InputImage:
+async def _upload(state: AppState, form: FormData, name: str) -> InputImage:
     """The one image uploaded as `name` (or `name[]`, as the SDK sends lists).
 
     Raises:
@@ -191,7 +193,7 @@ async def _upload(form: FormData, name: str) -> InputImage:
     if not isinstance(upload, UploadFile):
         raise InvalidRequest(name, "must be an uploaded file (multipart/form-data), not text")
     try:
-        return InputImage.from_bytes(await upload.read())
+        return await off_loop(state.checks, InputImage.from_bytes, await upload.read())
     except ValueError as error:
         raise InvalidRequest(name, str(error)) from None
 
@@ -224,7 +226,8 @@ def recorded_prompt(image: InputImage) -> str | None:
 async def _render(
     body: ImagesRequest, generation: GenerationRequest, state: AppState, request: Request
 ) -> JSONResponse:
-    job = state.submit(generation, client="openai", dedup=dedup_for(request, generation, "openai", True))
+    dedup = await off_loop(state.checks, dedup_for, request, generation, "openai", True)  # hashes images and all
+    job = await off_loop(state.checks, functools.partial(state.submit, generation, client="openai", dedup=dedup))
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
         url_of = functools.partial(state.image_url, str(request.base_url), job.id, signed=True)

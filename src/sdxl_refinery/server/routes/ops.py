@@ -17,8 +17,8 @@ docs_router = APIRouter(include_in_schema=False)
 
 
 @router.get("/health")
-def health() -> dict[str, str]:
-    """The process answers (no key needed)."""
+async def health() -> dict[str, str]:
+    """The process answers (no key needed); on the loop itself, so a busy thread pool cannot delay it."""
     return {"status": "ok"}
 
 
