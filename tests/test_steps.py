@@ -16,8 +16,8 @@ from sdxl_refinery.errors import InvalidRequest
 from sdxl_refinery.jobs.models import Job
 from sdxl_refinery.jobs.sqlite_store import SQLiteJobStore
 from sdxl_refinery.jobs.storage import FolderStorage
-from sdxl_refinery.jobs.worker import Worker
-from sdxl_refinery.request import GenerationRequest, Mode
+from sdxl_refinery.jobs.worker import Worker, _JobReporter
+from sdxl_refinery.request import CancelToken, GenerationRequest, Mode
 from sdxl_refinery.steps import Schedule, plan_steps
 
 SWITCH_POINTS = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95
@@ -48,8 +48,9 @@ def test_schedule_timesteps_equal_diffusers(spacing: str) -> None:
         assert ours == pytest.approx([float(t) for t in scheduler.timesteps], abs=1e-3), (spacing, steps)
 
 
-def test_sweep_plan_equals_diffusers_and_the_worker_totals() -> None:
+def test_sweep_plan_equals_diffusers_and_the_worker_totals(tmp_path: Path) -> None:
     """steps 1..60 x switch_at 0.05..0.95: validation, the plan, the worker's totals and diffusers agree."""
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")  # the reporter's store: not written until a step reports
     scheduler = _sdxl_scheduler()
     assert Schedule.from_config(scheduler.config) == Schedule()  # SDXL's shipped scheduler is the default plan's
     checked = 0
@@ -64,11 +65,11 @@ def test_sweep_plan_equals_diffusers_and_the_worker_totals() -> None:
             request = GenerationRequest(**fields)
             plan = plan_steps(request)
             assert (plan.base_steps, plan.refiner_steps) == (expected_base, steps - expected_base), (steps, switch_at)
-            job = Job(Job.new_id(), request)
-            reporter_totals = plan_steps(job.request).totals  # what the worker reports as each stage's total
-            assert reporter_totals == {1: expected_base, 2: steps - expected_base}
+            reporter = _JobReporter(Job(Job.new_id(), request), store, _Events(), None, CancelToken(), False, print)
+            assert reporter.totals == {1: expected_base, 2: steps - expected_base}  # what the worker counts to
             checked += 1
     assert checked > 900
+    store.close()
     # The case that disagreed before the plan was one function: 7 steps at 0.8 run 5 base steps, not 6.
     assert plan_steps(GenerationRequest(prompt="x", num_inference_steps=7, mode="handoff")).base_steps == 5
 
@@ -113,6 +114,9 @@ def test_progress_a_client_sees_equals_the_steps_the_result_reports(
     totals = {data["stage"]: data["total"] for data in progress}
     last = {data["stage"]: data["step"] for data in progress}
     assert totals == {1: metadata["base_steps"], 2: metadata["refiner_steps"]} == last
-    assert progress[-1]["percent"] == 100.0
-    assert json.dumps(progress)  # what SSE sends is plain JSON
+    percents = [data["percent"] for data in progress]
+    assert percents == sorted(percents) and percents[-1] == 100.0  # a progress bar never goes back
+    for stage, total in totals.items():  # every step of each stage, once, in order
+        assert [data["step"] for data in progress if data["stage"] == stage] == list(range(1, total + 1))
+    assert json.loads(json.dumps(progress)) == progress  # SSE sends it as JSON: nothing lost on the way
     store.close()

@@ -61,6 +61,8 @@ class BatchCall:
         on_progress: its own progress reports (from the engine thread).
         cancel: its own token: cancelling it stops this job only.
         preview_every: a preview every this many of its steps (0: none).
+        allow_paths: whether its models and LoRAs may be paths or Hub ids (the library, the CLI), or only names
+            from the service's folders (jobs that came over HTTP, resolved again when they run).
     """
 
     request: GenerationRequest
@@ -68,6 +70,7 @@ class BatchCall:
     on_progress: ProgressCallback | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
     preview_every: int = 0
+    allow_paths: bool = True
 
 
 @dataclass

@@ -7,6 +7,7 @@ PNG under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -114,17 +115,22 @@ def parse_parameters(text: str) -> dict[str, Any]:
         if spec.faces.label:
             by_label.setdefault(spec.faces.label, []).append(spec.name)
     for label, names in by_label.items():
-        if label in settings:
-            fields.update(zip(names, settings[label].split("x") if len(names) > 1 else [settings[label]], strict=True))
+        values = settings[label].split("x") if label in settings and len(names) > 1 else [settings.get(label)]
+        if label in settings and len(values) == len(names):  # a malformed one (`Size: 64`) is left out, as A1111 does
+            fields.update(zip(names, values, strict=True))
     return fields
 
 
 def _split_settings(line: str) -> list[tuple[str, str]]:
-    """`key: value, key: "quoted, value"` pairs, as A1111 writes them."""
+    """`key: value, key: "quoted, value"` pairs, as A1111 writes them; a quoted value that is not a JSON string
+    (`"\\q"`) is kept as written, as A1111's own reader keeps it."""
     pairs = []
     for match in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', line):
         key, value = match.group(1).strip(), match.group(2).strip()
-        pairs.append((key, json.loads(value) if value.startswith('"') else value))
+        if value.startswith('"'):
+            with contextlib.suppress(ValueError):  # not a JSON string: the text as written is the value
+                value = str(json.loads(value))
+        pairs.append((key, value))
     return pairs
 
 

@@ -309,8 +309,8 @@ class ImageService:
         if call.output_path is not None:
             check_writable_folder(Path(call.output_path))
         check_images(request)
-        models = self.resolve_models(request, allow_paths=True)
-        loras = self.check_loras(request, allow_paths=True)
+        models = self.resolve_models(request, call.allow_paths)
+        loras = self.check_loras(request, call.allow_paths)
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
         return PreparedCall(call, seeds, models, loras)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import httpx
 import pytest
+from PIL import Image
 
 from ..fakes import FakeEngine
 from ..waiting import patience
@@ -37,8 +39,14 @@ def test_bad_prompt_text_is_a_422_naming_the_prompt(server: RunningServer, promp
 
 
 def test_multiline_prompts_still_work(server: RunningServer) -> None:
-    answer = server.client.post("/v1/jobs", json={"prompt": "a cat\non a mat\twith a hat", "num_inference_steps": 2})
+    prompt = "a cat\non a mat\twith a hat"
+    body = {"prompt": prompt, "num_inference_steps": 2, "refiner_steps": 1, "width": 64, "height": 64}
+    answer = server.client.post("/v1/jobs", json=body)
     assert answer.status_code == 202
+    job = server.wait_for(answer.json()["id"], {"succeeded", "failed"})
+    assert job["status"] == "succeeded" and job["request"]["prompt"] == prompt  # kept whole, not cleaned away
+    png = server.client.get(job["result"]["urls"][0])
+    assert Image.open(io.BytesIO(png.content)).info["parameters"].startswith(prompt + "\n")
 
 
 def test_head_answers_every_get_route(server: RunningServer) -> None:

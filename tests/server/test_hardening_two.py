@@ -3,7 +3,9 @@ A1111 options (deep, concurrent, oversized) and a clip skip deeper than the enco
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -11,15 +13,18 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from PIL import Image, PngImagePlugin
 
+from sdxl_refinery import ImageService
 from sdxl_refinery.config import Settings
+from sdxl_refinery.engine.catalog import ModelFolder
 from sdxl_refinery.errors import StorageError
 from sdxl_refinery.server.app import create_app
 from sdxl_refinery.server.routes.a1111_settings import OPTIONS_FILE
 from sdxl_refinery.server.signing import KEY_FILE
 
-from ..fakes import fake_service
-from ..waiting import poll
+from ..fakes import FakeEngine, fake_service
+from ..waiting import patience, poll
 from .conftest import RunningServer, ServerFactory
 
 
@@ -133,3 +138,41 @@ def test_a_clip_skip_deeper_than_the_encoders_is_a_422_at_submission(server: Run
     assert server.client.get("/sdapi/v1/options").status_code == 200
     assert server.client.get("/v1/jobs").json()["total"] == 0
     assert server.client.post("/sdapi/v1/txt2img", json={**body, "clip_skip": 3}).status_code == 200
+
+
+@pytest.mark.parametrize("settings", ["Steps: 2, Size: 64", "Steps: 2, Size: 1x2x3", 'Steps: 2, Sampler: "\\q"'])
+def test_variations_of_a_png_with_malformed_parameters_use_its_prompt(server: RunningServer, settings: str) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", f"a red barn\n{settings}")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="PNG", pnginfo=info)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    answer = client.images.create_variation(image=("barn.png", buffer.getvalue(), "image/png"), size="256x256")
+    assert len(answer.data) == 1
+    jobs = server.client.get("/v1/jobs").json()["items"]
+    assert jobs[0]["request"]["prompt"] == "a red barn"
+
+
+def test_a_queued_job_whose_checkpoint_was_deleted_fails_naming_the_folder_not_the_hub(
+    server_factory: ServerFactory, fake: tuple[ImageService, FakeEngine], tmp_path: Path
+) -> None:
+    models = tmp_path / "data" / "models"
+    checkpoint = models / "owner" / "name"  # listed as `owner/name`: the shape of a Hub id
+    (checkpoint / "unet").mkdir(parents=True)
+    (checkpoint / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (checkpoint / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    service, engine = fake
+    service.models_folder = ModelFolder(models)
+    engine.pause_at(0)
+    small = {"prompt": "a kite", "width": 64, "height": 64, "num_inference_steps": 2, "refiner_steps": 1}
+    with server_factory() as server:
+        assert server.client.post("/v1/jobs", json=small).status_code == 202
+        assert engine.paused.wait(patience(60))
+        named = server.client.post("/v1/jobs", json={**small, "base_model": "owner/name"})
+        assert named.status_code == 202, named.text
+        shutil.rmtree(models / "owner")  # deleted while the job waits in the queue
+        engine.resume()
+        job = server.wait_for(named.json()["id"], {"failed", "succeeded"})
+    assert job["status"] == "failed"
+    assert "no model 'owner/name' in the models folder" in job["error"], job["error"]
+    assert len(engine.runs) == 1  # only the first job reached the engine

@@ -299,7 +299,8 @@ class Worker:
             reporter = _JobReporter(job, self.store, self.events, self.metrics, token, self.poll_cancel,
                                     self._store_failed)  # fmt: skip
             reporters.append(reporter)
-            calls.append(BatchCall(job.request, output, reporter, token, self.preview_every))
+            # Jobs came over HTTP: their model and LoRA names resolve only within the folders, now as at submission.
+            calls.append(BatchCall(job.request, output, reporter, token, self.preview_every, allow_paths=False))
             self.events.publish(job.id, "started", {"attempt": job.attempts, "batch": job.batch})
         started = time.perf_counter()
         released: set[str] = set()  # jobs of the pass cancelled and recorded so while the others go on
