@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     lora_dir: Path | None = None  # LoRA .safetensors files; default <data_dir>/loras
     models_dir: Path | None = None  # checkpoints chosen per request by name; default <data_dir>/models
     max_loaded_pairs: int = Field(1, ge=1, le=8)  # base + refiner pairs kept loaded; the oldest goes first
-    api_key: str | None = None
+    api_key: str | None = None  # the single key of a private server: sees everything (an admin key)
+    api_keys_file: Path | None = None  # named keys of a shared server, each seeing its own jobs (server/keys.py)
     allow_open: bool = False
     cors_origins: list[str] = Field(default_factory=list)  # other sites allowed to call (and to POST)
     allowed_hosts: list[str] = Field(default_factory=list)  # Host names served; default: see served_hosts()
@@ -128,9 +129,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_open_server_without_key(self) -> Settings:
-        if not _is_loopback(self.host) and not self.api_key and not self.allow_open:
+        if not _is_loopback(self.host) and not self.api_key and not self.api_keys_file and not self.allow_open:
             raise ValueError(
-                f"host {self.host} is reachable from other machines but no api_key is set: set REFINERY_API_KEY, "
-                "or REFINERY_ALLOW_OPEN=true to serve without one"
+                f"host {self.host} is reachable from other machines but no api_key is set: set REFINERY_API_KEY "
+                "(or REFINERY_API_KEYS_FILE), or REFINERY_ALLOW_OPEN=true to serve without one"
             )
         return self

@@ -18,6 +18,7 @@ import builtins
 import functools
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ from .celery_app import PREFIX, TASK_NAME, make_celery
 from .celery_events import forward_events
 from .events import JobEvents
 from .models import Job, JobProgress, JobStatus
-from .store import Dedup, JobNotFound, JobStore, QueueFull
+from .store import Dedup, JobNotFound, JobStore, Owner, QueueFull
 
 _TRANSITION = """
 local raw = redis.call('GET', KEYS[1])
@@ -131,6 +132,7 @@ class CeleryJobStore(JobStore):
             interrupt_requested=bool(record.get("interrupt_requested")),
             worker=record.get("worker"),
             client=record.get("client"),
+            owner=record.get("owner"),
             fingerprint=record.get("fingerprint"),
             answered=bool(record.get("answered")),
             batch=record.get("batch") or None,
@@ -151,16 +153,20 @@ class CeleryJobStore(JobStore):
     # -- JobStore ------------------------------------------------------------------------------
 
     @guarded
-    def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
-        return self._create(Job(id=Job.new_id(), request=request, client=client), max_depth)
+    def create(
+        self, request: GenerationRequest, client: str, max_depth: int | None = None, owner: Owner | None = None
+    ) -> Job:
+        job = Job(id=Job.new_id(), request=request, client=client, owner=owner.name if owner else None)
+        return self._create(job, max_depth, owner)
 
     @guarded
     def create_or_attach(
-        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup
+        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup, owner: Owner | None = None
     ) -> tuple[Job, bool]:
         """Claim the fingerprint with SET NX before creating, so that concurrent API servers agree on one job."""
         key = f"{PREFIX}fingerprint:{dedup.fingerprint}"
-        job = Job(id=Job.new_id(), request=request, client=client, fingerprint=dedup.fingerprint)
+        job = Job(id=Job.new_id(), request=request, client=client, fingerprint=dedup.fingerprint,
+                  owner=owner.name if owner else None)  # fmt: skip
         ttl = max(int(dedup.window_seconds), 1)
         if not self.redis.set(key, job.id, nx=True, ex=ttl):
             earlier = self._claimed_job(key)
@@ -168,7 +174,7 @@ class CeleryJobStore(JobStore):
                 return earlier, True
             self.redis.set(key, job.id, ex=ttl)  # the earlier job does not count: this one takes its place
         try:
-            return self._create(job, max_depth), False
+            return self._create(job, max_depth, owner), False
         except QueueFull:
             self.redis.delete(key)  # nothing was queued under this fingerprint
             raise
@@ -189,32 +195,46 @@ class CeleryJobStore(JobStore):
     def mark_answered(self, job_id: str) -> None:
         self._move(job_id, JobStatus.SUCCEEDED.value, JobStatus.SUCCEEDED, {"answered": True})
 
-    def _create(self, job: Job, max_depth: int | None) -> Job:
+    def _create(self, job: Job, max_depth: int | None, owner: Owner | None = None) -> Job:
         if max_depth is not None and (depth := self.depth()) >= max_depth:
             raise QueueFull(depth, retry_after=30)
+        if owner is not None and owner.share is not None and (held := self._held(owner.name)) >= owner.share:
+            raise QueueFull(held, retry_after=30, owner=owner.name)
         seq = int(self.redis.incr(f"{PREFIX}seq"))
         record = {"id": job.id, "seq": seq, "status": job.status.value, "request": job.request.model_dump_json(),
                   "client": job.client, "created": job.created, "attempts": 0, "cancel_requested": False,
-                  "fingerprint": job.fingerprint, "answered": False,
+                  "fingerprint": job.fingerprint, "answered": False, "owner": job.owner,
                   "batch_key": batch_key(job.request), "n": job.request.n}  # fmt: skip
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(job.id), json.dumps(record))
             pipe.zadd(f"{PREFIX}all", {job.id: seq})
             pipe.zadd(f"{PREFIX}status:queued", {job.id: seq})
+            if job.owner is not None:
+                pipe.zadd(self._owned(job.owner), {job.id: seq})
             pipe.execute()
         try:
             self._send(job.id)  # after the record is stored: a worker always finds it
         except OperationalError:
-            self._forget(job.id, seq)  # no message, no job: the caller gets 503 and nothing is left queued
+            self._forget(job.id, seq, job.owner)  # no message, no job: the caller gets 503 and nothing is left queued
             raise
         return job
 
-    def _forget(self, job_id: str, seq: int) -> None:
+    def _forget(self, job_id: str, seq: int, owner: str | None = None) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._key(job_id))
             pipe.zrem(f"{PREFIX}all", job_id)
             pipe.zrem(f"{PREFIX}status:queued", job_id)
+            if owner is not None:
+                pipe.zrem(self._owned(owner), job_id)
             pipe.execute()
+
+    def _owned(self, owner: str) -> str:
+        return f"{PREFIX}owner:{owner}"
+
+    def _held(self, owner: str) -> int:
+        """The owner's queued and running jobs (ZINTERCARD: Redis 7)."""
+        return sum(int(self.redis.execute_command("ZINTERCARD", 2, f"{PREFIX}status:{status}", self._owned(owner)))
+                   for status in ("queued", "running"))  # fmt: skip
 
     @guarded
     def get(self, job_id: str) -> Job:
@@ -224,11 +244,23 @@ class CeleryJobStore(JobStore):
         return self._job(raw)
 
     @guarded
-    def list(self, offset: int = 0, limit: int = 20, status: JobStatus | None = None) -> tuple[builtins.list[Job], int]:
+    def list(
+        self, offset: int = 0, limit: int = 20, status: JobStatus | None = None, owner: str | None = None
+    ) -> tuple[builtins.list[Job], int]:
         index = f"{PREFIX}status:{status.value}" if status else f"{PREFIX}all"
+        if owner is not None:  # the owner's jobs (of that status): the intersection, newest first
+            both = f"{PREFIX}listing:{uuid.uuid4().hex}"
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zinterstore(both, [index, self._owned(owner)], aggregate="MAX")
+                pipe.expire(both, 10)
+                pipe.execute()
+            index = both
         ids = self.redis.zrevrange(index, offset, offset + limit - 1)
         raws = self.redis.mget([self._key(i.decode() if isinstance(i, bytes) else str(i)) for i in ids]) if ids else []
-        return [self._job(raw) for raw in raws if raw is not None], int(self.redis.zcard(index))
+        total = int(self.redis.zcard(index))
+        if owner is not None:
+            self.redis.delete(index)
+        return [self._job(raw) for raw in raws if raw is not None], total
 
     @guarded
     def start(self, job_id: str, worker: str) -> Job | None:

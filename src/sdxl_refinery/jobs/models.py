@@ -63,6 +63,7 @@ class Job:
     interrupt_requested: bool = False  # stop within one step and keep the image as it stands (A1111 /interrupt)
     worker: str | None = None
     client: str | None = None  # which API accepted it: native, openai, a1111, web
+    owner: str | None = None  # the name of the API key that submitted it (None: an open server, or before keys)
     fingerprint: str | None = None  # who asked for what (see store.Dedup): retries attach to this job
     answered: bool = False  # a synchronous call delivered its images to a connected client
     batch: dict[str, int] | None = None  # while running with others in one pass: {"jobs": k, "images": m}

@@ -81,6 +81,12 @@ def _batching(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS jobs_batch_key ON jobs (status, batch_key, queue_order)")
 
 
+def _owners(db: sqlite3.Connection) -> None:
+    # Each job belongs to the API key that submitted it: it lists, and counts against, that key's share alone.
+    db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs table and queue index", _jobs_table),
     Migration(2, "index for listing jobs of one status newest first", _listing_index),
@@ -88,6 +94,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "interrupt flag: stop a running job and keep its image", _interrupt_flag),
     Migration(5, "crash count, so that a job that kills its worker is not run forever", _crash_count),
     Migration(6, "batch key and batch of each job, so that compatible jobs share a pass", _batching),
+    Migration(7, "owner of each job: the API key that submitted it", _owners),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -22,7 +22,7 @@ from ..errors import StoreUnavailable, is_disk_full
 from ..request import GenerationRequest
 from .models import Job, JobProgress, JobStatus
 from .sqlite_migrations import migrate
-from .store import Dedup, JobNotFound, JobStore, QueueFull
+from .store import Dedup, JobNotFound, JobStore, Owner, QueueFull
 
 _ACTIVE = ("queued", "running")
 
@@ -80,6 +80,7 @@ class SQLiteJobStore(JobStore):
             interrupt_requested=bool(row["interrupt_requested"]),
             worker=row["worker"],
             client=row["client"],
+            owner=row["owner"],
             fingerprint=row["fingerprint"],
             answered=bool(row["answered"]),
             batch=json.loads(row["batch"]) if row["batch"] else None,
@@ -87,19 +88,23 @@ class SQLiteJobStore(JobStore):
 
     # -- JobStore ------------------------------------------------------------------------------
 
-    def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
-        return self._create(request, client, max_depth, None)[0]
+    def create(
+        self, request: GenerationRequest, client: str, max_depth: int | None = None, owner: Owner | None = None
+    ) -> Job:
+        return self._create(request, client, max_depth, None, owner)[0]
 
     def create_or_attach(
-        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup
+        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup, owner: Owner | None = None
     ) -> tuple[Job, bool]:
-        return self._create(request, client, max_depth, dedup)
+        return self._create(request, client, max_depth, dedup, owner)
 
     def _create(
-        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup | None
-    ) -> tuple[Job, bool]:
-        """One transaction: find the job `dedup` accepts, or check the depth and insert a new one."""
-        job = Job(id=Job.new_id(), request=request, client=client, fingerprint=dedup.fingerprint if dedup else None)
+        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup | None,
+        owner: Owner | None,
+    ) -> tuple[Job, bool]:  # fmt: skip
+        """One transaction: find the job `dedup` accepts, or check the depths and insert a new one."""
+        job = Job(id=Job.new_id(), request=request, client=client, fingerprint=dedup.fingerprint if dedup else None,
+                  owner=owner.name if owner else None)  # fmt: skip
         with self._lock, self._guarded():
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -114,11 +119,16 @@ class SQLiteJobStore(JobStore):
                     (depth,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", _ACTIVE).fetchone()
                     if depth >= max_depth:
                         raise QueueFull(depth, retry_after=30)
+                if owner is not None and owner.share is not None:
+                    (held,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN (?, ?)",
+                                               (owner.name, *_ACTIVE)).fetchone()  # fmt: skip
+                    if held >= owner.share:
+                        raise QueueFull(held, retry_after=30, owner=owner.name)
                 self._db.execute(
-                    "INSERT INTO jobs (id, status, queue_order, request, client, created, fingerprint, batch_key) "
-                    "VALUES (?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?, ?, ?)",
+                    "INSERT INTO jobs (id, status, queue_order, request, client, created, fingerprint, batch_key, "
+                    "owner) VALUES (?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), ?, ?, ?, ?, ?, ?)",
                     (job.id, job.status.value, request.model_dump_json(), client, job.created, job.fingerprint,
-                     batch_key(request)),
+                     batch_key(request), job.owner),
                 )  # fmt: skip
                 self._db.execute("COMMIT")
             except BaseException:
@@ -136,8 +146,13 @@ class SQLiteJobStore(JobStore):
             raise JobNotFound(job_id)
         return self._job(rows[0])
 
-    def list(self, offset: int = 0, limit: int = 20, status: JobStatus | None = None) -> tuple[builtins.list[Job], int]:
-        where, args = ("WHERE status = ?", [status.value]) if status else ("", [])
+    def list(
+        self, offset: int = 0, limit: int = 20, status: JobStatus | None = None, owner: str | None = None
+    ) -> tuple[builtins.list[Job], int]:
+        conditions = [(condition, value) for condition, value in (("status = ?", status.value if status else None),
+                      ("owner = ?", owner)) if value is not None]  # fmt: skip
+        where = ("WHERE " + " AND ".join(condition for condition, _ in conditions)) if conditions else ""
+        args = [value for _, value in conditions]
         rows = self._execute(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", *args, limit, offset)
         (total,) = self._execute(f"SELECT COUNT(*) FROM jobs {where}", *args)[0]
         return [self._job(row) for row in rows], total

@@ -20,12 +20,27 @@ if TYPE_CHECKING:
 
 
 class QueueFull(Exception):
-    """The queue holds its maximum number of waiting and running jobs."""
+    """The queue holds its maximum number of waiting and running jobs, or the owner's share of them."""
 
-    def __init__(self, depth: int, retry_after: int) -> None:
+    def __init__(self, depth: int, retry_after: int, owner: str | None = None) -> None:
         self.depth = depth
         self.retry_after = retry_after
-        super().__init__(f"the queue is full ({depth} jobs); retry in {retry_after} s")
+        self.owner = owner
+        whose = f"key {owner!r} has its share of the queue" if owner else "the queue is full"
+        super().__init__(f"{whose} ({depth} jobs queued or running); retry in {retry_after} s")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who submits a job (an API key's name) and how many of the queue's places their jobs may hold.
+
+    Attributes:
+        name: the key's name; jobs carry it, and only it (or an admin key) sees them.
+        share: queued and running jobs this owner may hold at once (None: only the queue's own cap).
+    """
+
+    name: str
+    share: int | None = None
 
 
 class JobNotFound(KeyError):
@@ -85,21 +100,24 @@ class JobStore(ABC):
         """Forward other processes' live events to `events` until `stop`; in-process stores have none to relay."""
 
     @abstractmethod
-    def create(self, request: GenerationRequest, client: str, max_depth: int | None = None) -> Job:
-        """Persist a new queued job before returning it.
+    def create(
+        self, request: GenerationRequest, client: str, max_depth: int | None = None, owner: Owner | None = None
+    ) -> Job:
+        """Persist a new queued job (of `owner`, when given) before returning it.
 
         Raises:
-            QueueFull: `max_depth` jobs are already queued or running.
+            QueueFull: `max_depth` jobs are already queued or running, or `owner.share` of the owner's.
         """
 
     @abstractmethod
     def create_or_attach(
-        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup
+        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup, owner: Owner | None = None
     ) -> tuple[Job, bool]:
         """The job `dedup` accepts if there is one (and True), else a new queued job (and False), atomically.
 
         Raises:
-            QueueFull: a new job was needed and `max_depth` jobs are already queued or running.
+            QueueFull: a new job was needed and `max_depth` jobs are already queued or running, or
+                `owner.share` of the owner's.
         """
 
     @abstractmethod
@@ -111,8 +129,10 @@ class JobStore(ABC):
         """Raises: JobNotFound."""
 
     @abstractmethod
-    def list(self, offset: int = 0, limit: int = 20, status: JobStatus | None = None) -> tuple[builtins.list[Job], int]:
-        """Newest first; returns the page and the total count."""
+    def list(
+        self, offset: int = 0, limit: int = 20, status: JobStatus | None = None, owner: str | None = None
+    ) -> tuple[builtins.list[Job], int]:
+        """Newest first (only `owner`'s jobs, when given); returns the page and the total count."""
 
     @abstractmethod
     def claim_partners(self, worker: str, key: str, room: int) -> builtins.list[Job]:

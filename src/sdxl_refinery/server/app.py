@@ -39,6 +39,7 @@ from .routes import a1111, a1111_options, checkpoints, jobs, loras, openai, ops
 from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import OPENAI_PATHS, openai_error, openai_param
 from .security import BodySizeLimit
+from .keys import BadKeysFile
 from .signing import WeakSigningKey
 from .state import AppState, IdempotencyConflict
 
@@ -201,6 +202,8 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
         raise StorageError(f"data folder {settings.data_dir} cannot be used: {error}") from error
     except WeakSigningKey as error:  # an empty key would open every image without the API key
         raise StorageError(f"refusing to start: {error}") from error
+    except BadKeysFile as error:  # a server meant to be guarded by keys does not run without them
+        raise RefineryError(f"refusing to start: API keys file {error}") from error
     # The schema and docs routes are added by `ops.docs_router`, behind the API key like everything else.
     description = "SDXL base + refiner, every image. Native, OpenAI and A1111 APIs."
     app = FastAPI(title="Refinery", version="0.1.0", lifespan=_lifespan, openapi_url=None, docs_url=None,

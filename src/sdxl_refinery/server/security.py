@@ -6,11 +6,12 @@ import asyncio
 import base64
 import binascii
 import json
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .keys import Caller
 
 
 def presented_key(header: str) -> str | None:
@@ -35,40 +36,43 @@ def _utf8(header_text: str) -> str:
         return header_text
 
 
-def require_api_key(request: Request) -> None:
-    """Refuse the request unless it carries the configured API key (when one is set).
+def require_api_key(request: Request) -> Caller:
+    """Who sent the request: the caller its API key names (everyone is one admin on a server without keys).
 
     Raises:
-        HTTPException: 401 with a WWW-Authenticate challenge.
+        HTTPException: 401 with a WWW-Authenticate challenge, when no valid key is presented.
     """
-    expected: str | None = request.app.state.refinery.settings.api_key
-    if not expected:
-        return
-    presented = presented_key(request.headers.get("authorization", ""))
-    if presented is None or not secrets.compare_digest(presented.encode(), expected.encode()):
+    caller: Caller | None = request.app.state.refinery.keys.identify(
+        presented_key(request.headers.get("authorization", ""))
+    )
+    if caller is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             detail="a valid API key is required: Authorization: Bearer <key> (or HTTP Basic with the key as password)",
             headers={"WWW-Authenticate": 'Bearer realm="refinery", Basic realm="refinery"'},
         )
+    return caller
 
 
-Authorized = Annotated[None, Depends(require_api_key)]
+Authorized = Annotated[Caller, Depends(require_api_key)]
 
 
-def require_api_key_or_signature(request: Request) -> None:
-    """Let a correctly signed, unexpired image URL through without the key; anything else needs the key.
+def require_api_key_or_signature(request: Request) -> Caller:
+    """Let a correctly signed, unexpired image URL through without the key (the URL itself is the permission:
+    whoever was given it may open that one image); anything else needs the key.
 
     Raises:
         HTTPException: 401, as `require_api_key`.
     """
     signer = request.app.state.refinery.signer
     query = request.query_params
-    if not signer.verify(request.url.path, query.get("expires"), query.get("signature")):
-        require_api_key(request)
+    if signer.verify(request.url.path, query.get("expires"), query.get("signature")):
+        return SIGNED_URL
+    return require_api_key(request)
 
 
-SignedOrAuthorized = Annotated[None, Depends(require_api_key_or_signature)]
+SignedOrAuthorized = Annotated[Caller, Depends(require_api_key_or_signature)]
+SIGNED_URL = Caller("signed-url", admin=True)  # opens the one image its URL names, whoever's job it is
 
 
 class BodySizeLimit:

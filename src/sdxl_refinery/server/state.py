@@ -20,6 +20,7 @@ from ..jobs.worker import Worker
 from ..limits import Limits, enforce_limits
 from ..request import GenerationRequest
 from ..service import ImageService, check_images
+from .keys import OPEN, ApiKeys, Caller
 from .offload import checks_limiter
 from .signing import UrlSigner
 
@@ -49,25 +50,28 @@ class AppState:
     storage: ImageStorage = field(init=False)
 
     signer: UrlSigner = field(init=False)
+    keys: ApiKeys = field(init=False)
     checks: CapacityLimiter = field(default_factory=checks_limiter)  # threads checking bodies (offload.py)
 
     def __post_init__(self) -> None:
         self.storage = FolderStorage(self.settings.data_dir / "images")
         self.signer = UrlSigner(self.settings.data_dir, self.settings.url_ttl_seconds)
+        self.keys = ApiKeys(self.settings.api_key, self.settings.api_keys_file, self.settings.max_queue)
 
     @property
     def limits(self) -> Limits:
         s = self.settings
         return Limits(s.max_width, s.max_height, s.max_steps, s.max_images, s.max_prompt_tokens)
 
-    def submit(self, request: GenerationRequest, client: str, dedup: Dedup | None = None) -> Job:
-        """Check the server's limits, persist the job (or attach to the one `dedup` names), wake the worker.
+    def submit(self, request: GenerationRequest, client: str, dedup: Dedup | None = None, caller: Caller = OPEN) -> Job:
+        """Check the server's limits, persist the job of `caller` (or attach to the one `dedup` names, which is
+        the caller's own: its fingerprint names the key), wake the worker.
 
         Raises:
             InvalidRequest: a field over this server's caps, a `clip_skip` deeper than its text encoders, or a
                 LoRA that is unknown, unreadable or made for another model (only names from the LoRA folder: no
                 paths over HTTP).
-            QueueFull: the queue is at `max_queue`.
+            QueueFull: the queue is at `max_queue`, or the caller's jobs at its share of it.
             IdempotencyConflict: an Idempotency-Key reused for a different request.
             StoreUnavailable: the job store or the image disk fails now (503, or 507 for a full disk).
         """
@@ -79,14 +83,14 @@ class AppState:
         if self.worker is not None and (problem := self.worker.problem) is not None:
             raise StoreUnavailable(f"not accepting jobs until this passes: {problem}", disk_full=is_disk_full(problem))
         if dedup is not None:
-            job, attached = self.store.create_or_attach(request, client, self.settings.max_queue, dedup)
+            job, attached = self.store.create_or_attach(request, client, self.settings.max_queue, dedup, caller.owner)
             if attached:
                 if job.request != request:
                     raise IdempotencyConflict(job.id)
                 self.metrics.attached.labels("idempotency-key" if not dedup.unanswered_only else "retry").inc()
                 return job
         else:
-            job = self.store.create(request, client, self.settings.max_queue)
+            job = self.store.create(request, client, self.settings.max_queue, caller.owner)
         self.metrics.depth.set(self.store.depth())
         self.events.publish(job.id, "queued", {"position": self.store.position(job.id)})
         if self.worker is not None:
@@ -150,7 +154,7 @@ class AppState:
             "request": job.request.recorded(), "progress": job.progress.as_dict(),
             "position": self.store.position(job.id) if job.status.value == "queued" else None,
             "error": job.error, "result": None,
-            "batch": job.batch,
+            "batch": job.batch, "owner": job.owner,
         }  # fmt: skip
         if job.result is not None:
             view["result"] = {**job.result,

@@ -25,6 +25,7 @@ from ...png import a1111_parameters
 from ...request import REQUEST_FIELDS, GenerationRequest, Mode
 from ...samplers import a1111_samplers
 from ..dedup import dedup_for
+from ..keys import Caller
 from ..offload import json_body_schema, off_loop, parsed_body
 from ..security import Authorized
 from ..state import AppState, State
@@ -182,36 +183,39 @@ def a1111_info(job: Job) -> str:
 
 
 @router.post("/sdapi/v1/txt2img", openapi_extra=json_body_schema(Txt2ImgRequest))
-async def txt2img(state: State, http: Request, _: Authorized) -> Any:
+async def txt2img(state: State, http: Request, caller: Authorized) -> Any:
     """Render and answer `{images, parameters, info}` when done, as A1111 does: no time limit unless set.
 
     A client that disconnects leaves its job running (A1111 clients stop one with `/interrupt`).
     """
     body = await parsed_body(http, Txt2ImgRequest, state.checks)
-    return await _render(body, state, http, body.model_dump())
+    return await _render(body, state, http, caller, body.model_dump())
 
 
 @router.post("/sdapi/v1/img2img", openapi_extra=json_body_schema(Img2ImgRequest))
-async def img2img(state: State, http: Request, _: Authorized) -> Any:
+async def img2img(state: State, http: Request, caller: Authorized) -> Any:
     """img2img and inpainting (with `mask`), answered as txt2img is; `parameters` leaves the images out unless
     `include_init_images`, as A1111 does."""
     body = await parsed_body(http, Img2ImgRequest, state.checks)
     hidden = set() if body.include_init_images else {"init_images", "mask"}
-    return await _render(body, state, http, body.model_dump(exclude=hidden))
+    return await _render(body, state, http, caller, body.model_dump(exclude=hidden))
 
 
-def _submit(body: _Txt2ImgBase, state: AppState, http: Request) -> Job:
+def _submit(body: _Txt2ImgBase, state: AppState, http: Request, caller: Caller) -> Job:
     """Check the overrides, build the request (decoding its images) and queue it: in a worker thread."""
     check_settings(state, body.override_settings, prefix="override_settings.")
     generation = body.to_request(stored_options(state), check=state.service.check_clip_skip)
     try:
-        return state.submit(generation, client="a1111", dedup=dedup_for(http, generation, "a1111", True))
+        dedup = dedup_for(http, generation, "a1111", True)
+        return state.submit(generation, client="a1111", dedup=dedup, caller=caller)
     except InvalidRequest as error:  # a server-side check (caps, LoRAs, checkpoints): named as A1111 names it
         raise InvalidRequest(_A1111_NAMES.get(error.field, error.field), error.rule) from None
 
 
-async def _render(body: _Txt2ImgBase, state: AppState, http: Request, parameters: dict[str, Any]) -> Any:
-    job: Job = await off_loop(state.checks, _submit, body, state, http)
+async def _render(
+    body: _Txt2ImgBase, state: AppState, http: Request, caller: Caller, parameters: dict[str, Any]
+) -> Any:
+    job: Job = await off_loop(state.checks, _submit, body, state, http, caller)
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
         names = job.result["images"] if body.send_images else []
@@ -229,15 +233,16 @@ async def _render(body: _Txt2ImgBase, state: AppState, http: Request, parameters
     return a1111_error(504, "Timeout", message, job_id=job.id)
 
 
-def _running(state: AppState) -> Job | None:
-    jobs, _ = state.store.list(0, 1, JobStatus.RUNNING)
+def _running(state: AppState, caller: Caller) -> Job | None:
+    """The running job the caller may see (its own; an admin's: any)."""
+    jobs, _ = state.store.list(0, 1, JobStatus.RUNNING, owner=None if caller.admin else caller.name)
     return jobs[0] if jobs else None
 
 
 @router.get("/sdapi/v1/progress")
-def progress(state: State, _: Authorized, skip_current_image: bool = False) -> dict[str, Any]:
-    """The running job's progress (0..1), ETA, step and live preview, as A1111 reports them."""
-    job = _running(state)
+def progress(state: State, caller: Authorized, skip_current_image: bool = False) -> dict[str, Any]:
+    """The caller's running job's progress (0..1), ETA, step and live preview, as A1111 reports them."""
+    job = _running(state, caller)
     queued = state.store.counts()["queued"]
     if job is None:
         return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": "Waiting...",
@@ -258,22 +263,22 @@ def progress(state: State, _: Authorized, skip_current_image: bool = False) -> d
 
 
 @router.post("/sdapi/v1/interrupt")
-def interrupt(state: State, _: Authorized) -> dict[str, Any]:
+def interrupt(state: State, caller: Authorized) -> dict[str, Any]:
     """Stop the running job within one step; its caller gets the image as it stands, `info` says interrupted.
 
     Queued jobs are left as they are, as in A1111 (the native `POST /v1/jobs/{id}/cancel` discards instead).
     """
-    job = _running(state)
+    job = _running(state, caller)  # another key's job is not this caller's to stop
     if job is not None:
         state.interrupt(job.id)
     return {"interrupted": job.id if job else None}
 
 
 @router.post("/sdapi/v1/skip")
-def skip(state: State, _: Authorized) -> dict[str, Any]:
+def skip(state: State, caller: Authorized) -> dict[str, Any]:
     """A1111's skip ends the current batch iteration and goes on to the next. Refinery renders all of a
     request's images as one batch, so there is no next iteration: skip is `/interrupt` (the image as it stands)."""
-    return interrupt(state, _)
+    return interrupt(state, caller)
 
 
 @router.get("/sdapi/v1/sd-models")

@@ -18,6 +18,7 @@ from ...jobs.store import Dedup, JobNotFound
 from ...limits import request_schema
 from ...request import MAX_SEED, GenerationRequest
 from ..dedup import dedup_for
+from ..keys import Caller
 from ..offload import json_body_schema, off_loop, parsed_body
 from ..security import Authorized, SignedOrAuthorized
 from ..state import AppState, State
@@ -26,13 +27,17 @@ router = APIRouter(tags=["jobs"])
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def _job_or_404(state: AppState, job_id: str) -> Any:
+def _job_or_404(state: AppState, job_id: str, caller: Caller) -> Job:
+    """The job, if `caller` may see it; another key's job is a 404 too, so ids reveal nothing."""
     if not _JOB_ID.match(job_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id!r}")
     try:
-        return state.store.get(job_id)
+        job = state.store.get(job_id)
     except JobNotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id!r}") from None
+    if not caller.sees(job.owner):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no job {job_id!r}")
+    return job
 
 
 @router.get("/v1/schema")
@@ -42,18 +47,18 @@ def schema(state: State, _: Authorized) -> dict[str, Any]:
 
 
 @router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED, openapi_extra=json_body_schema(GenerationRequest))
-async def submit_job(state: State, request: Request, _: Authorized) -> JSONResponse:
+async def submit_job(state: State, request: Request, caller: Authorized) -> JSONResponse:
     """Queue a generation (a `GenerationRequest`); answers once the job is stored, with its id and queue position."""
     body = await parsed_body(request, GenerationRequest, state.checks)
     dedup = dedup_for(request, body, "native", retries_attach=False)
-    job, position = await off_loop(state.checks, _submitted, state, body, dedup)
+    job, position = await off_loop(state.checks, _submitted, state, body, dedup, caller)
     view: dict[str, Any] = {"id": job.id, "status": job.status.value, "position": position,
                             "url": str(request.url_for("get_job", job_id=job.id))}  # fmt: skip
     return JSONResponse(view, status_code=202, headers={"Location": view["url"]})
 
 
-def _submitted(state: AppState, body: GenerationRequest, dedup: Dedup | None) -> tuple[Job, int | None]:
-    job = state.submit(body, client="native", dedup=dedup)
+def _submitted(state: AppState, body: GenerationRequest, dedup: Dedup | None, caller: Caller) -> tuple[Job, int | None]:
+    job = state.submit(body, client="native", dedup=dedup, caller=caller)
     return job, state.store.position(job.id)
 
 
@@ -61,35 +66,35 @@ def _submitted(state: AppState, body: GenerationRequest, dedup: Dedup | None) ->
 def list_jobs(
     state: State,
     request: Request,
-    _: Authorized,
+    caller: Authorized,
     offset: int = Query(0, ge=0, le=1_000_000_000),
     limit: int = Query(20, ge=1, le=100),
     job_status: JobStatus | None = Query(None, alias="status"),
 ) -> dict[str, Any]:
-    """Jobs, newest first, a page at a time."""
-    jobs, total = state.store.list(offset, limit, job_status)
+    """The caller's jobs (an admin key's: everyone's), newest first, a page at a time."""
+    jobs, total = state.store.list(offset, limit, job_status, owner=None if caller.admin else caller.name)
     base = str(request.base_url)
     items = [state.job_view(job, base, brief=True) for job in jobs]
     return {"items": items, "total": total, "offset": offset, "limit": limit}
 
 
 @router.get("/v1/jobs/{job_id}")
-def get_job(job_id: str, state: State, request: Request, _: Authorized) -> dict[str, Any]:
+def get_job(job_id: str, state: State, request: Request, caller: Authorized) -> dict[str, Any]:
     """Status, progress (stage, step, total, percent, ETA), result or error."""
-    return state.job_view(_job_or_404(state, job_id), str(request.base_url))
+    return state.job_view(_job_or_404(state, job_id, caller), str(request.base_url))
 
 
 @router.post("/v1/jobs/{job_id}/cancel")
-def cancel_job(job_id: str, state: State, request: Request, _: Authorized) -> dict[str, Any]:
+def cancel_job(job_id: str, state: State, request: Request, caller: Authorized) -> dict[str, Any]:
     """Cancel a queued job at once, or a running one within one step; finished jobs are left as they are."""
-    _job_or_404(state, job_id)
+    _job_or_404(state, job_id, caller)
     return state.job_view(state.cancel(job_id), str(request.base_url))
 
 
 @router.get("/v1/jobs/{job_id}/events")
-async def job_events(job_id: str, state: State, request: Request, _: Authorized) -> EventSourceResponse:
+async def job_events(job_id: str, state: State, request: Request, caller: Authorized) -> EventSourceResponse:
     """Server-Sent Events: `queued` (position), `started`, `progress`, `preview` (PNG, base64), `done`."""
-    _job_or_404(state, job_id)
+    await asyncio.to_thread(_job_or_404, state, job_id, caller)
     base = str(request.base_url)
     return EventSourceResponse(_event_stream(state, job_id, base, request), ping=15)
 
@@ -138,8 +143,11 @@ def _data_url(png: bytes) -> str:
 
 
 @router.get("/v1/images/{job_id}/{name}", response_class=FileResponse)
-def get_image(job_id: str, name: str, state: State, _: SignedOrAuthorized) -> FileResponse:
-    """A finished job's PNG, with the API key or a signed URL. Nothing outside the data folder is served."""
+def get_image(job_id: str, name: str, state: State, caller: SignedOrAuthorized) -> FileResponse:
+    """A finished job's PNG, with its owner's (or an admin) key or a signed URL. Nothing outside the data folder
+    is served."""
+    if not caller.admin:
+        _job_or_404(state, job_id, caller)
     path = state.storage.path(job_id, name)
     if path is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such image")

@@ -27,6 +27,7 @@ from ...jobs.storage import ImageStorage
 from ...png import PARAMETERS_KEY, parse_parameters
 from ...request import HIGH_QUALITY_GUIDANCE, STANDARD_GUIDANCE, GenerationRequest, invalid_request_from
 from ..dedup import dedup_for
+from ..keys import Caller
 from ..offload import off_loop
 from ..security import Authorized
 from ..state import AppState, State
@@ -122,13 +123,13 @@ def openai_error(
 
 
 @router.post("/v1/images/generations")
-async def generate(body: ImagesRequest, state: State, request: Request, _: Authorized) -> JSONResponse:
+async def generate(body: ImagesRequest, state: State, request: Request, caller: Authorized) -> JSONResponse:
     """Render `n` images; answers `{created, data: [{b64_json | url, revised_prompt}]}` when done."""
-    return await _render(body, body.to_request(**_chosen_model(body)), state, request)
+    return await _render(body, body.to_request(**_chosen_model(body)), state, request, caller)
 
 
 @router.post("/v1/images/edits")
-async def edit(state: State, request: Request, _: Authorized) -> JSONResponse:
+async def edit(state: State, request: Request, caller: Authorized) -> JSONResponse:
     """OpenAI's image edit (multipart): `image` (or one `image[]`), `prompt`, optional `mask` whose transparent
     pixels mark the area to redraw, `n`, `size`, `response_format`. With a mask the area is inpainted anew
     (strength 1); without one the whole image is redrawn at the default strength. Refined as every image is."""
@@ -138,11 +139,11 @@ async def edit(state: State, request: Request, _: Authorized) -> JSONResponse:
     if form.get("mask") is not None:
         mask = await off_loop(state.checks, _transparent_is_edit, await _upload(state, form, "mask"))
         fields |= {"mask_image": mask, "strength": 1.0}
-    return await _render(body, body.to_request(**fields), state, request)
+    return await _render(body, body.to_request(**fields), state, request, caller)
 
 
 @router.post("/v1/images/variations")
-async def variation(state: State, request: Request, _: Authorized) -> JSONResponse:
+async def variation(state: State, request: Request, caller: Authorized) -> JSONResponse:
     """OpenAI's variations (multipart `image`, `n`, `size`, `response_format`): img2img of the image at strength
     0.6, prompted by the prompt its PNG records (A1111's `parameters` or ours), else by `VARIATION_PROMPT`."""
     form = await request.form()
@@ -150,7 +151,7 @@ async def variation(state: State, request: Request, _: Authorized) -> JSONRespon
     prompt = await off_loop(state.checks, recorded_prompt, image) or VARIATION_PROMPT
     body = _body({**_form_fields(form), "prompt": prompt})
     fields = {"init_image": image, "strength": VARIATION_STRENGTH, **_chosen_model(body)}
-    return await _render(body, body.to_request(**fields), state, request)
+    return await _render(body, body.to_request(**fields), state, request, caller)
 
 
 def _chosen_model(body: ImagesRequest) -> dict[str, Any]:
@@ -224,10 +225,12 @@ def recorded_prompt(image: InputImage) -> str | None:
 
 
 async def _render(
-    body: ImagesRequest, generation: GenerationRequest, state: AppState, request: Request
+    body: ImagesRequest, generation: GenerationRequest, state: AppState, request: Request, caller: Caller
 ) -> JSONResponse:
     dedup = await off_loop(state.checks, dedup_for, request, generation, "openai", True)  # hashes images and all
-    job = await off_loop(state.checks, functools.partial(state.submit, generation, client="openai", dedup=dedup))
+    job = await off_loop(
+        state.checks, functools.partial(state.submit, generation, client="openai", dedup=dedup, caller=caller)
+    )
     job = await state.wait(job.id, state.settings.sync_wait_seconds)
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
         url_of = functools.partial(state.image_url, str(request.base_url), job.id, signed=True)
