@@ -101,7 +101,12 @@ class Settings(BaseSettings):
     # scale-out
     backend: Literal["embedded", "celery"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    visibility_timeout: int = Field(7200, ge=5)  # seconds; must exceed the longest job (a CPU job can take an hour)
+    # The broker's redelivery of a dead worker's message: the last backstop only (seconds; must exceed the
+    # longest job). Jobs of dead workers are taken back sooner, by their silence (worker_dead_after_seconds).
+    visibility_timeout: int = Field(7200, ge=5)
+    # A worker whose heartbeat (every 5 s, from a thread of its own, so a long step does not delay it) is this
+    # many seconds old is taken for dead: its running job is queued again within one more heartbeat.
+    worker_dead_after_seconds: float = Field(15.0, ge=10.0)
 
     def served_hosts(self) -> list[str]:
         """The Host header values this server answers (others are refused, against DNS rebinding).

@@ -197,7 +197,8 @@ def test_sigkill_worker_mid_job_redelivers_to_the_other(cluster: tuple[RunningSe
     survivor = server.client.get(f"/v1/jobs/{job_id}").json()
     assert survivor["worker"] != victim and done["attempts"] == 2
     folder = workers.data_dir / "images" / job_id
-    assert sorted(path.name for path in folder.iterdir()) == ["image-1.png", "image-2.png"]
+    assert sorted(path.name for path in folder.iterdir()) == ["image.attempt2-1.png", "image.attempt2-2.png"]
+    assert sorted(done["result"]["images"]) == ["image.attempt2-1.png", "image.attempt2-2.png"]
 
 
 def test_an_inpainting_job_travels_through_redis_with_its_images(cluster: tuple[RunningServer, Workers]) -> None:

@@ -64,7 +64,8 @@ def _kill_mid_run_and_restart(
 def _assert_own_images_only(data: Path, jobs: list[str], finished: list[dict[str, Any]]) -> None:
     for job in finished:
         folder = data / "images" / job["id"]
-        assert sorted(path.name for path in folder.iterdir()) == ["image-1.png", "image-2.png"]
+        assert sorted(path.name for path in folder.iterdir()) == sorted(job["result"]["images"])
+        assert len(job["result"]["images"]) == 2
     assert sorted(path.name for path in (data / "images").iterdir() if path.is_dir()) == sorted(jobs)
 
 

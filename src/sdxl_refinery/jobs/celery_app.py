@@ -6,7 +6,9 @@
 - `worker_prefetch_multiplier=1` and one solo-pool process per device: a worker
   holds one job at a time and never hoards others;
 - the broker's `visibility_timeout` (setting `visibility_timeout`, default 2 h) is
-  longer than the longest job, so a slow CPU job is not handed out twice.
+  longer than the longest job, so a slow CPU job is not handed out twice; it is only
+  the last backstop: a worker silent for `worker_dead_after_seconds` (15 s) is taken
+  for dead by the others, which queue its job again (`CeleryJobStore.reap`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ PREFIX = "refinery:"  # every Redis key and channel of Refinery starts with this
 QUEUE = "refinery"
 TASK_NAME = "refinery.run_job"
 HEARTBEAT_SECONDS = 5.0
-STALE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS  # a worker silent this long is taken for dead
 
 
 def make_celery(settings: Settings) -> Celery:

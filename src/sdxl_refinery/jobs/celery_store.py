@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import functools
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -35,12 +37,17 @@ from .celery_app import PREFIX, TASK_NAME, make_celery
 from .celery_events import forward_events
 from .events import JobEvents
 from .models import Job, JobProgress, JobStatus
-from .store import Dedup, JobNotFound, JobStore, Owner, QueueFull
+from .store import Dedup, JobLost, JobNotFound, JobStore, Owner, QueueFull
 
 _TRANSITION = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return false end
 local job = cjson.decode(raw)
+if ARGV[6] ~= '' then
+  for key, value in pairs(cjson.decode(ARGV[6])) do
+    if job[key] ~= value then return 'FENCED' end
+  end
+end
 local allowed = false
 for status in string.gmatch(ARGV[1], '[^,]+') do
   if job.status == status then allowed = true end
@@ -57,6 +64,7 @@ redis.call('SET', KEYS[1], encoded)
 return encoded
 """
 _ALL = ",".join(status.value for status in JobStatus)
+log = logging.getLogger(__name__)
 COMMAND_TIMEOUT_SECONDS = 3.0  # a hung Redis (or a half-open connection) fails a call instead of holding it
 
 Method = TypeVar("Method", bound=Callable[..., Any])
@@ -108,6 +116,7 @@ class CeleryJobStore(JobStore):
         self.redis: redis.Redis = client or redis_client(settings.redis_url)
         self._transition = self.redis.register_script(_TRANSITION)
         self._celery: Any = None
+        self._attempts: dict[str, dict[str, Any]] = {}  # jobs this process started: their attempt and worker
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -139,11 +148,36 @@ class CeleryJobStore(JobStore):
         )
 
     def _move(
-        self, job_id: str, allowed: str, status: JobStatus, patch: dict[str, Any], count: bool = False
-    ) -> Job | None:
-        arguments = [allowed, status.value, json.dumps(patch), f"{PREFIX}status:", "1" if count else "0"]
+        self, job_id: str, allowed: str, status: JobStatus, patch: dict[str, Any], count: bool = False,
+        expect: dict[str, Any] | None = None,
+    ) -> Job | None:  # fmt: skip
+        """Move the job to `status` with `patch`, atomically, if its status is one of `allowed` (else None) and
+        its record holds `expect`'s values.
+
+        Raises:
+            JobLost: the record does not hold `expect`'s values (another attempt holds the job now).
+        """
+        arguments = [allowed, status.value, json.dumps(patch), f"{PREFIX}status:", "1" if count else "0",
+                     json.dumps(expect) if expect else ""]  # fmt: skip
         raw = self._transition(keys=[self._key(job_id)], args=arguments)
+        if raw in (b"FENCED", "FENCED"):  # the fence stays: every later write of this attempt is refused too
+            raise JobLost(f"job {job_id}: this attempt no longer holds it (its worker was taken for dead)")
         return self._job(raw) if raw else None
+
+    def _started(self, job: Job | None) -> Job | None:
+        """Remember the attempt this process started, so that its writes are fenced to it."""
+        if job is not None and job.worker is not None:
+            self._attempts[job.id] = {"attempts": job.attempts, "worker": job.worker}
+        return job
+
+    def _fence(self, job_id: str) -> dict[str, Any] | None:
+        """What the record must hold for a write of this process's attempt (None: not a job it started)."""
+        return self._attempts.get(job_id)
+
+    def _finish(self, job_id: str, allowed: str, status: JobStatus, patch: dict[str, Any]) -> None:
+        """A last write of this process's attempt (fenced as every write); the attempt is forgotten after it."""
+        self._move(job_id, allowed, status, patch, expect=self._fence(job_id))
+        self._attempts.pop(job_id, None)
 
     def _send(self, job_id: str) -> None:
         if self._celery is None:
@@ -265,7 +299,7 @@ class CeleryJobStore(JobStore):
     @guarded
     def start(self, job_id: str, worker: str) -> Job | None:
         patch = {"started": time.time(), "worker": worker, "progress": None, "batch": False}
-        return self._move(job_id, "queued,running", JobStatus.RUNNING, patch, count=True)
+        return self._started(self._move(job_id, "queued,running", JobStatus.RUNNING, patch, count=True))
 
     @guarded
     def claim_partners(self, worker: str, key: str, room: int) -> builtins.list[Job]:
@@ -291,12 +325,13 @@ class CeleryJobStore(JobStore):
     def start_queued(self, job_id: str, worker: str) -> Job | None:
         """`start`, for a job still queued only."""
         patch = {"started": time.time(), "worker": worker, "progress": None, "batch": None}
-        return self._move(job_id, "queued", JobStatus.RUNNING, patch, count=True)
+        return self._started(self._move(job_id, "queued", JobStatus.RUNNING, patch, count=True))
 
     @guarded
     def mark_batch(self, job_ids: builtins.list[str], batch: dict[str, int] | None) -> None:
         for job_id in job_ids:
-            self._move(job_id, "running", JobStatus.RUNNING, {"batch": batch or False})
+            with contextlib.suppress(JobLost):  # a job taken back meanwhile: its next write stops it
+                self._move(job_id, "running", JobStatus.RUNNING, {"batch": batch or False}, expect=self._fence(job_id))
 
     @guarded
     def cancel_requested(self, job_id: str) -> bool:
@@ -308,20 +343,21 @@ class CeleryJobStore(JobStore):
 
     @guarded
     def update_progress(self, job_id: str, progress: JobProgress) -> None:
-        self._move(job_id, "running", JobStatus.RUNNING, {"progress": json.dumps(progress.__dict__)})
+        self._move(job_id, "running", JobStatus.RUNNING, {"progress": json.dumps(progress.__dict__)},
+                   expect=self._fence(job_id))  # fmt: skip
 
     @guarded
     def succeed(self, job_id: str, result: dict[str, Any]) -> None:
-        self._move(job_id, "running", JobStatus.SUCCEEDED, {"finished": time.time(), "result": json.dumps(result)})
+        self._finish(job_id, "running", JobStatus.SUCCEEDED, {"finished": time.time(), "result": json.dumps(result)})
 
     @guarded
     def fail(self, job_id: str, error: str) -> None:
-        self._move(job_id, "running", JobStatus.FAILED, {"finished": time.time(), "error": error})
+        self._finish(job_id, "running", JobStatus.FAILED, {"finished": time.time(), "error": error})
 
     @guarded
     def mark_cancelled(self, job_id: str) -> None:
-        self._move(job_id, "queued,running", JobStatus.CANCELLED,
-                   {"finished": time.time(), "error": "cancelled by request"})  # fmt: skip
+        self._finish(job_id, "queued,running", JobStatus.CANCELLED,
+                     {"finished": time.time(), "error": "cancelled by request"})  # fmt: skip
 
     @guarded
     def cancel(self, job_id: str) -> Job:
@@ -340,7 +376,41 @@ class CeleryJobStore(JobStore):
 
     @guarded
     def requeue(self, job_id: str) -> None:
-        self._move(job_id, "running", JobStatus.QUEUED, {"progress": None, "worker": None, "batch": False})
+        self._finish(job_id, "running", JobStatus.QUEUED, {"progress": None, "worker": None, "batch": False})
+
+    @guarded
+    def reap(self, dead_after: float, crash_limit: int) -> builtins.list[str]:
+        """Take back the running jobs of workers silent for `dead_after` seconds: each is queued again (and
+        sent to the broker) or, at its `crash_limit`-th such death, failed. Fenced on the dead attempt (its
+        worker and attempt number), so that two reapers take a job back once, and the dead attempt, should
+        it come back, writes nothing. Returns the ids taken back."""
+        alive = {worker["name"] for worker in self.workers(dead_after)}
+        ids = [
+            i.decode() if isinstance(i, bytes) else str(i) for i in self.redis.zrange(f"{PREFIX}status:running", 0, -1)
+        ]
+        taken: builtins.list[str] = []
+        for job_id, raw in zip(ids, self.redis.mget([self._key(i) for i in ids]) if ids else [], strict=True):
+            record = json.loads(raw) if raw is not None else {}
+            if not record or record.get("worker") in alive or time.time() - (record.get("started") or 0) < dead_after:
+                continue
+            crashes = int(record.get("crashes", 0)) + 1
+            expect = {"worker": record.get("worker"), "attempts": record.get("attempts", 0)}
+            with contextlib.suppress(JobLost):  # another reaper, or the worker itself, got there first
+                if crashes >= crash_limit:
+                    error = (f"its worker died {crashes} times while running it; not run again (the limit is "
+                             f"REFINERY_CRASH_LIMIT={crash_limit})")  # fmt: skip
+                    moved = self._move(job_id, "running", JobStatus.FAILED, {"finished": time.time(), "error": error,
+                                       "crashes": crashes}, expect=expect)  # fmt: skip
+                else:
+                    patch = {"progress": None, "worker": None, "batch": False, "crashes": crashes}
+                    moved = self._move(job_id, "running", JobStatus.QUEUED, patch, expect=expect)
+                    if moved is not None:
+                        self._send(job_id)
+                if moved is not None:
+                    log.warning("Job %s taken back from %s (silent over %.0f s): %s", job_id, record.get("worker"),
+                                dead_after, moved.status.value)  # fmt: skip
+                    taken.append(job_id)
+        return taken
 
     @guarded
     def position(self, job_id: str) -> int | None:

@@ -16,10 +16,12 @@ import time
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError
 
 from ..config import Settings
+from ..errors import StoreUnavailable
 from ..service import ImageService
-from .celery_app import HEARTBEAT_SECONDS, PREFIX, QUEUE, STALE_AFTER_SECONDS, TASK_NAME, make_celery
+from .celery_app import HEARTBEAT_SECONDS, PREFIX, QUEUE, TASK_NAME, make_celery
 from .celery_events import RedisEventSink
 from .celery_store import CeleryJobStore
 from .storage import FolderStorage
@@ -61,7 +63,8 @@ class WorkerRuntime:
         stored = self.worker.stored
         current = await stored(self.store.get, job_id)
         if current.status.value == "running" and current.worker not in (None, self.name):
-            alive = {worker["name"] for worker in await stored(self.store.workers, STALE_AFTER_SECONDS)}
+            dead_after = self.settings.worker_dead_after_seconds
+            alive = {worker["name"] for worker in await stored(self.store.workers, dead_after)}
             if current.worker in alive:
                 raise RunningElsewhere(f"job {job_id} is running on {current.worker}")
         job = await stored(self.store.start, job_id, self.name)
@@ -94,12 +97,24 @@ class WorkerRuntime:
                   "seen": time.time()}  # fmt: skip
         self.store.redis.hset(f"{PREFIX}workers", self.name, json.dumps(record))
 
+    def _try_reap(self) -> None:
+        """Take back the jobs of workers silent for `worker_dead_after_seconds` (this one's own beat just ran)."""
+        try:
+            self.store.reap(self.settings.worker_dead_after_seconds, self.settings.crash_limit)
+        except (redis.RedisError, StoreUnavailable, OperationalError) as error:
+            log.warning("Could not look for the jobs of dead workers: %s", error)
+
     def start_heartbeat(self) -> None:
+        """Beat every `HEARTBEAT_SECONDS` from a thread of its own (a long step never delays it), and take back
+        dead workers' jobs after each beat."""
+
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_SECONDS):
                 self._try_beat()
+                self._try_reap()
 
         self._beat()
+        self._try_reap()
         threading.Thread(target=beat, name="refinery-heartbeat", daemon=True).start()
 
     def stop(self) -> None:
@@ -127,7 +142,7 @@ def run_worker(settings: Settings, name: str) -> None:
         try:
             return runtime.run_job(job_id)
         except RunningElsewhere as error:
-            raise task.retry(countdown=STALE_AFTER_SECONDS, exc=error) from error
+            raise task.retry(countdown=settings.worker_dead_after_seconds, exc=error) from error
 
     runtime.start_heartbeat()
     try:

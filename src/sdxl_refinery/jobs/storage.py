@@ -12,15 +12,17 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_IMAGE_NAME = re.compile(r"^image(-\d{1,2})?\.png$")
+_IMAGE_NAME = re.compile(r"^image(\.attempt\d{1,4})?(-\d{1,2})?\.png$")
 
 
 class ImageStorage(ABC):
     """Images by job id and file name; names are chosen by the server, never by clients."""
 
     @abstractmethod
-    def output_path(self, job_id: str) -> Path:
-        """The file a worker writes a job's images to (a batch gets `-1`, `-2`, ... beside it)."""
+    def output_path(self, job_id: str, attempt: int = 1) -> Path:
+        """The file a worker writes a job's images to (a batch gets `-1`, `-2`, ... beside it). Each attempt
+        after the first writes its own names (`image.attempt2.png`), so that an attempt taken for dead that
+        comes back cannot overwrite the images of the attempt that replaced it."""
 
     @abstractmethod
     def path(self, job_id: str, name: str) -> Path | None:
@@ -44,8 +46,8 @@ class FolderStorage(ImageStorage):
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def output_path(self, job_id: str) -> Path:
-        return self.root / job_id / "image.png"
+    def output_path(self, job_id: str, attempt: int = 1) -> Path:
+        return self.root / job_id / ("image.png" if attempt <= 1 else f"image.attempt{attempt}.png")
 
     def path(self, job_id: str, name: str) -> Path | None:
         if not _JOB_ID.match(job_id) or not _IMAGE_NAME.match(name):

@@ -47,6 +47,11 @@ class JobNotFound(KeyError):
     """No job has this id."""
 
 
+class JobLost(Exception):
+    """A worker's write about a job it no longer holds: its worker was taken for dead and the job given to
+    another attempt. The write is refused; the worker drops the job (its images are the new attempt's to make)."""
+
+
 @dataclass(frozen=True)
 class Dedup:
     """When a new request is the same operation as an earlier job, and attaches to it instead of queueing.

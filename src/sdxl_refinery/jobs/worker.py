@@ -36,7 +36,7 @@ from ..steps import plan_steps
 from .metrics import QueueMetrics
 from .models import Job, JobProgress, JobStatus
 from .storage import ImageStorage
-from .store import JobStore
+from .store import JobLost, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,9 @@ class _JobReporter:
                 self.flush()
             except StoreUnavailable as error:  # progress can wait; the job goes on
                 self._store_fault(error)
+            except JobLost as error:  # taken back while this worker was silent: stop, another attempt runs it
+                log.warning("%s; stopping this attempt", error)
+                self.token.cancel()
         self.events.publish(self.job.id, "progress", overall.as_dict())
         if progress.preview is not None:
             buffer = io.BytesIO()
@@ -293,7 +296,7 @@ class Worker:
         for job in jobs:
             token = CancelToken()
             self.current[job.id] = token
-            output = self.storage.output_path(job.id)
+            output = self.storage.output_path(job.id, job.attempts)
             for stale in output.parent.glob(".*.part"):  # a previous attempt died while writing
                 stale.unlink()
             reporter = _JobReporter(job, self.store, self.events, self.metrics, token, self.poll_cancel,
@@ -320,7 +323,12 @@ class Worker:
             if job.id in released:
                 self.current.pop(job.id, None)
                 continue
-            status, recorded = await self._record(job, outcome, reporter, stop)
+            try:
+                status, recorded = await self._record(job, outcome, reporter, stop)
+            except JobLost as error:  # another attempt holds the job: its record and images are that one's
+                log.warning("%s; this attempt's outcome is dropped", error)
+                self.current.pop(job.id, None)
+                continue
             if self.metrics is not None:
                 self.metrics.finished.labels(status.value).inc()
                 self.metrics.job_seconds.labels(status.value).observe(time.perf_counter() - started)

@@ -33,13 +33,13 @@ from ..png import check_writable_folder
 from ..request import GenerationRequest
 from ..service import ImageService
 from .head import HeadAsGet
+from .keys import BadKeysFile
 from .offload import document_bodies
 from .origins import SameOriginWrites
 from .routes import a1111, a1111_options, checkpoints, jobs, loras, openai, ops
 from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import OPENAI_PATHS, openai_error, openai_param
 from .security import BodySizeLimit
-from .keys import BadKeysFile
 from .signing import WeakSigningKey
 from .state import AppState, IdempotencyConflict
 

@@ -1,0 +1,92 @@
+"""Scale-out that heals in seconds (issue 27, item 1), with real redis-server and worker processes, default
+settings (the broker's visibility timeout stays 2 h, so only the heartbeat bound, 15 s, can heal):
+- the worker running a job is SIGKILLed: the job runs again on the other worker, once, and succeeds;
+- the worker running a job is frozen (SIGSTOP) past the bound and resumed: the job ran on the other worker,
+  and the frozen attempt, back, changes neither the record nor the images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..fakes import fake_service
+from ..server.conftest import RunningServer, run_server
+from ..waiting import patience, poll
+from .redis_server import REDIS, redis_server
+from .test_celery import Workers
+
+pytestmark = pytest.mark.skipif(REDIS is None, reason="Debian's redis-server is not installed")
+SLOW_JOB = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 80, "refiner_steps": 3, "n": 2}
+
+
+@pytest.fixture
+def healing(tmp_path: Path, tiny_pair: tuple[Path, Path]) -> Iterator[tuple[RunningServer, Workers]]:
+    """A fresh cluster per test (each test kills or freezes a worker): one API server, two workers."""
+    service, _engine = fake_service()
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as (url, _process):
+        workers = Workers(
+            url, tmp_path / "shared", tmp_path, (str(tiny_pair[0]), str(tiny_pair[1])), visibility_timeout="7200"
+        )  # the default: redelivery by the broker cannot heal in time
+        workers.start("w1")
+        workers.start("w2")
+        try:
+            with run_server(service, tmp_path / "shared", backend="celery", redis_url=url) as server:
+                poll(lambda: len(server.client.get("/v1/workers").json()["workers"]) >= 2, "both workers to report",
+                     interval=0.2)  # fmt: skip
+                yield server, workers
+        finally:
+            workers.stop_all()
+            service.close()
+
+
+def _running_on(server: RunningServer, job_id: str) -> str:
+    job = poll(lambda: (j := server.job(job_id))["progress"]["step"] >= 3 and j, "the job to reach step 3")
+    worker: str = job["worker"]
+    return worker
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+
+def test_a_sigkilled_workers_job_runs_again_on_the_other_within_the_bound(
+    healing: tuple[RunningServer, Workers],
+) -> None:
+    server, workers = healing
+    job_id = server.client.post("/v1/jobs", json={**SLOW_JOB, "seed": 5}).json()["id"]
+    victim = _running_on(server, job_id)
+    workers.processes[victim].send_signal(signal.SIGKILL)
+    workers.processes[victim].wait(timeout=patience(10))
+    done = server.wait_for(job_id, {"succeeded", "failed"})
+    assert done["status"] == "succeeded" and done["worker"] != victim and done["attempts"] == 2
+    assert sorted(done["result"]["images"]) == ["image.attempt2-1.png", "image.attempt2-2.png"]
+    assert sorted(_digests(workers.data_dir / "images" / job_id)) == sorted(done["result"]["images"])
+
+
+def test_a_frozen_worker_that_comes_back_does_not_overwrite_the_new_attempt(
+    healing: tuple[RunningServer, Workers],
+) -> None:
+    server, workers = healing
+    job_id = server.client.post("/v1/jobs", json={**SLOW_JOB, "seed": 6}).json()["id"]
+    victim = _running_on(server, job_id)
+    workers.processes[victim].send_signal(signal.SIGSTOP)
+    try:
+        done = server.wait_for(job_id, {"succeeded", "failed"})
+    finally:
+        workers.processes[victim].send_signal(signal.SIGCONT)
+    assert done["status"] == "succeeded" and done["worker"] != victim and done["attempts"] == 2
+    folder = workers.data_dir / "images" / job_id
+    images = _digests(folder)
+    log = workers.logs / f"{victim}.log"
+    poll(lambda: "this attempt's outcome is dropped" in log.read_text(errors="replace"),
+         "the frozen attempt to give the job up")  # fmt: skip
+    after = server.job(job_id)
+    assert {key: after[key] for key in ("status", "worker", "attempts", "result", "finished")} == {
+        key: done[key] for key in ("status", "worker", "attempts", "result", "finished")}  # fmt: skip
+    assert _digests(folder) == images and sorted(images) == sorted(done["result"]["images"])
