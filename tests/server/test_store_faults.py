@@ -66,8 +66,11 @@ def test_a_full_disk_during_a_run_pauses_then_everything_finishes(
     refused = server.client.post("/v1/jobs", json={"prompt": "another", **SMALL})
     assert refused.status_code == 507 and refused.headers["Retry-After"]
     assert server.job(first)["status"] in ("queued", "running")  # never lost, never failed for the disk
-    filler.unlink()  # the space comes back
-    assert server.wait_for(first, {"succeeded"})["result"]["images"] == ["image.png"]
+    filler.unlink()  # the space comes back: the very next submission is taken (not a stale 507 for 15 s)
+    at_once = server.client.post("/v1/jobs", json={"prompt": "right after", **SMALL})
+    assert at_once.status_code == 202, at_once.text
+    assert server.wait_for(first, {"succeeded"})["result"]["images"] == ["image.attempt2.png"]  # its second attempt
+    assert server.wait_for(at_once.json()["id"], {"succeeded"})["status"] == "succeeded"
     poll(lambda: _ready(server)[0] == 200, "/ready to recover")
     second = server.client.post("/v1/jobs", json={"prompt": "the next one", **SMALL})
     assert second.status_code == 202

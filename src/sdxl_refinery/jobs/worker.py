@@ -30,6 +30,7 @@ from ..errors import (
     is_disk_full,
     is_read_only,
 )
+from ..png import check_writable_folder
 from ..request import CancelToken, GenerationResult, Progress
 from ..service import ImageService
 from ..steps import plan_steps
@@ -184,6 +185,20 @@ class Worker:
         """What keeps this worker from running jobs now (the server's /ready says it), or None."""
         return self.store_fault or self.output_fault
 
+    def output_works(self) -> bool:
+        """Probe the images folder now (a file created and removed); a working one clears `output_fault` and
+        wakes the worker from its pause, so that space coming back is used at once, not at the next retry."""
+        if self.output_fault is None:
+            return True
+        try:
+            check_writable_folder(self.storage.output_path("0" * 32))
+        except StorageError:
+            return False
+        log.warning("Images can be written again")
+        self.output_fault = None
+        self.wake()
+        return True
+
     def _store_failed(self, error: StoreUnavailable) -> None:
         if self.store_fault is None or str(self.store_fault) != str(error):
             log.error("Job store unavailable: %s; retrying until it works", error)
@@ -240,8 +255,12 @@ class Worker:
         (the server's /ready) until they pass.
         """
         while not stop.is_set():
-            if self.output_fault is not None:  # a full disk: give it time before the job is tried again
-                await _pause(RETRY_MAX_SECONDS, stop)
+            if self.output_fault is not None:  # a full disk: give it time (or a probe that works) before a retry
+                self._wake.clear()
+                waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(waiters, timeout=RETRY_MAX_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
             try:
                 job = await self.stored(claim_next, self.name, stop=stop)
             except StoreUnavailable:

@@ -80,8 +80,11 @@ class AppState:
         self.service.resolve_models(request, allow_paths=False)
         self.service.check_loras(request, allow_paths=False)
         self.service.check_clip_skip(request)
-        if self.worker is not None and (problem := self.worker.problem) is not None:
-            raise StoreUnavailable(f"not accepting jobs until this passes: {problem}", disk_full=is_disk_full(problem))
+        if self.worker is not None and not self.worker.output_works():  # probed now: freed space counts at once
+            problem = self.worker.output_fault
+            full = problem is not None and is_disk_full(problem)
+            raise StoreUnavailable(f"not accepting jobs until this passes: {problem}", disk_full=full)
+        # A store fault is not checked from a flag: the write below tries the store itself (503/507 if it fails).
         if dedup is not None:
             job, attached = self.store.create_or_attach(request, client, self.settings.max_queue, dedup, caller.owner)
             if attached:
