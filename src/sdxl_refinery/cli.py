@@ -368,17 +368,22 @@ def worker(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Shared image folder (REFINERY_DATA_DIR).")
     ] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Worker name (default: host and device).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="Device this worker owns.")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Worker name, unique among live workers (default: host-device-pid).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Device this worker owns: cpu, cuda, cuda:1, mps (REFINERY_DEVICE).")
+    ] = None,
 ) -> None:
-    """Run jobs from the Celery queue on this machine's device (one process per device)."""
+    """Run jobs from the Celery queue on one device: one process per device (`--device cuda:0`, `cuda:1`, ...)."""
+    import os
     import socket
 
     from .jobs.celery_worker import run_worker
 
     settings = load_settings(redis_url=redis_url, data_dir=data_dir, device=device)
     try:
-        run_worker(settings, name or f"{socket.gethostname()}-{settings.device}")
+        run_worker(settings, name or f"{socket.gethostname()}-{settings.device.replace(':', '')}-{os.getpid()}")
     except RefineryError as error:
         raise _fail(str(error), EXIT_FAILURE) from None
 

@@ -38,14 +38,17 @@ class Workers:
         self.settings = {f"REFINERY_{name.upper()}": value for name, value in settings.items()}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *arguments: str) -> None:
+        """Start `refinery worker --name NAME` (or, with `arguments`, `refinery worker ARGUMENTS`: `name` is then
+        only this helper's handle on the process)."""
         environment = {**os.environ, "REFINERY_BASE_MODEL": self.pair[0], "REFINERY_REFINER_MODEL": self.pair[1],
                        "REFINERY_PRECISION": "full", "REFINERY_REDIS_URL": self.redis_url,
                        "REFINERY_DATA_DIR": str(self.data_dir), "REFINERY_PREVIEW_EVERY": "1",
                        "REFINERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT), "HF_HUB_OFFLINE": "1",
                        "OMP_NUM_THREADS": "1", **self.settings}  # fmt: skip  # two workers share two cores
         with (self.logs / f"{name}.log").open("ab") as sink:
-            self.processes[name] = subprocess.Popen([sys.executable, "-m", "sdxl_refinery", "worker", "--name", name],
+            command = [sys.executable, "-m", "sdxl_refinery", "worker", *(arguments or ("--name", name))]
+            self.processes[name] = subprocess.Popen(command,
                                                     env=environment, stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
 
     def stop_all(self) -> None:

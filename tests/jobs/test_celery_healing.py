@@ -11,6 +11,7 @@ import hashlib
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +91,36 @@ def test_a_frozen_worker_that_comes_back_does_not_overwrite_the_new_attempt(
     assert {key: after[key] for key in ("status", "worker", "attempts", "result", "finished")} == {
         key: done[key] for key in ("status", "worker", "attempts", "result", "finished")}  # fmt: skip
     assert _digests(folder) == images and sorted(images) == sorted(done["result"]["images"])
+
+
+def test_two_workers_with_explicit_devices_share_one_host(tmp_path: Path, tiny_pair: tuple[Path, Path]) -> None:
+    """Issue 27, item 3: `refinery worker --device cpu` twice on one host (as `--device cuda:0` and `cuda:1` on a
+    two-card machine): distinct default names, both report their device, jobs go to both; a third worker
+    given a live worker's name is refused."""
+    service, _engine = fake_service()
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as (url, _process):
+        workers = Workers(url, tmp_path / "shared", tmp_path, (str(tiny_pair[0]), str(tiny_pair[1])))
+        workers.start("first", "--device", "cpu")
+        workers.start("second", "--device", "cpu")
+        try:
+            with run_server(service, tmp_path / "shared", backend="celery", redis_url=url) as server:
+
+                def both() -> list[dict[str, Any]] | None:
+                    reported: list[dict[str, Any]] = server.client.get("/v1/workers").json()["workers"]
+                    return reported if len(reported) >= 2 else None
+
+                listed = poll(both, "both workers to report", interval=0.2)
+                assert [worker["device"] for worker in listed] == ["cpu", "cpu"]
+                names = [worker["name"] for worker in listed]
+                assert len(set(names)) == 2 and all("-cpu-" in name for name in names), names
+                jobs = [server.client.post("/v1/jobs", json={**SLOW_JOB, "n": 1, "seed": i}).json()["id"]
+                        for i in range(4)]  # fmt: skip
+                ran_on = {server.wait_for(job_id, {"succeeded"})["worker"] for job_id in jobs}
+                assert ran_on == set(names)
+                workers.start("twin", "--device", "cpu", "--name", names[0])
+                assert workers.processes["twin"].wait(timeout=patience(120)) == 1
+                assert f"a live worker is already named {names[0]!r}" in (tmp_path / "twin.log").read_text()
+        finally:
+            workers.stop_all()
+            service.close()

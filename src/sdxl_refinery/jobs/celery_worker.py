@@ -19,7 +19,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from ..config import Settings
-from ..errors import StoreUnavailable
+from ..errors import RefineryError, StoreUnavailable
 from ..service import ImageService
 from .celery_app import HEARTBEAT_SECONDS, PREFIX, QUEUE, TASK_NAME, make_celery
 from .celery_events import RedisEventSink
@@ -129,9 +129,13 @@ def run_worker(settings: Settings, name: str) -> None:
     """Load the models, then consume jobs until stopped (SIGTERM finishes the running job first).
 
     Raises:
+        RefineryError: a live worker already has this name.
         ModelLoadError: the models cannot be loaded.
     """
     runtime = WorkerRuntime(settings, name)
+    if any(worker["name"] == name for worker in runtime.store.workers(settings.worker_dead_after_seconds)):
+        raise RefineryError(f"a live worker is already named {name!r}: give this one another --name (names tell "
+                            "workers apart, and a dead worker's jobs are found by its name)")  # fmt: skip
     asyncio.run(runtime.service.load())
     app = make_celery(settings)
 
