@@ -118,6 +118,7 @@ def test_two_workers_with_explicit_devices_share_one_host(tmp_path: Path, tiny_p
                         for i in range(4)]  # fmt: skip
                 ran_on = {server.wait_for(job_id, {"succeeded"})["worker"] for job_id in jobs}
                 assert ran_on == set(names)
+                assert "Redis runs without its append-only file" in (tmp_path / "first.log").read_text()
                 workers.start("twin", "--device", "cpu", "--name", names[0])
                 assert workers.processes["twin"].wait(timeout=patience(120)) == 1
                 assert f"a live worker is already named {names[0]!r}" in (tmp_path / "twin.log").read_text()

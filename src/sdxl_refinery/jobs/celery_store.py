@@ -435,6 +435,25 @@ class CeleryJobStore(JobStore):
         await forward_events(self.settings, events, stop)
 
     @guarded
+    def durability_warnings(self) -> builtins.list[str]:
+        """What in this Redis's configuration would lose or drop jobs (docs/scale-out.md "Redis"): no append-only
+        file (a restart loses every queued job) or an eviction policy (records dropped under memory pressure)."""
+        try:
+            config = {**self.redis.config_get("appendonly"), **self.redis.config_get("maxmemory-policy")}
+        except redis.ResponseError as error:  # managed services often rename or disable CONFIG
+            return [f"cannot read Redis's CONFIG ({error}): make sure appendonly is yes and maxmemory-policy is "
+                    "noeviction, or a restart or memory pressure loses jobs"]  # fmt: skip
+        warnings = []
+        if str(config.get("appendonly")) != "yes":
+            warnings.append("Redis runs without its append-only file (appendonly no): a Redis restart loses every "
+                            "queued job; set appendonly yes")  # fmt: skip
+        policy = str(config.get("maxmemory-policy"))
+        if policy != "noeviction":
+            warnings.append(f"Redis may evict keys (maxmemory-policy {policy}): job records and queued messages "
+                            "can vanish under memory pressure; set maxmemory-policy noeviction")  # fmt: skip
+        return warnings
+
+    @guarded
     def workers(self, within: float = 30.0) -> builtins.list[dict[str, Any]]:
         """Workers that reported in the last `within` seconds: name, device, precision, running job."""
         now = time.time()

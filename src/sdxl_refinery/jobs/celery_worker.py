@@ -136,6 +136,8 @@ def run_worker(settings: Settings, name: str) -> None:
     if any(worker["name"] == name for worker in runtime.store.workers(settings.worker_dead_after_seconds)):
         raise RefineryError(f"a live worker is already named {name!r}: give this one another --name (names tell "
                             "workers apart, and a dead worker's jobs are found by its name)")  # fmt: skip
+    for warning in runtime.store.durability_warnings():
+        log.warning("%s (docs/scale-out.md)", warning)
     asyncio.run(runtime.service.load())
     app = make_celery(settings)
 

@@ -97,6 +97,11 @@ class JobStore(ABC):
         worker N times") rather than run again: it may be what kills the process.
         """
 
+    def durability_warnings(self) -> builtins.list[str]:
+        """What in the store's own configuration would lose jobs (the Redis store reads Redis's; SQLite's WAL
+        needs nothing set)."""
+        return []
+
     @abstractmethod
     def workers(self) -> builtins.list[dict[str, Any]] | None:
         """Workers in other processes that reported lately, or None when this process's own worker runs the jobs."""

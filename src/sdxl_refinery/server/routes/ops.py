@@ -43,7 +43,8 @@ def workers(state: State, _: Authorized) -> dict[str, Any]:
 
 
 def _ready_remote(state: AppState) -> JSONResponse | None:
-    """Celery: ready while a worker with loaded models reports to Redis. None for the embedded backend."""
+    """Celery: ready while a worker with loaded models reports to Redis (`warnings`: Redis settings that would
+    lose jobs). None for the embedded backend."""
     body: dict[str, Any] = {"sdxl_available": False, "device": None, "precision": None, "queue_depth": None,
                             "workers": None, "error": None}  # fmt: skip
     try:
@@ -51,6 +52,7 @@ def _ready_remote(state: AppState) -> JSONResponse | None:
         if remote is None:
             return None
         body["queue_depth"] = state.store.depth()
+        body["warnings"] = state.store.durability_warnings()  # still ready: a warning, not an outage
     except StoreUnavailable as error:  # Redis is lost: no worker can be seen or sent a job
         body["error"] = str(error)
         return JSONResponse(body, status_code=503)
