@@ -16,6 +16,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .options import Precision, SpeedOptions, Toggle, validate_device, validate_precision
 
+MAX_INPUT_BYTES = 32 * 1024 * 1024  # one input image file (a 4096x4096 photo's PNG is well under it)
+# The default body cap admits what a request may carry: an init image and a mask at that size, as base64, and
+# the rest of the request (A1111's img2img, the native inpainting job).
+DEFAULT_MAX_BODY_BYTES = 2 * (MAX_INPUT_BYTES * 4 // 3 + 4) + 1024 * 1024
+
 # Validated by the same functions as the library's arguments, so every face words the rule the same way.
 Device = Annotated[str, AfterValidator(validate_device)]
 PrecisionPolicy = Annotated[Precision, BeforeValidator(validate_precision)]
@@ -80,7 +85,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(30.0, gt=0)
     crash_limit: int = Field(3, ge=1, description="A job left running by this many dead processes is failed, not "
                              "run again (it may be what kills them).")  # fmt: skip
-    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     # A connection that has not sent its whole request head, or its whole body, this long after it began
     # is closed (408 for a body): silent or trickling clients cannot hold connections open.
     client_timeout_seconds: float = Field(30.0, gt=0)

@@ -24,10 +24,10 @@ from typing import Annotated, Any
 from PIL import Image, UnidentifiedImageError
 from pydantic import BeforeValidator, PlainSerializer, SerializationInfo, WithJsonSchema
 
+from .config import MAX_INPUT_BYTES
 from .errors import InvalidRequest
 
 MAX_INPUT_PIXELS = 4096 * 4096  # the largest image a request may produce; Pillow's bomb check is set to it
-MAX_INPUT_BYTES = 64 * 1024 * 1024
 HASH_LENGTH = 12  # hex digits recorded in metadata (as A1111 records LoRA hashes)
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "BMP": "image/bmp", "GIF": "image/gif"}
 _DATA_URL = re.compile(r"^data:([\w/+.-]*)(;[\w=.-]+)*;base64,", re.IGNORECASE)

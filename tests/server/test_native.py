@@ -151,9 +151,18 @@ def test_image_route_refuses_paths_outside_the_data_folder(server: RunningServer
         assert b"SQLite" not in answer.content and b"root:" not in answer.content
 
 
-def test_body_size_cap(server: RunningServer) -> None:
+def test_body_size_cap(server_factory: ServerFactory) -> None:
+    with server_factory(max_body_bytes=1_000_000) as server:
+        _body_size_cap(server)
+
+
+def _body_size_cap(server: RunningServer) -> None:
     answer = server.client.post("/v1/jobs", json={**SMALL_JOB, "prompt": "x" * 2_000_000})
-    assert answer.status_code == 413
+    assert answer.status_code == 413 and "REFINERY_MAX_BODY_BYTES" in answer.json()["detail"]
+    openai_shape = server.client.post("/v1/images/generations", json={"prompt": "x" * 2_000_000})
+    assert openai_shape.status_code == 413 and openai_shape.json()["error"]["code"] == "request_too_large"
+    a1111_shape = server.client.post("/sdapi/v1/img2img", json={"prompt": "x" * 2_000_000})
+    assert a1111_shape.status_code == 413 and "REFINERY_MAX_BODY_BYTES" in a1111_shape.json()["errors"]
 
     def chunks(total: int) -> Iterator[bytes]:  # no Content-Length: Transfer-Encoding chunked
         yield b'{"prompt": "a small boat", "num_inference_steps": 2'
@@ -192,3 +201,27 @@ def test_real_images_end_to_end_reproduce_from_their_png(real_server_factory: Se
     first_pixels = Image.open(io.BytesIO(png)).convert("RGB").tobytes()
     assert first_pixels == Image.open(io.BytesIO(second)).convert("RGB").tobytes()
     assert job["result"]["metadata"]["models"]["base"] != "fake-base"
+
+
+def test_an_sdxl_sized_image_fits_the_default_body_cap(server: RunningServer) -> None:
+    """A 1024x1024 photo-like PNG (about 1.5 MB; 2 MB as base64) goes through every face that takes images."""
+    import base64
+
+    import numpy as np
+    import openai
+
+    noise = np.random.default_rng(1).integers(0, 256, (1024, 1024, 3), dtype=np.uint8) // 4 * 4
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    assert len(png) > 1_400_000
+    text = base64.b64encode(png).decode()
+    small = {"width": 256, "height": 256, "num_inference_steps": 4, "refiner_steps": 2}
+    native = server.client.post("/v1/jobs", json={"prompt": "a wall", "init_image": text, **small})
+    assert native.status_code == 202, native.text[:300]
+    a1111 = server.client.post("/sdapi/v1/img2img", json={"prompt": "a wall", "init_images": [text], "steps": 4,
+                                                          "width": 256, "height": 256})  # fmt: skip
+    assert a1111.status_code == 200 and a1111.json()["images"], a1111.text[:300]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    edited = client.images.edit(image=("wall.png", png, "image/png"), prompt="a wall", size="256x256")
+    assert len(edited.data) == 1

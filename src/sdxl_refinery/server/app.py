@@ -38,8 +38,8 @@ from .offload import document_bodies
 from .origins import SameOriginWrites
 from .routes import a1111, a1111_options, checkpoints, jobs, loras, openai, ops
 from .routes.a1111_settings import NotServed, a1111_error
-from .routes.openai import OPENAI_PATHS, openai_error, openai_param
-from .security import BodySizeLimit
+from .routes.openai import openai_error, openai_param
+from .security import OPENAI_PATHS, BodySizeLimit
 from .signing import WeakSigningKey
 from .state import AppState, IdempotencyConflict
 

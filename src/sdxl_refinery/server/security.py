@@ -13,6 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .keys import Caller
 
+# The OpenAI face's routes: their errors take OpenAI's shape, down to the body cap's.
+OPENAI_PATHS = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/v1/models")
+
 
 def presented_key(header: str) -> str | None:
     """The API key in an Authorization header: Bearer, or the password of HTTP Basic; None if neither."""
@@ -91,7 +94,7 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send, 413, f"request body larger than {self.limit} bytes")
+            await self._refuse(send, 413, f"request body larger than {self.limit} bytes", scope["path"])
             return
         body = bytearray()
         deadline = asyncio.get_running_loop().time() + self.timeout
@@ -99,14 +102,14 @@ class BodySizeLimit:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0))
             except TimeoutError:
-                await self._refuse(send, 408, f"request body not received within {self.timeout:g} s")
+                await self._refuse(send, 408, f"request body not received within {self.timeout:g} s", scope["path"])
                 return
             if message["type"] != "http.request":
                 await self.app(scope, _replay(message, receive), send)
                 return
             body += message.get("body", b"")
             if len(body) > self.limit:
-                await self._refuse(send, 413, f"request body larger than {self.limit} bytes")
+                await self._refuse(send, 413, f"request body larger than {self.limit} bytes", scope["path"])
                 return
             if not message.get("more_body", False):
                 break
@@ -114,8 +117,20 @@ class BodySizeLimit:
         await self.app(scope, _replay(whole, receive), send)
 
     @staticmethod
-    async def _refuse(send: Send, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
+    async def _refuse(send: Send, status: int, detail: str, path: str = "") -> None:
+        """The refusal in the error shape of the face the path belongs to (OpenAI's, A1111's, or FastAPI's)."""
+        if status == 413:
+            detail += " (the server's REFINERY_MAX_BODY_BYTES)"
+        if path.startswith(OPENAI_PATHS):
+            code = "request_too_large" if status == 413 else "timeout"
+            error = {"message": detail, "type": "invalid_request_error", "param": None, "code": code}
+            shaped: dict[str, object] = {"error": error}
+        elif path.startswith("/sdapi/"):
+            shaped = {"error": "PayloadTooLarge" if status == 413 else "RequestTimeout", "detail": detail, "body": "",
+                      "errors": detail}  # fmt: skip
+        else:
+            shaped = {"detail": detail}
+        body = json.dumps(shaped).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]  # fmt: skip
         await send({"type": "http.response.start", "status": status, "headers": headers})

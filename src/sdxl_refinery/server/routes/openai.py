@@ -98,7 +98,6 @@ def openai_images(job: Job, body: ImagesRequest, storage: ImageStorage, url_of: 
     return {"created": int(job.finished or time.time()), "data": data}
 
 
-OPENAI_PATHS = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/v1/models")
 # Where a request field sits in OpenAI's request: errors name OpenAI's parameter.
 _OPENAI_PARAMS = {"width": "size", "height": "size", "guidance_scale": "quality", "base_model": "model"}
 
