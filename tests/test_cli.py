@@ -131,23 +131,56 @@ def test_from_reproduces_the_same_pixels(tiny_pair: tuple[Path, Path], tmp_path:
     assert read_metadata(changed)["request"]["negative_prompt"] == "fog"
 
 
-def test_bad_input_exits_2_naming_the_field(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    for args, field in (
-        [["x", "--size", "1000x1001"], "height"],
-        [["x", "--steps", "0"], "num_inference_steps"],
-        [["x", "--size", "big"], "size"],
-        [["x", "--mode", "fast"], "mode"],
-        [["x", "--device", "gpu"], "device"],
-        [["x", "--sampler", "DPM fast"], "sampler"],
-        [["x", "--sampler", "DDIM", "--schedule", "Karras"], "scheduler"],
-        [["  "], "prompt"],
+def test_bad_input_exits_2_naming_the_flag_typed(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    for args, said in (
+        [["x", "--size", "1000x1001"], "--size '1000x1001': "],
+        [["x", "--steps", "0"], "--steps 0: "],
+        [["x", "--size", "big"], "--size: must be WIDTHxHEIGHT"],
+        [["x", "--mode", "fast"], "--mode 'fast': "],
+        [["x", "--device", "gpu"], "--device 'gpu': "],
+        [["x", "--sampler", "DPM fast"], "--sampler 'DPM fast': "],
+        [["x", "--sampler", "DDIM", "--schedule", "Karras"], "--schedule 'Karras': "],
+        [["  "], "PROMPT ' ': must not be empty"],
     ):
         done = _run(["generate", *args, "-o", str(tmp_path)], tiny_pair)
         assert done.returncode == 2, (args, done.stderr)
-        assert f"error: {field}:" in done.stderr
-        if field in ("sampler", "scheduler"):  # the valid names are listed
-            assert "DPM++ 2M" in done.stderr if field == "sampler" else "SGM Uniform" in done.stderr
+        assert f"error: {said}" in " ".join(done.stderr.split()), (args, done.stderr)
+        if "--sampler" in said:  # the valid names are listed
+            assert "DPM++ 2M" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_typos_get_the_nearest_value_that_works(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    for args, hint in (
+        [["--schedule", "karas"], "did you mean 'Karras'?"],
+        [["--sampler", "dpmpp_2m"], "did you mean 'DPM++ 2M'?"],
+        [["--size", "500x500"], "the nearest size that works is 496x496"],
+        [["--size", "1023x768"], "the nearest size that works is 1024x768"],
+    ):
+        done = _run(["generate", "x", *args, "-o", str(tmp_path)], tiny_pair)
+        assert done.returncode == 2 and hint in " ".join(done.stderr.split()), (args, done.stderr)
+
+
+def test_output_that_is_not_a_png_or_exists_is_refused_before_any_work(
+    tiny_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    jpeg = _run(["generate", "x", "-o", str(tmp_path / "out.jpg")], tiny_pair)
+    assert jpeg.returncode == 2 and "images are written as PNG" in " ".join(jpeg.stderr.split())
+    assert not (tmp_path / "out.jpg").exists()  # no folder named out.jpg either
+    existing = tmp_path / "kept.png"
+    existing.write_bytes(b"mine")
+    refused = _run(["generate", "x", "-o", str(existing)], tiny_pair)
+    assert refused.returncode == 2 and "add --overwrite" in " ".join(refused.stderr.split())
+    assert existing.read_bytes() == b"mine"
+    replaced = _run(["generate", "x", "--steps", "2", "--refiner-steps", "1", "--size", "64x64", "-o", str(existing),
+                     "--overwrite"], tiny_pair)  # fmt: skip
+    assert replaced.returncode == 0, replaced.stderr
+    assert existing.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_version(tiny_pair: tuple[Path, Path]) -> None:
+    done = _run(["--version"], tiny_pair)
+    assert done.returncode == 0 and done.stdout.strip() == "refinery 0.1.0"
 
 
 def test_missing_model_exits_1(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:

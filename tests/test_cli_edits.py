@@ -52,7 +52,7 @@ def test_hires_scale_and_bad_files_exit_2(tiny_pair: tuple[Path, Path], tmp_path
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (96, 96) and "Hires upscale: 1.5" in read_metadata(out)["parameters"]
     (tmp_path / "text.png").write_text("not an image")
-    bad = _run(["generate", "x", "--init-image", str(tmp_path / "text.png"), "-o", str(out)], tiny_pair)
-    assert bad.returncode == 2 and "init_image" in bad.stderr and "readable image" in bad.stderr
-    bad = _run(["generate", "x", "--init-image", str(tmp_path / "none.png"), "-o", str(out)], tiny_pair)
+    bad = _run(["generate", "x", "--init-image", str(tmp_path / "text.png"), "-o", str(tmp_path)], tiny_pair)
+    assert bad.returncode == 2 and "--init-image" in bad.stderr and "readable image" in bad.stderr
+    bad = _run(["generate", "x", "--init-image", str(tmp_path / "none.png"), "-o", str(tmp_path)], tiny_pair)
     assert bad.returncode == 2 and "no image file" in bad.stderr

@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import admin
 from .cli_admin import doctor, export, load_settings, loras_app, models_app
+from .cli_errors import check_output, flag_message
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .fields import FieldSpec
 from .input_images import InputImage
@@ -132,8 +133,21 @@ def _configure_logging(verbose: bool) -> None:
         os.environ.setdefault(f"{noisy.upper()}_VERBOSITY", "error")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"refinery {version('sdxl-refinery')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(ctx: typer.Context) -> None:
+def _main(
+    ctx: typer.Context,
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Refinery: SDXL base + refiner, every image, CPU and GPU."""
     _configure_logging(verbose=False)
 
@@ -250,16 +264,21 @@ def _generate(
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the stage log lines.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing -o FILE.png.")] = False,
     **request_options: Any,
 ) -> None:
     """Render PROMPT with the SDXL base and then the refiner, and write PNGs with their recipe."""
     _configure_logging(verbose)
+    given: dict[str, Any] = {}  # the fields as typed, for errors worded in flags
     try:
         # 1. The request: the PNG's recipe (--from), then the given options, through one table.
+        check_output(output, overwrite)
         options = {"prompt": prompt, **request_options}
         if size:
             options["width"], options["height"] = _parse_size(size)
+            given["size_flag"] = size
         fields, recorded = _request_fields(from_png, options)
+        given.update(fields)
         if lora:
             fields["loras"] = [*fields.get("loras", []), *map(_parse_lora, lora)]
         if "prompt" not in fields:
@@ -281,7 +300,7 @@ def _generate(
         target = _output_file(output, pattern, request.prompt, request.seed or 0)
         result = asyncio.run(_run_with_interrupt(service, request, target))
     except InvalidRequest as error:
-        raise _fail(str(error), EXIT_BAD_INPUT) from None
+        raise _fail(flag_message(error, given), EXIT_BAD_INPUT) from None
     except Cancelled:
         raise _fail("cancelled; no image was written", EXIT_CANCELLED) from None
     except StorageError as error:

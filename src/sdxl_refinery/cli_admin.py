@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import admin
+from .cli_errors import flag_message
 from .config import Settings
 from .errors import InvalidRequest, ModelLoadError, RefineryError
 
@@ -34,8 +35,8 @@ def load_settings(**flags: Any) -> Settings:
     except ValidationError as error:
         first = error.errors()[0]
         cause = (first.get("ctx") or {}).get("error")
-        if isinstance(cause, InvalidRequest):  # our own rule, already naming its field
-            raise _fail(str(cause), 2) from None
+        if isinstance(cause, InvalidRequest):  # our own rule: worded with the flag that set it
+            raise _fail(flag_message(cause, flags), 2) from None
         field = ".".join(str(part) for part in first["loc"]) or "settings"
         raise _fail(f"{field}: {first['msg'].removeprefix('Value error, ')}", 2) from None
 

@@ -218,8 +218,9 @@ class LoraFolder:
         candidate = Path(name).expanduser()
         if allow_paths and candidate.suffix.lower() == ".safetensors" and candidate.is_file():
             return candidate
-        known = ", ".join(self.names()[:20]) or "none"
-        raise InvalidRequest("loras", f"{name}: no such LoRA (known: {known})")
+        names = self.names()
+        known = f"known: {', '.join(names[:20])}" if names else "the LoRA folder holds none"
+        raise InvalidRequest("loras", f"{name}: no such LoRA ({known})")
 
     def check(
         self, loras: list[LoraRef], allow_paths: bool, context_width: int | None = SDXL_CONTEXT_DIM

@@ -195,8 +195,8 @@ class ImageService:
                 resolved.append(wanted)
             else:
                 known = [item.name for item in self.models_folder.scan()[0] if item.role in roles]
-                raise InvalidRequest(field_name, f"no model {wanted!r} in the models folder; known: "
-                                                 f"{', '.join(known) or 'none'} (GET /v1/models)")  # fmt: skip
+                listed = f"known: {', '.join(known)}" if known else "the models folder holds none"
+                raise InvalidRequest(field_name, f"no model {wanted!r} in the models folder; {listed} (GET /v1/models)")
         return resolved[0], resolved[1]
 
     def _names_own(self, wanted: str, own: str, role: str) -> bool:

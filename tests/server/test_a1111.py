@@ -105,7 +105,7 @@ def test_the_native_cancel_still_discards_an_a1111_job(server: RunningServer, fa
 def test_models_options_and_samplers(server: RunningServer) -> None:
     api = _api(server)
     models = api.get_sd_models()
-    assert [model["filename"] for model in models] == ["tiny", "tiny"]
+    assert [model["filename"] for model in models] == ["tiny"]  # one model for both roles: listed once
     assert api.get_options()["sd_model_checkpoint"] == models[0]["title"] == api.util_get_current_model()
     assert [sampler["name"] for sampler in api.get_samplers()][:3] == ["Euler", "Euler a", "Heun"]
 

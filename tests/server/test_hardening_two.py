@@ -176,3 +176,12 @@ def test_a_queued_job_whose_checkpoint_was_deleted_fails_naming_the_folder_not_t
     assert job["status"] == "failed"
     assert "no model 'owner/name' in the models folder" in job["error"], job["error"]
     assert len(engine.runs) == 1  # only the first job reached the engine
+
+
+def test_a_data_folder_made_inside_a_clone_stays_out_of_git_status(server: RunningServer, tmp_path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert (tmp_path / "data" / "jobs.sqlite3").exists() and "data/" not in status, status

@@ -120,6 +120,9 @@ def _open_store(settings: Settings) -> JobStore:
         RefineryError: the Celery backend is chosen but its extra is not installed.
     """
     check_writable_folder(settings.data_dir / "images" / "probe")
+    ignore = settings.data_dir / ".gitignore"
+    if not ignore.exists():  # a data folder made inside a clone (the default) stays out of `git status`
+        ignore.write_text("# Refinery's jobs, images and keys: not for version control\n*\n", encoding="utf-8")
     if settings.backend == "celery":
         try:
             from ..jobs.celery_store import CeleryJobStore

@@ -289,6 +289,8 @@ def sd_models(state: State, _: Authorized) -> list[dict[str, Any]]:
     rows = []
     for role in ("base", "refiner"):
         reference = getattr(state.settings, f"{role}_model")
+        if role == "refiner" and reference == state.settings.base_model:
+            continue  # one model serving both roles (the tiny pair) is one checkpoint, listed once
         short = described.get(f"{role}_hash")
         rows.append({"title": f"{reference} [{short}]" if short else reference,
                      "model_name": described.get(role, reference.split("/")[-1]), "hash": short, "sha256": None,
