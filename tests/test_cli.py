@@ -308,3 +308,13 @@ def test_info_never_prints_raw_control_characters(tiny_pair: tuple[Path, Path], 
     done = _run(["info", str(tmp_path / "odd.png")], tiny_pair)
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout and "a \\x1b[2J\\x1b[31mred\\x1b[0m cat\nSteps: 2" in done.stdout
+
+
+def test_generate_help_is_grouped_by_what_each_option_controls(tiny_pair: tuple[Path, Path]) -> None:
+    done = _run(["generate", "--help"], tiny_pair, COLUMNS="80", TERM="dumb")
+    assert done.returncode == 0
+    panels = [line.split("─ ", 1)[1].split(" ─")[0] for line in done.stdout.splitlines() if line.startswith("╭─ ")]
+    assert panels[2:] == ["Sampling", "Refiner", "From an image (img2img, inpainting)", "Hires fix", "Device",
+                          "Models and LoRAs", "Output"]  # fmt: skip
+    hires = done.stdout[done.stdout.index("─ Hires fix ─") : done.stdout.index("─ Device ─")]
+    assert "--hires-scale" in hires and "--steps" not in hires

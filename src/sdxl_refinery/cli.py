@@ -217,6 +217,21 @@ def _option_help(spec: FieldSpec) -> str:
     return " ".join(parts)
 
 
+_REFINER_FIELDS = {"mode", "switch_at", "use_refinement", "aesthetic_score", "negative_aesthetic_score"}
+_IMAGE_FIELDS = {"init_image", "strength", "resize_mode", "inpainting_fill"}
+
+
+def _panel(name: str) -> str:
+    """Which `--help` panel a request field's option sits in: what it controls."""
+    if name.startswith("refiner_") or name in _REFINER_FIELDS:
+        return "Refiner"
+    if name in _IMAGE_FIELDS or name.startswith(("mask", "inpaint")):
+        return "From an image (img2img, inpainting)"
+    if name.startswith("hr_") or name == "enable_hr":
+        return "Hires fix"
+    return "Sampling"
+
+
 def _request_parameters() -> list[inspect.Parameter]:
     """One typer option per request field that has a CLI name: the same table every face reads."""
     parameters = []
@@ -227,44 +242,73 @@ def _request_parameters() -> list[inspect.Parameter]:
         if kind not in (str, int, float, bool):  # an image field: a file on this machine
             kind = Path
         names = [spec.faces.cli, *([spec.faces.cli_short] if spec.faces.cli_short else [])]
-        option = typer.Option(*names, help=_option_help(spec), show_default=False)
+        option = typer.Option(*names, help=_option_help(spec), show_default=False, rich_help_panel=_panel(spec.name))
         annotation = Annotated[kind | None, option]  # type: ignore[valid-type]
         parameters.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                             annotation=annotation))  # fmt: skip
     return parameters
 
 
+_DEVICE, _MODELS, _OUTPUT = "Device", "Models and LoRAs", "Output"
+
+
 def _generate(
     prompt: Annotated[str | None, typer.Argument(help="What to draw.")] = None,
     *,
-    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT, e.g. 1024x1024 (sets both).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, mps, cuda or cuda:N.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="auto, full, half or bf16.")] = None,
-    compile_models: Annotated[
-        str | None, typer.Option("--compile", help="torch.compile the UNets: auto (CUDA only), on or off.")
+    size: Annotated[
+        str | None, typer.Option("--size", help="WIDTHxHEIGHT, e.g. 1024x1024 (sets both).", rich_help_panel="Sampling")
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (0: one per usable CPU).")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu, mps, cuda or cuda:N.", rich_help_panel=_DEVICE)
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="auto, full, half or bf16.", rich_help_panel=_DEVICE)
+    ] = None,
+    compile_models: Annotated[
+        str | None,
+        typer.Option(
+            "--compile", help="torch.compile the UNets: auto (CUDA only), on or off.", rich_help_panel=_DEVICE
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="CPU threads (0: one per usable CPU).", rich_help_panel=_DEVICE)
+    ] = None,
     base: Annotated[
-        str | None, typer.Option("--base", help="Base model: Hub id, diffusers folder, .safetensors file or tiny.")
+        str | None,
+        typer.Option(
+            "--base", help="Base model: Hub id, diffusers folder, .safetensors file or tiny.", rich_help_panel=_MODELS
+        ),
     ] = None,
     refiner: Annotated[
-        str | None, typer.Option("--refiner", help="Refiner model: Hub id, diffusers folder, .safetensors or tiny.")
+        str | None,
+        typer.Option(
+            "--refiner", help="Refiner model: Hub id, diffusers folder, .safetensors or tiny.", rich_help_panel=_MODELS
+        ),
     ] = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="A .png file, or a folder.")] = Path("outputs"),
-    pattern: Annotated[str, typer.Option("--name", help="File name in a folder: {seed} {prompt} {timestamp}.")] = (
-        "{timestamp}-{seed}-{prompt}"
-    ),
-    from_png: Annotated[Path | None, typer.Option("--from", help="Reproduce this PNG from its metadata.")] = None,
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="A .png file, or a folder.", rich_help_panel=_OUTPUT)
+    ] = Path("outputs"),
+    pattern: Annotated[
+        str, typer.Option("--name", help="File name in a folder: {seed} {prompt} {timestamp}.", rich_help_panel=_OUTPUT)
+    ] = ("{timestamp}-{seed}-{prompt}"),
+    from_png: Annotated[
+        Path | None, typer.Option("--from", help="Reproduce this PNG from its metadata.", rich_help_panel=_OUTPUT)
+    ] = None,
     lora: Annotated[
         list[str] | None,
         typer.Option(
             "--lora",
             help="A LoRA: NAME[:WEIGHT], a name from the LoRA folder or a .safetensors path; "
             "repeatable. Weight -5..5, default 1.",
+            rich_help_panel=_MODELS,
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the stage log lines.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing -o FILE.png.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show the stage log lines.", rich_help_panel=_OUTPUT)
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing -o FILE.png.", rich_help_panel=_OUTPUT)
+    ] = False,
     **request_options: Any,
 ) -> None:
     """Render PROMPT with the SDXL base and then the refiner, and write PNGs with their recipe."""
