@@ -18,6 +18,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from ...fakes import FakeEngine
+from ...waiting import poll
 from ..conftest import RunningServer, ServerFactory
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -401,7 +402,9 @@ def test_img2img_with_a_painted_mask_and_hires_fix(real_server_factory: ServerFa
         p.check("#enable_hr")
         p.fill("#hr_scale", "1.5")
         p.click("#submit")
-        p.wait_for_function("document.querySelectorAll('.job.succeeded').length >= 2", timeout=120_000)
+        # Done cards leave the list after 1.5 s: count finished jobs where they stay, in the job store.
+        poll(lambda: sum(job["status"] == "succeeded" for job in web.client.get("/v1/jobs").json()["items"]) >= 2,
+             "the hires job to finish")  # fmt: skip
         job = web.client.get("/v1/jobs").json()["items"][0]
         assert job["request"]["enable_hr"] and job["request"].get("init_image") is None
         name = job["result"]["images"][0]
@@ -440,3 +443,119 @@ def test_the_model_pickers_list_the_folder_and_send_the_choice(tiny_pair: tuple[
             assert full["result"]["metadata"]["models"]["base"] == "gamma"
     finally:
         service.close()
+
+
+def test_the_result_shows_large_with_a_bar_per_stage_and_sends_to_inpaint(
+    web: RunningServer, page: Page, fake_engine: FakeEngine
+) -> None:
+    p = page
+    p.goto(web.url + "/")
+    p.wait_for_selector("#app:not([hidden])")
+    fill_small_job(p, prompt="a blue kite")
+    fake_engine.pause_at(5)
+    p.click("#submit")
+    assert fake_engine.paused.wait(60)
+    p.wait_for_function("Number(document.querySelector('.job .stage-base').value) > 0")
+    assert float(p.get_attribute(".job .stage-refiner", "value") or "0") == 0  # the refiner has not started
+    fake_engine.resume()
+    p.wait_for_selector("#result:not([hidden]) #result-image[src^='blob:']")
+    box = p.locator("#result-image").bounding_box()
+    assert box is not None and box["width"] >= 400  # large, beside the form; the gallery's are ~170 px
+    assert "a blue kite" in p.inner_text("#result-caption")
+    p.click("#result-recipe")
+    p.wait_for_selector("#viewer[open]")
+    meta = " ".join(p.inner_text("#viewer-meta").split())
+    assert "Sampler Euler" in meta and "LoRAs none" in meta and "Hires fix off" in meta
+    p.click("#send-inpaint")
+    p.wait_for_selector("#init-editor:not([hidden])")
+    assert p.eval_on_selector("#viewer", "v => v.open") is False
+    assert p.input_value("#prompt") == "a blue kite" and (p.input_value("#width"), p.input_value("#height")) == (
+        "256", "256")  # fmt: skip
+    assert "Paint over the area" in p.inner_text("#mask-state")
+
+
+@pytest.mark.parametrize("width", [1366, 390])
+def test_screenshots_idle_running_done_viewer_and_advanced(
+    server_factory: ServerFactory, browser: Browser, fake_engine: FakeEngine, width: int
+) -> None:
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    p = context.new_page()
+    p.set_default_timeout(60_000)
+    with server_factory(preview_every=1) as web:
+        p.goto(web.url + "/")
+        p.wait_for_selector("#app:not([hidden])")
+        shot(p, f"20-idle-{width}")
+        fill_small_job(p, prompt="a quiet harbour")
+        shot(p, f"21-advanced-{width}")
+        fake_engine.pause_at(5)
+        p.click("#submit")
+        assert fake_engine.paused.wait(60)
+        p.wait_for_selector(".job .preview:not([hidden])")
+        shot(p, f"22-running-{width}")
+        fake_engine.resume()
+        p.wait_for_selector("#result:not([hidden]) #result-image[src^='blob:']")
+        shot(p, f"23-done-{width}")
+        p.click("#result-recipe")
+        p.wait_for_selector("#viewer[open]")
+        shot(p, f"24-viewer-{width}")
+        overflow = p.evaluate("document.documentElement.scrollWidth > window.innerWidth")
+        assert overflow is False  # nothing wider than the screen, phone included
+    context.close()
+
+
+def test_a_1024_png_dropped_is_refined_end_to_end(real_server_factory: ServerFactory, page: Page,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    """SDXL's own size through the page: a 1.5 MB 1024x1024 PNG (over the old 1 MB body cap) is taken, run
+    through base and refiner, and the result keeps its size."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(2).integers(0, 256, (1024, 1024, 3), dtype=np.uint8) // 4 * 4
+    path = tmp_path / "photo.png"
+    Image.fromarray(noise).save(path)
+    assert path.stat().st_size > 1_000_000
+    p = page
+    with real_server_factory() as web:
+        p.goto(web.url + "/")
+        p.wait_for_selector("#app:not([hidden])")
+        p.fill("#prompt", "a photo, refined")
+        p.set_input_files("#init-file", str(path))
+        p.wait_for_selector("#init-editor:not([hidden])")
+        assert (p.input_value("#width"), p.input_value("#height")) == ("1024", "1024")
+        p.click("#advanced summary")
+        p.fill("#num_inference_steps", "4")
+        p.fill("#refiner_steps", "2")
+        p.click("#submit")
+        p.wait_for_selector("#result:not([hidden]) #result-image[src^='blob:']", timeout=300_000)
+        job = web.client.get("/v1/jobs").json()["items"][0]
+        assert job["status"] == "succeeded" and job["result"]["metadata"]["refined"] is True
+        assert job["request"]["init_image"]["width"] == 1024
+        made = Image.open(io.BytesIO(web.client.get(f"/v1/images/{job['id']}/{job['result']['images'][0]}").content))
+        assert made.size == (1024, 1024)
+
+
+def test_the_advanced_panel_is_grouped_and_shows_sections_when_they_apply(web: RunningServer, page: Page,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    from PIL import Image
+
+    p = page
+    p.goto(web.url + "/")
+    p.wait_for_selector("#app:not([hidden])")
+    p.click("#advanced summary")
+    legends = p.eval_on_selector_all("#generated-fields fieldset.group legend", "ls => ls.map(l => l.textContent)")
+    assert legends == ["Sampling", "Refiner", "From an image", "Hires fix"]
+    assert p.is_visible("#sampler") and p.is_visible("#refiner_sampler")
+    assert not p.is_visible("#mask_blur") and not p.is_visible("#hr_upscaler")  # nothing to apply them to yet
+    p.check("#enable_hr")
+    assert p.is_visible("#hr_upscaler") and p.is_visible("#hr_resize_x")
+    labels = [p.inner_text(f"label[for={name}]") for name in ("hr_resize_x", "hr_resize_y")]
+    assert labels[0] != labels[1] and labels[0].startswith("Hires width")
+    path = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), "grey").save(path)
+    p.set_input_files("#init-file", str(path))
+    p.wait_for_selector("#init-editor:not([hidden])")
+    assert p.is_visible("#mask_blur") and p.is_visible("#resize_mode")
+    p.click("#clear-init")
+    assert not p.is_visible("#mask_blur")

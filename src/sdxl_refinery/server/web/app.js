@@ -10,6 +10,8 @@ const state = {
   galleryOffset: 0,
   watching: new Map(), // job id -> {element, controller}
   viewing: null, // {job, index}
+  result: null, // the newest finished image shown large: {job, index}
+  resultUrl: null, // its blob URL (kept apart from the gallery's, which a gallery refresh revokes)
   blobUrls: [],
   schema: null, // GET /v1/schema: every request field with its default, bounds and face names
   loras: [], // the LoRAs chosen for the next job: [{name, weight}]
@@ -151,10 +153,62 @@ function applySchema(schema) {
   form.elements.size.value = known ? size : "custom";
   $("#custom-size").hidden = known;
   $("#switch-row").hidden = form.elements.mode.value !== "handoff";
+  for (const [key] of GROUPS) {  // a group without fields has nothing to show
+    const group = $(`#group-${key}`);
+    if (group && group.children.length <= 1) group.remove();
+  }
+  updateGroups();
 }
 
 function fieldDefault(name) {
   return state.schema.fields.find((field) => field.name === name).default;
+}
+
+// Advanced fields, grouped by what they control; "From an image" shows once there is one, "Hires fix" once it
+// is on. The order is the groups' order on the page.
+const GROUPS = [
+  ["sampling", "Sampling"],
+  ["refiner", "Refiner"],
+  ["image", "From an image"],
+  ["hires", "Hires fix"],
+];
+const WEB_LABELS = {  // where the PNG label (A1111's, shared by two fields) would read the same twice
+  hr_resize_x: "Hires width (0: by the scale)",
+  hr_resize_y: "Hires height (0: by the scale)",
+  inpaint_full_res: "Inpaint only the masked area",
+  mask_invert: "Invert the mask",
+};
+
+function groupOf(name) {
+  if (name.startsWith("refiner_") || ["aesthetic_score", "negative_aesthetic_score"].includes(name)) return "refiner";
+  if (name.startsWith("hr_")) return "hires";
+  if (name.startsWith("mask") || name.startsWith("inpaint") || name === "resize_mode") return "image";
+  return "sampling";
+}
+
+function groupElement(key) {
+  let group = $(`#group-${key}`);
+  if (!group) {
+    for (const [name, title] of GROUPS) {
+      if ($(`#group-${name}`)) continue;
+      const fieldset = document.createElement("fieldset");
+      fieldset.id = `group-${name}`;
+      fieldset.className = "group";
+      const legend = document.createElement("legend");
+      legend.textContent = title;
+      fieldset.append(legend);
+      $("#generated-fields").append(fieldset);
+    }
+    group = $(`#group-${key}`);
+  }
+  return group;
+}
+
+function updateGroups() {
+  const image = $("#group-image");
+  if (image) image.hidden = !state.init;
+  const hires = $("#group-hires");
+  if (hires) hires.hidden = !$("#enable_hr").checked;
 }
 
 function generatedInput(field) {
@@ -162,7 +216,8 @@ function generatedInput(field) {
   const label = document.createElement("label");
   label.htmlFor = field.name;
   // A1111's wording where the field has a PNG label ("Schedule type"), else its name in words.
-  label.textContent = field.label || field.name.replaceAll("_", " ").replace(/^./, (c) => c.toUpperCase());
+  label.textContent = WEB_LABELS[field.name] || field.label ||
+    field.name.replaceAll("_", " ").replace(/^./, (c) => c.toUpperCase());
   let input;
   if (field.type === "enum") {
     input = document.createElement("select");
@@ -183,7 +238,7 @@ function generatedInput(field) {
   } else {
     wrapper.append(label, input, error);
   }
-  $("#generated-fields").append(wrapper);
+  groupElement(groupOf(field.name)).append(wrapper);
   return input;
 }
 
@@ -304,6 +359,7 @@ function fillForm(request, seed) {
     ? `This job started from an image (${recorded.width} × ${recorded.height}, sha256 ` +
       `${String(recorded.sha256).slice(0, 12)}); drop it again to redo it.`
     : "";
+  updateGroups();
   form.elements.n.value = 1;
   form.elements.seed.value = seed;
   $("#random-seed").checked = false;
@@ -358,6 +414,7 @@ async function useInitFile(file) {
   $("#init-editor").hidden = false;
   $("#drop-zone").hidden = true;
   $("#init-note").hidden = true;
+  updateGroups();
   drawEditor();
 }
 
@@ -379,6 +436,7 @@ function removeInit() {
   $("#init-editor").hidden = true;
   $("#drop-zone").hidden = false;
   $("#init-file").value = "";
+  updateGroups();
 }
 
 function drawEditor() {
@@ -558,6 +616,45 @@ function describeProgress(progress) {
   return `${progress.stage_name} step ${progress.step} of ${progress.total}${eta}`;
 }
 
+// One bar per stage: the base's steps, then the refiner's (each job reports its own stage, step and total).
+function setStageBars(element, progress) {
+  const share = progress.total ? (100 * progress.step) / progress.total : 0;
+  $(".stage-base", element).value = progress.stage >= 2 ? 100 : progress.stage === 1 ? share : 0;
+  $(".stage-refiner", element).value = progress.stage === 2 ? share : 0;
+}
+
+// The newest finished image, large, beside the form: where the eye already is.
+async function showResult(id) {
+  const response = await api(`/v1/jobs/${id}`);
+  if (!response.ok) return;
+  const job = await response.json();
+  const image = await api(`/v1/images/${job.id}/${job.result.images[0]}`);
+  if (!image.ok) return;
+  if (state.resultUrl) URL.revokeObjectURL(state.resultUrl);
+  state.resultUrl = URL.createObjectURL(await image.blob());
+  state.result = { job, index: 0 };
+  $("#result-image").src = state.resultUrl;
+  $("#result-image").alt = job.request.prompt;
+  const more = job.result.images.length > 1 ? ` (1 of ${job.result.images.length}: the others are in the gallery)` : "";
+  $("#result-caption").textContent = `${job.request.prompt} — seed ${job.result.seeds[0]}${more}`;
+  $("#result").hidden = false;
+}
+
+// "Send to image to image / inpaint": the image becomes the start image, with its recipe in the form.
+async function sendToStart(job, index, inpaint) {
+  if ($("#viewer").open) $("#viewer").close();
+  fillForm(job.request, job.result.seeds[index]);
+  const response = await api(`/v1/images/${job.id}/${job.result.images[index]}`);
+  if (!response.ok) return;
+  const blob = await response.blob();
+  await useInitFile(new File([blob], job.result.images[index], { type: "image/png" }));
+  if (inpaint) {
+    $("#mask-state").textContent = "Paint over the area to repaint: only that area is redrawn.";
+    $("#init-canvas").focus();
+  }
+  $("#start-image").scrollIntoView({ block: "center" });
+}
+
 function finishJob(id, status, error) {
   const watched = state.watching.get(id);
   if (!watched) return;
@@ -565,8 +662,9 @@ function finishJob(id, status, error) {
   state.watching.delete(id);
   $(".cancel", element).hidden = true;
   if (status === "succeeded") {
-    $("progress", element).value = 100;
+    setStageBars(element, { stage: 2, step: 1, total: 1 });
     $(".job-state", element).textContent = "Done";
+    showResult(id);
     element.classList.add("succeeded");
     state.galleryOffset = 0;
     loadGallery();
@@ -585,7 +683,7 @@ function applyJobView(element, job) {
     $(".job-state", element).textContent = `Queued, position ${job.position ?? "?"}`;
   } else if (job.status === "running") {
     $(".job-state", element).textContent = job.progress.step ? describeProgress(job.progress) : "Starting…";
-    $("progress", element).value = job.progress.percent;
+    setStageBars(element, job.progress);
   }
 }
 
@@ -604,7 +702,7 @@ function watchJob(id, prompt, initialState) {
     } else if (event === "started") {
       $(".job-state", element).textContent = "Starting…";
     } else if (event === "progress") {
-      $("progress", element).value = data.percent;
+      setStageBars(element, data);
       $(".job-state", element).textContent = describeProgress(data);
     } else if (event === "preview") {
       const preview = $(".preview", element);
@@ -688,6 +786,11 @@ async function openViewer(job, index) {
     ["Size", `${request.width} × ${request.height}`],
     ["Steps", `${metadata.base_steps} base + ${metadata.refiner_steps} refiner`],
     ["Guidance", request.guidance_scale],
+    ["Sampler", `${request.sampler}, ${request.scheduler} schedule` +
+      (request.refiner_sampler ? `; refiner ${request.refiner_sampler}, ${request.refiner_scheduler || request.scheduler}` : "")],
+    ["LoRAs", (request.loras || []).map(({ name, weight }) => `${name} (${weight})`).join(", ") || "none"],
+    ["Hires fix", !request.enable_hr ? "off" : `${request.hr_resize_x && request.hr_resize_y
+      ? `to ${request.hr_resize_x} × ${request.hr_resize_y}` : `× ${request.hr_scale}`}, ${request.hr_upscaler}`],
     ["Mode", request.mode === "handoff" ? `handoff at ${request.switch_at}` : "sequential"],
     ["Refined", metadata.refined ? "yes" : `no: ${metadata.refinement_error || "refinement was turned off"}`],
     ["Device", `${metadata.device} (${metadata.precision})`],
@@ -737,6 +840,7 @@ function wire() {
   });
   $("#size").addEventListener("change", (event) => ($("#custom-size").hidden = event.target.value !== "custom"));
   $("#mode").addEventListener("change", (event) => ($("#switch-row").hidden = event.target.value !== "handoff"));
+  $("#enable_hr").addEventListener("change", updateGroups);
   $("#dice").addEventListener("click", () => {
     $("#seed").value = Math.floor(Math.random() * (state.schema.max_seed + 1));
     $("#random-seed").checked = false;
@@ -758,6 +862,13 @@ function wire() {
     $("#viewer").close();
     fillForm(job.request, job.result.seeds[index]);
   });
+  $("#send-img2img").addEventListener("click", () => sendToStart(state.viewing.job, state.viewing.index, false));
+  $("#send-inpaint").addEventListener("click", () => sendToStart(state.viewing.job, state.viewing.index, true));
+  $("#result-img2img").addEventListener("click", () => sendToStart(state.result.job, state.result.index, false));
+  $("#result-inpaint").addEventListener("click", () => sendToStart(state.result.job, state.result.index, true));
+  for (const button of ["#result-open", "#result-recipe"]) {
+    $(button).addEventListener("click", () => openViewer(state.result.job, state.result.index));
+  }
   $("#key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     state.apiKey = $("#api-key").value.trim();
