@@ -317,4 +317,5 @@ def test_generate_help_is_grouped_by_what_each_option_controls(tiny_pair: tuple[
     assert panels[2:] == ["Sampling", "Refiner", "From an image (img2img, inpainting)", "Hires fix", "Device",
                           "Models and LoRAs", "Output"]  # fmt: skip
     hires = done.stdout[done.stdout.index("─ Hires fix ─") : done.stdout.index("─ Device ─")]
-    assert "--hires-scale" in hires and "--steps" not in hires
+    assert "--hires-scale" in hires and "--guidance " not in hires
+    assert "hr_resize_x" not in done.stdout and "--hires-width/--hires-height" in " ".join(done.stdout.split())

@@ -204,10 +204,17 @@ async def _run_with_interrupt(service: ImageService, request: GenerationRequest,
         loop.remove_signal_handler(signal.SIGINT)
 
 
+def _in_flags(text: str) -> str:
+    """A field description in the command line's words: each field it names as the flag that sets it."""
+    flags = {spec.name: spec.faces.cli.split("/")[0] for spec in REQUEST_FIELDS if spec.faces.cli}
+    text = text.replace("hr_resize_x/y", "--hires-width/--hires-height")
+    return re.sub(r"\b[a-z][a-z_]*_[a-z_]+\b", lambda match: flags.get(match.group(0), match.group(0)), text)
+
+
 def _option_help(spec: FieldSpec) -> str:
     """A generated option's help: the field's description, default and rule, from the request table."""
     default = spec.default.value if isinstance(spec.default, Enum) else spec.default
-    parts = [spec.description]
+    parts = [_in_flags(spec.description)]
     if spec.choices:
         parts.append(f"One of {', '.join(spec.choices)}.")
     if spec.bounds_text():

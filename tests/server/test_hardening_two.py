@@ -185,3 +185,9 @@ def test_a_data_folder_made_inside_a_clone_stays_out_of_git_status(server: Runni
     status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
                             capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert (tmp_path / "data" / "jobs.sqlite3").exists() and "data/" not in status, status
+
+
+def test_an_unknown_lora_in_an_empty_folder_says_the_folder_is_empty(server: RunningServer) -> None:
+    answer = server.client.post("/v1/jobs", json={"prompt": "x", "loras": [{"name": "nope"}]})
+    assert answer.status_code == 422 and "no such LoRA (the LoRA folder holds none)" in answer.text
+    assert "known: none" not in answer.text

@@ -472,6 +472,13 @@ def test_the_result_shows_large_with_a_bar_per_stage_and_sends_to_inpaint(
     assert p.input_value("#prompt") == "a blue kite" and (p.input_value("#width"), p.input_value("#height")) == (
         "256", "256")  # fmt: skip
     assert "Paint over the area" in p.inner_text("#mask-state")
+    p.click("#result-upscale")  # twice the size, redrawn lightly, through base and refiner
+    p.wait_for_function("document.querySelector('#width').value === '512'")
+    assert (p.input_value("#height"), p.input_value("#strength")) == ("512", "0.35")
+    p.click("#submit")
+    poll(lambda: web.client.get("/v1/jobs").json()["total"] == 2, "the upscale job")
+    upscale = web.client.get("/v1/jobs").json()["items"][0]["request"]
+    assert (upscale["width"], upscale["strength"], upscale["init_image"]["width"]) == (512, 0.35, 256)
 
 
 @pytest.mark.parametrize("width", [1366, 390])

@@ -640,17 +640,30 @@ async function showResult(id) {
   $("#result").hidden = false;
 }
 
-// "Send to image to image / inpaint": the image becomes the start image, with its recipe in the form.
-async function sendToStart(job, index, inpaint) {
+// "Send to image to image / inpaint / upscale": the image becomes the start image, with its recipe in the form.
+// Upscale (as Fooocus's "Upscale (2x)") enlarges it to twice its size, within the server's limit, and redraws
+// it lightly through base and refiner; the user presses Generate.
+const UPSCALE_STRENGTH = 0.35;
+
+async function sendToStart(job, index, purpose) {
   if ($("#viewer").open) $("#viewer").close();
   fillForm(job.request, job.result.seeds[index]);
   const response = await api(`/v1/images/${job.id}/${job.result.images[index]}`);
   if (!response.ok) return;
   const blob = await response.blob();
   await useInitFile(new File([blob], job.result.images[index], { type: "image/png" }));
-  if (inpaint) {
+  if (purpose === "inpaint") {
     $("#mask-state").textContent = "Paint over the area to repaint: only that area is redrawn.";
     $("#init-canvas").focus();
+  } else if (purpose === "upscale") {
+    const form = $("#generate-form");
+    const fit = Math.min(2, fieldMaximum("width") / Math.max(state.init.width, state.init.height));
+    form.elements.width.value = Math.max(64, Math.floor((state.init.width * fit) / 8) * 8);
+    form.elements.height.value = Math.max(64, Math.floor((state.init.height * fit) / 8) * 8);
+    $("#strength").value = UPSCALE_STRENGTH;
+    $("#strength-value").textContent = UPSCALE_STRENGTH;
+    $("#mask-state").textContent = `Upscale: enlarged to ${form.elements.width.value} × ${form.elements.height.value} ` +
+      `and redrawn lightly (strength ${UPSCALE_STRENGTH}); press Generate.`;
   }
   $("#start-image").scrollIntoView({ block: "center" });
 }
@@ -862,10 +875,10 @@ function wire() {
     $("#viewer").close();
     fillForm(job.request, job.result.seeds[index]);
   });
-  $("#send-img2img").addEventListener("click", () => sendToStart(state.viewing.job, state.viewing.index, false));
-  $("#send-inpaint").addEventListener("click", () => sendToStart(state.viewing.job, state.viewing.index, true));
-  $("#result-img2img").addEventListener("click", () => sendToStart(state.result.job, state.result.index, false));
-  $("#result-inpaint").addEventListener("click", () => sendToStart(state.result.job, state.result.index, true));
+  for (const purpose of ["img2img", "inpaint", "upscale"]) {
+    $(`#send-${purpose}`).addEventListener("click", () => sendToStart(state.viewing.job, state.viewing.index, purpose));
+    $(`#result-${purpose}`).addEventListener("click", () => sendToStart(state.result.job, state.result.index, purpose));
+  }
   for (const button of ["#result-open", "#result-recipe"]) {
     $(button).addEventListener("click", () => openViewer(state.result.job, state.result.index));
   }
