@@ -455,7 +455,7 @@ def test_the_result_shows_large_with_a_bar_per_stage_and_sends_to_inpaint(
     fake_engine.pause_at(5)
     p.click("#submit")
     assert fake_engine.paused.wait(60)
-    p.wait_for_function("Number(document.querySelector('.job .stage-base').value) > 0")
+    p.wait_for_function("Number(document.querySelector('.job .stage-base')?.value) > 0")
     assert float(p.get_attribute(".job .stage-refiner", "value") or "0") == 0  # the refiner has not started
     fake_engine.resume()
     p.wait_for_selector("#result:not([hidden]) #result-image[src^='blob:']")
