@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from PIL import Image
+
 from .results import CancelToken, ProgressCallback
+from .upscale_request import UpscaleRequest
 
 if TYPE_CHECKING:
     from .loras import LoraFile
     from .request import GenerationRequest
+
+# Hires fix's enlargement by an upscaler model: an image and the (width, height) to bring it to.
+Enlarge = Callable[[Image.Image, tuple[int, int]], Image.Image]
 
 # What may differ between the requests of one pass: their words and their seeds.
 PER_JOB_FIELDS = frozenset({"prompt", "negative_prompt", "seed", "n"})
@@ -32,10 +39,12 @@ SOLO_FIELDS = ("init_image", "mask_image")
 CUDA_MAX_BATCH, CUDA_WINDOW_MS = 8, 100
 
 
-def batch_key(request: GenerationRequest) -> str | None:
+def batch_key(request: GenerationRequest | UpscaleRequest) -> str | None:
     """What a request must share with others to run in one pass with them (a digest of every field but its
     words and seeds, for queues to match on); None when it runs alone (img2img and inpainting start from the
-    request's own image)."""
+    request's own image; upscales)."""
+    if isinstance(request, UpscaleRequest):
+        return None
     if any(getattr(request, name) is not None for name in SOLO_FIELDS):
         return None
     # LoRAs compare as applied: the field's and the prompt's <lora:...> tags together.
@@ -65,7 +74,7 @@ class BatchCall:
             from the service's folders (jobs that came over HTTP, resolved again when they run).
     """
 
-    request: GenerationRequest
+    request: GenerationRequest | UpscaleRequest
     output_path: str | Path | None = None
     on_progress: ProgressCallback | None = None
     cancel: CancelToken = field(default_factory=CancelToken)
@@ -82,6 +91,7 @@ class RunItem:
     on_progress: ProgressCallback | None = None
     cancel: CancelToken | None = None
     preview_every: int = 0
+    hires_enlarge: Enlarge | None = None  # hires fix by an upscaler model (None: latent or a resampler)
 
 
 @dataclass

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("refinery-data")
     lora_dir: Path | None = None  # LoRA .safetensors files; default <data_dir>/loras
     models_dir: Path | None = None  # checkpoints chosen per request by name; default <data_dir>/models
+    upscaler_dir: Path | None = None  # upscaler models (ESRGAN and kin); default <data_dir>/upscalers
     max_loaded_pairs: int = Field(1, ge=1, le=8)  # base + refiner pairs kept loaded; the oldest goes first
     api_key: str | None = None  # the single key of a private server: sees everything (an admin key)
     api_keys_file: Path | None = None  # named keys of a shared server, each seeing its own jobs (server/keys.py)
@@ -132,6 +133,10 @@ class Settings(BaseSettings):
     def models_folder(self) -> Path:
         """Where checkpoints are found by name: `models_dir`, else `<data_dir>/models`."""
         return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    def upscalers_folder(self) -> Path:
+        """Where upscaler models are found by name: `upscaler_dir`, else `<data_dir>/upscalers`."""
+        return self.upscaler_dir if self.upscaler_dir is not None else self.data_dir / "upscalers"
 
     def speed(self) -> SpeedOptions:
         """The speed options these settings ask for."""

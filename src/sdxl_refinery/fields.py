@@ -34,6 +34,8 @@ class Faces:
             `override_settings`; the body field, when sent, wins.
         label: its label in A1111's PNG `parameters` text (fields sharing a label are joined by `x`).
         web: whether the web page offers it.
+        choices_from: for a text field that also takes other names (an upscaler model), the enum of its
+            built-in choices, offered by the faces.
     """
 
     cli: str | None = None
@@ -42,6 +44,7 @@ class Faces:
     a1111_option: str | None = None
     label: str | None = None
     web: bool = True
+    choices_from: type[Enum] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,16 @@ class FieldSpec:
 
     @property
     def choices(self) -> list[str] | None:
-        """The allowed values of an enum field."""
-        if isinstance(self.kind, type) and issubclass(self.kind, Enum):
-            return [str(member.value) for member in self.kind]
+        """The allowed values of an enum field (a text field's built-in ones, with `Faces.choices_from`)."""
+        enum = self.faces.choices_from or self.kind
+        if isinstance(enum, type) and issubclass(enum, Enum):
+            return [str(member.value) for member in enum]
         return None
+
+    @property
+    def open_choices(self) -> bool:
+        """Whether the field also takes values outside `choices` (names of files in a folder)."""
+        return self.faces.choices_from is not None
 
     def bounds_text(self) -> str:
         """The bounds in words, for help texts: `1..500`, `(0, 1]`, ..."""

@@ -102,7 +102,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
     lines = text.split("\n")
     if len(lines) < 2 or ": " not in lines[-1]:
         raise StorageError("the parameters text has no settings line")
-    settings = dict(_split_settings(lines[-1]))
+    settings = dict(split_settings(lines[-1]))
     prompt_lines, negative = lines[:-1], ""
     for i, line in enumerate(prompt_lines):
         if line.startswith("Negative prompt: "):
@@ -121,7 +121,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return fields
 
 
-def _split_settings(line: str) -> list[tuple[str, str]]:
+def split_settings(line: str) -> list[tuple[str, str]]:
     """`key: value, key: "quoted, value"` pairs, as A1111 writes them; a quoted value that is not a JSON string
     (`"\\q"`) is kept as written, as A1111's own reader keeps it."""
     pairs = []
@@ -134,7 +134,9 @@ def _split_settings(line: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def write_png(image: Image.Image, path: Path, metadata: dict[str, Any], index: int = 0) -> Path:
+def write_png(
+    image: Image.Image, path: Path, metadata: dict[str, Any], index: int = 0, parameters: str | None = None
+) -> Path:
     """Write `image` to `path` atomically with its metadata chunks.
 
     Args:
@@ -142,13 +144,14 @@ def write_png(image: Image.Image, path: Path, metadata: dict[str, Any], index: i
         path: the final file name; parent folders are created.
         metadata: `GenerationResult.metadata()` output.
         index: the image's place in its batch.
+        parameters: the A1111 `parameters` text, when not a generation's (an upscale's).
 
     Raises:
         StorageError: the folder cannot be created or the file cannot be written;
             no file is left under `path` or under a temporary name.
     """
     info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_KEY, a1111_parameters(metadata, index))
+    info.add_text(PARAMETERS_KEY, parameters if parameters is not None else a1111_parameters(metadata, index))
     info.add_text(METADATA_KEY, json.dumps({**metadata, "index": index}, sort_keys=True))
     temporary: str | None = None
     try:

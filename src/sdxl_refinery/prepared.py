@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .batching import BatchCall, RunItem
+from .batching import BatchCall, Enlarge, RunItem
 from .loras import LoraFile
 from .png import numbered_paths, write_png
+from .request import GenerationRequest
 from .results import GenerationResult
 
 if TYPE_CHECKING:
@@ -28,10 +29,13 @@ class PreparedCall:
     seeds: list[int]
     models: tuple[str | None, str | None]
     loras: list[tuple[LoraFile, float]]
+    hires_enlarge: Enlarge | None = None
 
     def item(self) -> RunItem:
         call = self.call
-        return RunItem(call.request, self.seeds, call.on_progress, call.cancel, call.preview_every)
+        assert isinstance(call.request, GenerationRequest)
+        return RunItem(call.request, self.seeds, call.on_progress, call.cancel, call.preview_every,
+                       self.hires_enlarge)  # fmt: skip
 
 
 def finish_call(entry: PreparedCall, output: EngineOutput, engine: RunsRequests) -> GenerationResult:
@@ -42,6 +46,7 @@ def finish_call(entry: PreparedCall, output: EngineOutput, engine: RunsRequests)
         StorageError: a PNG could not be written.
     """
     request, loras = entry.call.request, entry.loras
+    assert isinstance(request, GenerationRequest)
     result = GenerationResult(
         images=output.images,
         seeds=entry.seeds,

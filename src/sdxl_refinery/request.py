@@ -204,8 +204,10 @@ class GenerationRequest(BaseModel):
         0, ge=0, le=MAX_SIZE, description="Hires fix's height (0: from hr_scale, or the aspect ratio)."
     )
     hr_upscaler: Annotated[
-        HiresUpscaler, Faces(cli="--hires-upscaler", a1111="hr_upscaler", label="Hires upscaler")
-    ] = Field(HiresUpscaler.LATENT, description="How the first pass is enlarged (latent interpolation or pixels).")
+        str, Faces(cli="--hires-upscaler", a1111="hr_upscaler", label="Hires upscaler", choices_from=HiresUpscaler)
+    ] = Field(HiresUpscaler.LATENT.value, min_length=1, max_length=255, description="How the first pass is "
+              "enlarged: in latent space, as pixels (Lanczos, Nearest), or by an upscaler model from the upscaler "
+              "folder, by its name.")  # fmt: skip
     hr_second_pass_steps: Annotated[
         int, Faces(cli="--hires-steps", a1111="hr_second_pass_steps", label="Hires steps")
     ] = Field(0, ge=0, le=MAX_STEPS, description="Schedule length of the hires pass (0: num_inference_steps).")
@@ -223,6 +225,22 @@ class GenerationRequest(BaseModel):
         if (why := check_attention(value)) is not None:
             raise ValueError(why)
         return value
+
+    @field_validator("hr_upscaler", mode="before")
+    @classmethod
+    def _builtin_upscaler_names(cls, value: Any) -> Any:
+        """Built-in upscalers by their canonical names (any case); anything else names an upscaler model."""
+        if isinstance(value, HiresUpscaler):
+            return value.value
+        if isinstance(value, str):
+            builtin = next((member for member in HiresUpscaler if member.value.lower() == value.strip().lower()), None)
+            return builtin.value if builtin is not None else value.strip()
+        return value
+
+    @property
+    def hires_upscaler(self) -> HiresUpscaler | None:
+        """Hires fix's built-in upscaler, or None when `hr_upscaler` names an upscaler model."""
+        return next((member for member in HiresUpscaler if member.value == self.hr_upscaler), None)
 
     @field_validator("prompt")
     @classmethod

@@ -19,12 +19,15 @@ if TYPE_CHECKING:
     from .request import GenerationRequest
 
 
+STAGE_NAMES = {1: "base", 2: "refiner", 3: "upscale"}
+
+
 @dataclass(frozen=True)
 class Progress:
     """One denoising step done.
 
     Attributes:
-        stage: 1 for the base, 2 for the refiner.
+        stage: 1 for the base, 2 for the refiner, 3 for an upscale job (a step is a tile).
         step: steps done in this stage (1-based).
         total: steps this stage will execute.
         elapsed: seconds since the run started.
@@ -41,7 +44,7 @@ class Progress:
 
     @property
     def stage_name(self) -> str:
-        return "base" if self.stage == 1 else "refiner"
+        return STAGE_NAMES.get(self.stage, "waiting")
 
 
 ProgressCallback = Callable[[Progress], None]

@@ -8,20 +8,19 @@ pipeline. Models load once, on first use or on `load()`, and stay in memory.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .batching import BatchCall, Run, batch_key
+from . import model_facts
+from .batching import BatchCall, Enlarge, Run, batch_key
 from .config import Settings
 from .engine.catalog import ModelFolder
-from .engine.sources import SDXL_ENCODER_LAYERS, TINY_CONTEXT_DIM, TINY_ENCODER_LAYERS, TINY_NAME
 from .errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError, StorageError
-from .loras import SDXL_CONTEXT_DIM, LoraFile, LoraFolder
+from .loras import LoraFile, LoraFolder
 from .pairs import LoadedPairs
 from .png import check_writable_folder
 from .prepared import PreparedCall, finish_call
@@ -39,9 +38,12 @@ from .request import (
     validate_device,
     validate_precision,
 )
+from .upscale_request import UpscaleRequest
+from .upscale_run import UpscaleResult, run_upscale
 
 if TYPE_CHECKING:
     from .engine.passes import Outcome
+    from .engine.upscaling import Upscalers
 
 log = logging.getLogger("sdxl_refinery")
 
@@ -96,6 +98,7 @@ class ImageService:
         lora_dir: Path | None = None,
         models_dir: Path | None = None,
         max_loaded_pairs: int = 1,
+        upscaler_dir: Path | None = None,
     ) -> None:
         if base_model is None or refiner_model is None:
             # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
@@ -109,6 +112,8 @@ class ImageService:
         self.speed = speed or SpeedOptions()
         self.lora_folder = LoraFolder(lora_dir)
         self.models_folder = ModelFolder(models_dir)
+        self.upscaler_dir = upscaler_dir
+        self._upscalers: Upscalers | None = None
         self._engine: RunsRequests | None = None  # the engine of the latest run (or load)
         self._pairs = LoadedPairs(max_loaded_pairs, self._room_for, self._released)
         self._engine_factory = engine_factory or self._load_engine
@@ -120,7 +125,8 @@ class ImageService:
         """Build a service from a `Settings` object (the faces' way)."""
         return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision, settings.speed(),
                    lora_dir=settings.loras_folder(), models_dir=settings.models_folder(),
-                   max_loaded_pairs=settings.max_loaded_pairs)  # fmt: skip
+                   max_loaded_pairs=settings.max_loaded_pairs,
+                   upscaler_dir=settings.upscalers_folder())  # fmt: skip
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -263,9 +269,10 @@ class ImageService:
         (outcome,) = await self.generate_batch([call])
         if isinstance(outcome, RefineryError):
             raise outcome
+        assert isinstance(outcome, GenerationResult)
         return outcome
 
-    async def generate_batch(self, calls: list[BatchCall]) -> list[GenerationResult | RefineryError]:
+    async def generate_batch(self, calls: list[BatchCall]) -> list[GenerationResult | UpscaleResult | RefineryError]:
         """Render several requests in shared passes, each as it would come out alone (its own seeds, prompt,
         progress, token and PNG), waiting for earlier calls on this service to finish first.
 
@@ -279,6 +286,10 @@ class ImageService:
         Raises:
             InvalidRequest: field `requests`: the calls' requests cannot share a pass.
         """
+        if isinstance(calls[0].request, UpscaleRequest):
+            if len(calls) > 1:
+                raise InvalidRequest("requests", "an upscale runs alone, not in a batch")
+            return [await self._upscale_call(calls[0])]
         keys = {batch_key(call.request) for call in calls}
         if len(calls) > 1 and (len(keys) > 1 or None in keys):
             raise InvalidRequest("requests", "a batch's requests must differ only in prompt, negative_prompt, seed "
@@ -300,19 +311,21 @@ class ImageService:
                 for entry in ready:
                     entry.call.cancel.cancel()  # the engine thread stops at its next step
                 raise
-        results = iter(done)
+        results: Iterator[GenerationResult | UpscaleResult | RefineryError] = iter(done)
         return [entry if isinstance(entry, RefineryError) else next(results) for entry in checked]
 
     def _prepare(self, call: BatchCall) -> PreparedCall:
         """Raises: InvalidRequest: the output folder, an image given only by its hash, a model or a LoRA."""
         request = call.request
+        assert isinstance(request, GenerationRequest)  # upscales go to `_upscale_call`
         if call.output_path is not None:
             check_writable_folder(Path(call.output_path))
         check_images(request)
+        self.check_upscalers(request)
         models = self.resolve_models(request, call.allow_paths)
         loras = self.check_loras(request, call.allow_paths)
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
-        return PreparedCall(call, seeds, models, loras)
+        return PreparedCall(call, seeds, models, loras, self._hires_enlarge(request))
 
     def _generate_sync(self, ready: list[PreparedCall]) -> list[GenerationResult | RefineryError]:
         """On the engine thread: one engine run for the calls not yet cancelled, then each call's result."""
@@ -326,7 +339,7 @@ class ImageService:
         engine = self._engine_sync(*live[0].models)
         switched = self.last_switch_seconds
         for entry in live:
-            self._log_plan(entry.call.request, engine)
+            self._log_plan(entry.item().request, engine)
         try:
             ran = iter(engine.run(Run([entry.item() for entry in live], live[0].loras)))
         except RefineryError as error:
@@ -351,6 +364,79 @@ class ImageService:
             except (Cancelled, StorageError) as error:
                 results.append(error)
         return results
+
+    # -- upscaling -------------------------------------------------------------------------------
+
+    @property
+    def upscalers(self) -> Upscalers:
+        """The upscaler folder on this service's device (torch loads on first use)."""
+        if self._upscalers is None:
+            from .engine.upscaling import Upscalers
+
+            self._upscalers = Upscalers(self.upscaler_dir, self.device)
+        return self._upscalers
+
+    def check_upscalers(self, request: GenerationRequest | UpscaleRequest) -> None:
+        """Refuse, before any work, an upscaler that is not a resampler or a usable model of the folder.
+
+        Raises:
+            InvalidRequest: field `upscaler`, `upscaler_2` or `hr_upscaler`, naming the upscaler and why.
+        """
+        if isinstance(request, UpscaleRequest):
+            for field, name in zip(("upscaler", "upscaler_2"), request.upscaler_names, strict=False):
+                self.upscalers.check(name, field)
+        elif request.enable_hr and request.hires_upscaler is None:
+            self.upscalers.check(request.hr_upscaler, "hr_upscaler")
+
+    def _hires_enlarge(self, request: GenerationRequest) -> Enlarge | None:
+        """Hires fix's enlargement by an upscaler model, when the request names one."""
+        if not request.enable_hr or request.hires_upscaler is not None:
+            return None
+        upscalers, name = self.upscalers, request.hr_upscaler
+        return lambda image, target: upscalers.enlarge(image, name, target)
+
+    async def upscale(
+        self,
+        request: UpscaleRequest,
+        *,
+        output_path: str | Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> UpscaleResult:
+        """Enlarge the request's images, waiting for earlier calls on this service to finish first.
+
+        Args:
+            output_path: where to write the PNG; several images write `stem-1.png`, ...
+            on_progress: called from the engine thread after every tile (stage 3).
+            cancel: a token; cancelling it stops the run before the next tile.
+
+        Raises:
+            InvalidRequest: an unknown or unusable upscaler, an image given only by its hash, the output folder.
+            Cancelled, StorageError: as `generate`.
+        """
+        outcome = await self._upscale_call(BatchCall(request, output_path, on_progress, cancel or CancelToken()))
+        if isinstance(outcome, RefineryError):
+            raise outcome
+        return outcome
+
+    async def _upscale_call(self, call: BatchCall) -> UpscaleResult | RefineryError:
+        request = call.request
+        assert isinstance(request, UpscaleRequest)
+        try:
+            if call.output_path is not None:
+                check_writable_folder(Path(call.output_path))
+            check_images(request)
+            self.check_upscalers(request)
+            loop = asyncio.get_running_loop()
+            work = loop.run_in_executor(self._executor, run_upscale, self.upscalers, request, call.output_path,
+                                        call.on_progress, call.cancel)  # fmt: skip
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                call.cancel.cancel()  # the engine thread stops before its next tile
+                raise
+        except RefineryError as error:
+            return error
 
     def check_loras(self, request: GenerationRequest, allow_paths: bool) -> list[tuple[LoraFile, float]]:
         """The request's LoRAs (field and prompt tags), each resolved and checked, before any work.
@@ -377,33 +463,15 @@ class ImageService:
         check_clip_skip(request.clip_skip, self._encoder_layers())
 
     def _encoder_layers(self) -> int:
-        """Layers of the shallowest text encoder: the loaded engine's, else the tiny pair's or what the pair's
-        folders' configs say, else SDXL's."""
+        """Layers of the shallowest text encoder: the loaded engine's, else what the references say."""
         loaded: int | None = getattr(self._engine, "encoder_layers", None)
-        if loaded is not None:
-            return loaded
-        if self.base_model == TINY_NAME:
-            return TINY_ENCODER_LAYERS
-        folders = (Path(self.base_model), Path(self.refiner_model))
-        names = [(folders[0], "text_encoder"), *((folder, "text_encoder_2") for folder in folders)]
-        configs = [folder / name / "config.json" for folder, name in names]
-        depths = [int(json.loads(config.read_text()).get("num_hidden_layers", SDXL_ENCODER_LAYERS))
-                  for config in configs if config.is_file()]  # fmt: skip
-        return min(depths, default=SDXL_ENCODER_LAYERS)
+        return loaded if loaded is not None else model_facts.encoder_layers(self.base_model, self.refiner_model)
 
     def _context_width(self) -> int:
-        """The base's cross-attention width, which a LoRA must be made for: the loaded engine's, else what
-        the reference says (the tiny pair, a diffusers folder's UNet config), else SDXL's."""
+        """The base's cross-attention width, which a LoRA must be made for: the loaded engine's, else the
+        reference's."""
         loaded: int | None = getattr(self._engine, "context_width", None)
-        if loaded is not None:
-            return loaded
-        if self.base_model == TINY_NAME:
-            return TINY_CONTEXT_DIM
-        config = Path(self.base_model) / "unet" / "config.json"
-        if config.is_file():
-            width: int = json.loads(config.read_text()).get("cross_attention_dim", SDXL_CONTEXT_DIM)
-            return width
-        return SDXL_CONTEXT_DIM
+        return loaded if loaded is not None else model_facts.context_width(self.base_model)
 
     def _log_plan(self, request: GenerationRequest, engine: RunsRequests) -> None:
         quality = "HIGH QUALITY" if request.guidance_scale >= HIGH_QUALITY_GUIDANCE else "STANDARD"
@@ -453,9 +521,12 @@ class ImageService:
         self._executor.shutdown(wait=True)
 
 
-def check_images(request: GenerationRequest) -> None:
+def check_images(request: GenerationRequest | UpscaleRequest) -> None:
     """Raises: InvalidRequest: an image field holds only a recorded hash; the image itself must be given."""
     for name in request.missing_images:
-        image = getattr(request, name)
+        image = (
+            request.images[int(name.split(".")[1])] if isinstance(request, UpscaleRequest) else getattr(request, name)
+        )
+        assert image is not None
         raise InvalidRequest(name, f"only its hash ({image.short_hash}, {image.width}x{image.height}) was recorded; "
                                    f"give the image itself")  # fmt: skip

@@ -17,7 +17,9 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 from PIL import Image
 
+from ..batching import Enlarge
 from ..editing import HiresUpscaler, InpaintFill
+from ..errors import GenerationFailed
 from ..request import GenerationRequest
 from .image_prep import EditInputs
 from .loader import LoadedPair
@@ -115,15 +117,22 @@ def _binary(mask: Image.Image) -> Any:
     return (np.asarray(mask, dtype=np.float32) >= 128).astype(np.float32)
 
 
-def upscale(latents: torch.Tensor, request: GenerationRequest, decode: Any) -> torch.Tensor | list[Image.Image]:
-    """Hires fix's enlargement of the first pass: latent interpolation, or decoded pixels resized (Lanczos,
-    Nearest) for the second pass to encode again.
+def upscale(
+    latents: torch.Tensor, request: GenerationRequest, decode: Any, enlarge: Enlarge | None = None
+) -> torch.Tensor | list[Image.Image]:
+    """Hires fix's enlargement of the first pass: latent interpolation, or decoded pixels enlarged (by an
+    upscaler model, or resized with Lanczos or Nearest) for the second pass to encode again.
 
     Args:
         decode: the engine's decode to PIL images (pixel upscalers only).
+        enlarge: the request's upscaler model (when `hr_upscaler` names one).
     """
     width, height = request.hires_size
-    upscaler = request.hr_upscaler
+    upscaler = request.hires_upscaler
+    if upscaler is None:
+        if enlarge is None:
+            raise GenerationFailed(f"hr_upscaler {request.hr_upscaler!r} is an upscaler model and none was loaded")
+        return [enlarge(image, (width, height)) for image in decode(latents)]
     if upscaler.in_latent_space:
         mode, antialias = upscaler.interpolation
         size = (height // 8, width // 8)

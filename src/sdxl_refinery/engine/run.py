@@ -321,9 +321,9 @@ class TwoStageRunner:
             if tracker.interrupted:  # kept as it stands: the first pass, at its own size
                 timings["base"] = time.perf_counter() - stage_started
                 return first
-            image = upscale(first, request, self._decode_base)
+            image = upscale(first, request, self._decode_base, run.items[0].hires_enlarge)
             log.info("   Hires fix: %dx%d upscaled to %dx%d (%s)", request.width, request.height, *request.hires_size,
-                     request.hr_upscaler.value)  # fmt: skip
+                     request.hr_upscaler)  # fmt: skip
             tracker.begin_pass(plan.second_pass_steps)
         # 2. The pass that hands over to the refiner: from an image (img2img, inpainting, hires) or from noise.
         latents: torch.Tensor

@@ -32,11 +32,10 @@ from redis.retry import Retry
 from ..batching import batch_key
 from ..config import Settings
 from ..errors import StoreUnavailable
-from ..request import GenerationRequest
 from .celery_app import PREFIX, TASK_NAME, make_celery
 from .celery_events import forward_events
 from .events import JobEvents
-from .models import Job, JobProgress, JobStatus
+from .models import Job, JobProgress, JobRequest, JobStatus, request_from_record
 from .store import Dedup, JobLost, JobNotFound, JobStore, Owner, QueueFull
 
 _TRANSITION = """
@@ -128,7 +127,7 @@ class CeleryJobStore(JobStore):
         record = json.loads(raw)
         return Job(
             id=record["id"],
-            request=GenerationRequest(**json.loads(record["request"])),
+            request=request_from_record(json.loads(record["request"])),
             status=JobStatus(record["status"]),
             created=record["created"],
             started=record.get("started"),
@@ -187,15 +186,13 @@ class CeleryJobStore(JobStore):
     # -- JobStore ------------------------------------------------------------------------------
 
     @guarded
-    def create(
-        self, request: GenerationRequest, client: str, max_depth: int | None = None, owner: Owner | None = None
-    ) -> Job:
+    def create(self, request: JobRequest, client: str, max_depth: int | None = None, owner: Owner | None = None) -> Job:
         job = Job(id=Job.new_id(), request=request, client=client, owner=owner.name if owner else None)
         return self._create(job, max_depth, owner)
 
     @guarded
     def create_or_attach(
-        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup, owner: Owner | None = None
+        self, request: JobRequest, client: str, max_depth: int | None, dedup: Dedup, owner: Owner | None = None
     ) -> tuple[Job, bool]:
         """Claim the fingerprint with SET NX before creating, so that concurrent API servers agree on one job."""
         key = f"{PREFIX}fingerprint:{dedup.fingerprint}"

@@ -9,6 +9,15 @@ from enum import Enum
 from typing import Any
 
 from ..request import GenerationRequest
+from ..results import STAGE_NAMES
+from ..upscale_request import UpscaleRequest
+
+JobRequest = GenerationRequest | UpscaleRequest  # what a job runs: a generation, or an upscale (A1111's extras)
+
+
+def request_from_record(data: dict[str, Any]) -> JobRequest:
+    """A job's request as stored (JSON), back as the request it was: an upscale carries `kind: upscale`."""
+    return UpscaleRequest(**data) if data.get("kind") == "upscale" else GenerationRequest(**data)
 
 
 class JobStatus(str, Enum):
@@ -26,7 +35,7 @@ class JobStatus(str, Enum):
 
 @dataclass
 class JobProgress:
-    """Where a running job is: stage 1 (base) or 2 (refiner), step of total, ETA in seconds."""
+    """Where a running job is: stage 1 (base), 2 (refiner) or 3 (upscale), step of total, ETA in seconds."""
 
     stage: int = 0
     step: int = 0
@@ -35,7 +44,7 @@ class JobProgress:
     eta: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "stage_name": {1: "base", 2: "refiner"}.get(self.stage, "waiting"),
+        return {"stage": self.stage, "stage_name": STAGE_NAMES.get(self.stage, "waiting"),
                 "step": self.step, "total": self.total, "percent": round(self.percent, 2),
                 "eta_seconds": None if self.eta is None else round(self.eta, 1)}  # fmt: skip
 
@@ -50,7 +59,7 @@ class Job:
     """
 
     id: str
-    request: GenerationRequest
+    request: JobRequest
     status: JobStatus = JobStatus.QUEUED
     created: float = field(default_factory=time.time)
     started: float | None = None

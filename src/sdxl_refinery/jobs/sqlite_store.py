@@ -19,8 +19,7 @@ from typing import Any
 
 from ..batching import batch_key
 from ..errors import StoreUnavailable, is_disk_full
-from ..request import GenerationRequest
-from .models import Job, JobProgress, JobStatus
+from .models import Job, JobProgress, JobRequest, JobStatus, request_from_record
 from .sqlite_migrations import migrate
 from .store import Dedup, JobNotFound, JobStore, Owner, QueueFull
 
@@ -67,7 +66,7 @@ class SQLiteJobStore(JobStore):
         progress = json.loads(row["progress"]) if row["progress"] else {}
         return Job(
             id=row["id"],
-            request=GenerationRequest(**json.loads(row["request"])),
+            request=request_from_record(json.loads(row["request"])),
             status=JobStatus(row["status"]),
             created=row["created"],
             started=row["started"],
@@ -88,18 +87,16 @@ class SQLiteJobStore(JobStore):
 
     # -- JobStore ------------------------------------------------------------------------------
 
-    def create(
-        self, request: GenerationRequest, client: str, max_depth: int | None = None, owner: Owner | None = None
-    ) -> Job:
+    def create(self, request: JobRequest, client: str, max_depth: int | None = None, owner: Owner | None = None) -> Job:
         return self._create(request, client, max_depth, None, owner)[0]
 
     def create_or_attach(
-        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup, owner: Owner | None = None
+        self, request: JobRequest, client: str, max_depth: int | None, dedup: Dedup, owner: Owner | None = None
     ) -> tuple[Job, bool]:
         return self._create(request, client, max_depth, dedup, owner)
 
     def _create(
-        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup | None,
+        self, request: JobRequest, client: str, max_depth: int | None, dedup: Dedup | None,
         owner: Owner | None,
     ) -> tuple[Job, bool]:  # fmt: skip
         """One transaction: find the job `dedup` accepts, or check the depths and insert a new one."""

@@ -12,8 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..request import GenerationRequest
-from .models import Job, JobProgress, JobStatus
+from .models import Job, JobProgress, JobRequest, JobStatus
 
 if TYPE_CHECKING:
     from .events import JobEvents
@@ -110,9 +109,7 @@ class JobStore(ABC):
         """Forward other processes' live events to `events` until `stop`; in-process stores have none to relay."""
 
     @abstractmethod
-    def create(
-        self, request: GenerationRequest, client: str, max_depth: int | None = None, owner: Owner | None = None
-    ) -> Job:
+    def create(self, request: JobRequest, client: str, max_depth: int | None = None, owner: Owner | None = None) -> Job:
         """Persist a new queued job (of `owner`, when given) before returning it.
 
         Raises:
@@ -121,7 +118,7 @@ class JobStore(ABC):
 
     @abstractmethod
     def create_or_attach(
-        self, request: GenerationRequest, client: str, max_depth: int | None, dedup: Dedup, owner: Owner | None = None
+        self, request: JobRequest, client: str, max_depth: int | None, dedup: Dedup, owner: Owner | None = None
     ) -> tuple[Job, bool]:
         """The job `dedup` accepts if there is one (and True), else a new queued job (and False), atomically.
 

@@ -31,9 +31,10 @@ from ..errors import (
     is_read_only,
 )
 from ..png import check_writable_folder
-from ..request import CancelToken, GenerationResult, Progress
+from ..request import CancelToken, GenerationRequest, GenerationResult, Progress
 from ..service import ImageService
 from ..steps import plan_steps
+from ..upscale_run import UpscaleResult
 from .metrics import QueueMetrics
 from .models import Job, JobProgress, JobStatus
 from .storage import ImageStorage
@@ -82,7 +83,7 @@ class _JobReporter:
         self.token = token
         self.poll_cancel = poll_cancel
         self._last_poll = 0.0
-        self.totals = plan_steps(job.request).totals
+        self.totals = plan_steps(job.request).totals if isinstance(job.request, GenerationRequest) else {3: 1}
         self._last_write = 0.0
         self._unwritten: JobProgress | None = None
         self._last_step = time.perf_counter()
@@ -328,7 +329,7 @@ class Worker:
         released: set[str] = set()  # jobs of the pass cancelled and recorded so while the others go on
         watcher = asyncio.create_task(self._release_cancelled(jobs, released, stop)) if len(jobs) > 1 else None
         try:
-            outcomes: list[GenerationResult | RefineryError] = await self.service.generate_batch(calls)
+            outcomes: list[GenerationResult | UpscaleResult | RefineryError] = await self.service.generate_batch(calls)
         except RefineryError as error:  # not one pass after all (a bug if it happens): every job fails
             outcomes = [error] * len(jobs)
         except Exception as error:  # recorded on every job of the pass, never lost
@@ -376,7 +377,11 @@ class Worker:
                     self.metrics.finished.labels(JobStatus.CANCELLED.value).inc()
 
     async def _record(
-        self, job: Job, outcome: GenerationResult | RefineryError, reporter: _JobReporter, stop: asyncio.Event | None
+        self,
+        job: Job,
+        outcome: GenerationResult | UpscaleResult | RefineryError,
+        reporter: _JobReporter,
+        stop: asyncio.Event | None,
     ) -> tuple[JobStatus, dict[str, Any]]:
         """Store one job's outcome: succeeded, failed, cancelled, or back in the queue (shutdown, full disk)."""
         try:

@@ -32,11 +32,12 @@ from ..jobs.worker import Worker
 from ..png import check_writable_folder
 from ..request import GenerationRequest
 from ..service import ImageService
+from ..upscale_request import UpscaleRequest
 from .head import HeadAsGet
 from .keys import BadKeysFile
 from .offload import document_bodies
 from .origins import SameOriginWrites
-from .routes import a1111, a1111_options, checkpoints, jobs, loras, openai, ops
+from .routes import a1111, a1111_extras, a1111_options, checkpoints, jobs, loras, openai, ops, upscalers
 from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import openai_error, openai_param
 from .security import OPENAI_PATHS, BodySizeLimit
@@ -213,7 +214,9 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
                   redoc_url=None, description=description)  # fmt: skip
     app.state.refinery = state
     _install_error_handlers(app)
-    document_bodies(app, [GenerationRequest, a1111.Txt2ImgRequest, a1111.Img2ImgRequest])
+    document_bodies(app, [GenerationRequest, UpscaleRequest, a1111.Txt2ImgRequest, a1111.Img2ImgRequest,
+                          a1111_extras.ExtrasSingleImage, a1111_extras.ExtrasBatchImages,
+                          a1111_extras.PngInfoRequest])  # fmt: skip
     for router in (
         ops.router,
         ops.docs_router,
@@ -221,6 +224,8 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
         openai.router,
         a1111.router,
         a1111_options.router,
+        a1111_extras.router,
+        upscalers.router,
         loras.router,
         checkpoints.router,
     ):

@@ -17,8 +17,8 @@ import hashlib
 from fastapi import Request
 
 from ..errors import InvalidRequest
+from ..jobs.models import JobRequest
 from ..jobs.store import Dedup
-from ..request import GenerationRequest
 from .security import presented_key
 
 KEY_WINDOW_SECONDS = 24 * 3600
@@ -30,7 +30,7 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def dedup_for(http: Request, request: GenerationRequest, client: str, retries_attach: bool) -> Dedup | None:
+def dedup_for(http: Request, request: JobRequest, client: str, retries_attach: bool) -> Dedup | None:
     """The `Dedup` of this submission, or None when it must always queue a new job.
 
     Raises:

@@ -13,7 +13,7 @@ from ..config import Settings
 from ..errors import StoreUnavailable, is_disk_full
 from ..jobs.events import JobEvents
 from ..jobs.metrics import QueueMetrics
-from ..jobs.models import Job
+from ..jobs.models import Job, JobRequest
 from ..jobs.storage import FolderStorage, ImageStorage
 from ..jobs.store import Dedup, JobStore
 from ..jobs.worker import Worker
@@ -63,23 +63,25 @@ class AppState:
         s = self.settings
         return Limits(s.max_width, s.max_height, s.max_steps, s.max_images, s.max_prompt_tokens)
 
-    def submit(self, request: GenerationRequest, client: str, dedup: Dedup | None = None, caller: Caller = OPEN) -> Job:
+    def submit(self, request: JobRequest, client: str, dedup: Dedup | None = None, caller: Caller = OPEN) -> Job:
         """Check the server's limits, persist the job of `caller` (or attach to the one `dedup` names, which is
         the caller's own: its fingerprint names the key), wake the worker.
 
         Raises:
-            InvalidRequest: a field over this server's caps, a `clip_skip` deeper than its text encoders, or a
+            InvalidRequest: a field over this server's caps, a `clip_skip` deeper than its text encoders, a
                 LoRA that is unknown, unreadable or made for another model (only names from the LoRA folder: no
-                paths over HTTP).
+                paths over HTTP), or an upscaler that is not in the upscaler folder or cannot be used.
             QueueFull: the queue is at `max_queue`, or the caller's jobs at its share of it.
             IdempotencyConflict: an Idempotency-Key reused for a different request.
             StoreUnavailable: the job store or the image disk fails now (503, or 507 for a full disk).
         """
-        enforce_limits(request, self.limits)
         check_images(request)
-        self.service.resolve_models(request, allow_paths=False)
-        self.service.check_loras(request, allow_paths=False)
-        self.service.check_clip_skip(request)
+        if isinstance(request, GenerationRequest):
+            enforce_limits(request, self.limits)
+            self.service.resolve_models(request, allow_paths=False)
+            self.service.check_loras(request, allow_paths=False)
+            self.service.check_clip_skip(request)
+        self.service.check_upscalers(request)
         if self.worker is not None and not self.worker.output_works():  # probed now: freed space counts at once
             problem = self.worker.output_fault
             full = problem is not None and is_disk_full(problem)

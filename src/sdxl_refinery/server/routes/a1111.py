@@ -159,6 +159,7 @@ def a1111_info(job: Job) -> str:
     models = metadata.get("models", {})
     seeds = result.get("seeds", [])
     request = job.request
+    assert isinstance(request, GenerationRequest)  # txt2img and img2img jobs only
     count = len(seeds)
     infotexts = [a1111_parameters(metadata, index) for index in range(count)] if "request" in metadata else []
     started = time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created))

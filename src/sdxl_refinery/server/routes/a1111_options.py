@@ -64,14 +64,6 @@ def embeddings(_: Authorized) -> dict[str, dict[str, Any]]:
     return {"loaded": {}, "skipped": {}}
 
 
-@router.get("/sdapi/v1/upscalers")
-def upscalers(_: Authorized) -> list[dict[str, Any]]:
-    """Hires fix's pixel upscalers: Lanczos and Nearest (no model files: ESRGAN and the like are not installed)."""
-    pixel = [upscaler for upscaler in HiresUpscaler if not upscaler.in_latent_space]
-    return [{"name": upscaler.value, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for upscaler in pixel]  # fmt: skip
-
-
 @router.get("/sdapi/v1/latent-upscale-modes")
 def latent_upscale_modes(_: Authorized) -> list[dict[str, str]]:
     """Hires fix's latent upscalers, by A1111's names."""
