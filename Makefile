@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
+	# spandrel (upscaler models) without its torchvision requirement: PyPI's torchvision is a CUDA build that
+	# fails to import beside the CPU torch (pyproject.toml, the `upscalers` extra).
+	$(PY) -m pip install -q --no-deps 'spandrel>=0.4.1'
 	touch $@
 
 install: $(VENV)/.installed

@@ -281,18 +281,18 @@ def test_info_prints_parameters_and_metadata(tiny_pair: tuple[Path, Path], tmp_p
 def test_progress_bars_time_each_stage_from_its_own_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """30 refiner steps in 145 s read about 0.21 it/s (not the whole run's rate), and a one-step stage
     shows its time, not 0:00:00."""
-    from sdxl_refinery import cli
+    from sdxl_refinery import cli_common as cli
     from sdxl_refinery.request import Progress
 
     clock = iter([10.0, 155.0, 1.5])
     monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
-    bars = cli._ProgressBar()
+    bars = cli.ProgressBar()
     bars(Progress(1, 50, 50, elapsed=10.0, eta=145.0))  # the base's 50 steps took the first 10 s
     bars(Progress(2, 30, 30, elapsed=155.0, eta=0.0))  # the refiner's 30 took the next 145 s
     base, refiner = (task.fields for task in bars.bar.tasks)
     assert (base["rate"], base["elapsed"]) == ("5.00 it/s", "0:00:10.0")
     assert (refiner["rate"], refiner["elapsed"]) == ("0.21 it/s", "0:02:25")
-    one_step = cli._ProgressBar()
+    one_step = cli.ProgressBar()
     one_step(Progress(1, 1, 1, elapsed=1.5, eta=0.0))  # a one-step run, 1.5 s in
     assert one_step.bar.tasks[0].fields["elapsed"] == "0:00:01.5"
 

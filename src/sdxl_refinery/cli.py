@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import os
 import re
 import secrets
@@ -25,27 +24,23 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import admin
 from .cli_admin import doctor, export, load_settings, loras_app, models_app
+from .cli_common import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, ProgressBar, console
+from .cli_common import configure_logging as _configure_logging
+from .cli_common import fail as _fail
+from .cli_common import parse_size as _parse_size
 from .cli_errors import check_output, flag_message
+from .cli_upscale import upscale
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .fields import FieldSpec
 from .input_images import InputImage
 from .png import read_metadata
 from .request import MAX_SEED, REQUEST_FIELDS, CancelToken, GenerationRequest
-from .request import Progress as StepProgress
 from .service import ImageService
 
 app = typer.Typer(help="Refinery: SDXL base + refiner, every image, CPU and GPU.", no_args_is_help=True)
-console = Console(stderr=True)
-EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
 
 
 def _print_cause(error: BaseException) -> None:
@@ -59,13 +54,6 @@ def _printable(text: str) -> str:
     """`text` with control characters other than newline and tab shown as escapes (`\\x1b`), never sent raw."""
     return "".join(char if char in "\n\t" or unicodedata.category(char) != "Cc" else repr(char)[1:-1]
                    for char in text)  # fmt: skip
-
-
-def _parse_size(size: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
-    if not match:
-        raise InvalidRequest("size", f"must be WIDTHxHEIGHT, e.g. 1024x1024, not {size!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -124,15 +112,6 @@ def _recorded_image(name: str, flag: str, summary: dict[str, Any], path: Path | 
     return path
 
 
-def _configure_logging(verbose: bool) -> None:
-    """Our stage lines with -v; the libraries' load-time chatter only when it is an error."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", force=True)
-    for noisy in ("diffusers", "transformers", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-        # transformers and diffusers reset their loggers' levels when first imported, from these variables.
-        os.environ.setdefault(f"{noisy.upper()}_VERBOSITY", "error")
-
-
 def _print_version(asked: bool) -> None:
     if asked:
         from importlib.metadata import version
@@ -152,51 +131,11 @@ def _main(
     _configure_logging(verbose=False)
 
 
-class _ProgressBar:
-    """A rich progress bar fed from the engine thread: stage, step, it/s, ETA."""
-
-    def __init__(self) -> None:
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("{task.fields[elapsed]}"),  # the stage's own time, from its start (not the bar's first draw)
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        self._tasks: dict[int, Any] = {}
-        self._stage_start: dict[int, float] = {}
-        self._last_report: float | None = None
-
-    def __call__(self, progress: StepProgress) -> None:
-        now = time.perf_counter()
-        if progress.stage not in self._tasks:
-            label = "Stage 1/2 base" if progress.stage == 1 else "Stage 2/2 refiner"
-            self._tasks[progress.stage] = self.bar.add_task(label, total=progress.total, rate="", elapsed="")
-            # A stage starts where the previous one ended; the first where the run started.
-            self._stage_start[progress.stage] = self._last_report or now - progress.elapsed
-        self._last_report = now
-        elapsed = now - self._stage_start[progress.stage]
-        rate = f"{progress.step / elapsed:.2f} it/s" if elapsed > 0 else ""
-        self.bar.update(self._tasks[progress.stage], completed=progress.step, rate=rate,
-                        elapsed=_clock(elapsed))  # fmt: skip
-
-
-def _clock(seconds: float) -> str:
-    """H:MM:SS, with tenths under a minute so a one-step stage does not read 0:00:00."""
-    if seconds < 60:
-        return f"0:00:{seconds:04.1f}"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
-
-
 async def _run_with_interrupt(service: ImageService, request: GenerationRequest, output: Path) -> Any:
     token = CancelToken()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, token.cancel)
-    bar = _ProgressBar()
+    bar = ProgressBar()
     try:
         with bar.bar:
             return await service.generate(request, output_path=output, on_progress=bar, cancel=token)
@@ -216,7 +155,8 @@ def _option_help(spec: FieldSpec) -> str:
     default = spec.default.value if isinstance(spec.default, Enum) else spec.default
     parts = [_in_flags(spec.description)]
     if spec.choices:
-        parts.append(f"One of {', '.join(spec.choices)}.")
+        other = ", or an upscaler model's name (refinery upscale --list)" if spec.open_choices else ""
+        parts.append(f"One of {', '.join(spec.choices)}{other}.")
     if spec.bounds_text():
         parts.append(f"Range {spec.bounds_text()}.")
     if default not in (None, "") and spec.kind is not bool:
@@ -446,7 +386,6 @@ def worker(
     ] = None,
 ) -> None:
     """Run jobs from the Celery queue on one device: one process per device (`--device cuda:0`, `cuda:1`, ...)."""
-    import os
     import socket
 
     from .jobs.celery_worker import run_worker
@@ -485,6 +424,7 @@ def status(
 
 app.add_typer(models_app, name="models")
 app.add_typer(loras_app, name="loras")
+app.command()(upscale)
 app.command()(doctor)
 app.command()(export)
 

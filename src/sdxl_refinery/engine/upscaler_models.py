@@ -116,7 +116,10 @@ def load_upscaler(path: Path) -> Any:
         UnusableUpscaler: unreadable, an architecture spandrel does not know, or a model that does not upscale.
     """
     state_dict = read_state_dict(path)
-    spandrel = _spandrel()
+    try:
+        spandrel = _spandrel()
+    except ImportError:
+        raise UnusableUpscaler("spandrel is not installed (pip install 'sdxl-refinery[upscalers]')") from None
     try:
         model = spandrel.ModelLoader(device="cpu").load_from_state_dict(state_dict)
     except spandrel.UnsupportedModelError:
@@ -185,7 +188,7 @@ def upscale_tiled(
         Cancelled: the token was cancelled.
     """
     scale = int(model.scale)
-    rgb = np.asarray(image.convert("RGB"))
+    rgb = np.array(image.convert("RGB"))  # a copy: torch wants writable memory
     height, width = rgb.shape[:2]
     source = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
     out = np.empty((height * scale, width * scale, 3), dtype=np.uint8)

@@ -101,14 +101,25 @@ class Upscalers:
         with self._lock:
             model = self._loaded.pop(entry.path, None)
             if model is None:
-                try:
-                    model = load_upscaler(entry.path).to(self.device)
-                except UnusableUpscaler as error:  # replaced by another file since it was listed
-                    raise InvalidRequest("upscaler", f"upscaler {name!r} cannot be used: {error}") from None
+                model = self._load(name, entry.path)
             self._loaded[entry.path] = model
             while len(self._loaded) > LOADED_MODELS:
                 self._loaded.popitem(last=False)
             return model
+
+    def _load(self, name: str, path: Path) -> Any:
+        """The model on this device. accelerate's `init_empty_weights` (model inventories, diffusers' loads) patches
+        module construction for every thread while it runs: a model built then holds meta tensors, so it is
+        built again."""
+        for _ in range(MAX_MODEL_PASSES):
+            try:
+                model = load_upscaler(path)
+            except UnusableUpscaler as error:  # replaced by another file since it was listed
+                raise InvalidRequest("upscaler", f"upscaler {name!r} cannot be used: {error}") from None
+            if not any(parameter.is_meta for parameter in model.model.parameters()):
+                return model.to(self.device)
+        raise InvalidRequest("upscaler", f"upscaler {name!r} could not be built while other models were being "
+                                         "planned; try again")  # fmt: skip
 
     # -- running -----------------------------------------------------------------------------------------
     def _dtype(self, model: Any) -> torch.dtype:

@@ -167,7 +167,7 @@ class AppState:
         if brief:
             view["brief"] = True
             for name in ("prompt", "negative_prompt"):
-                text = view["request"][name]
+                text = view["request"].get(name) or ""  # an upscale job has no words
                 if len(text) > LISTED_PROMPT_CHARS:
                     view["request"][name] = text[:LISTED_PROMPT_CHARS] + "…"
             if view["result"] is not None and "metadata" in view["result"]:
