@@ -319,3 +319,24 @@ def test_generate_help_is_grouped_by_what_each_option_controls(tiny_pair: tuple[
     hires = done.stdout[done.stdout.index("─ Hires fix ─") : done.stdout.index("─ Device ─")]
     assert "--hires-scale" in hires and "--guidance " not in hires
     assert "hr_resize_x" not in done.stdout and "--hires-width/--hires-height" in " ".join(done.stdout.split())
+
+
+def test_upscale_with_a_model_writes_the_png_and_refuses_unknown_names(
+    tiny_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from tests.upscaler_files import write_tiny_esrgan
+
+    folder = tmp_path / "upscalers"
+    write_tiny_esrgan(folder / "tiny-4x.safetensors")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "in.png")
+    done = _run(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "big.png"), "--model", "tiny-4x"],
+                tiny_pair, REFINERY_UPSCALER_DIR=str(folder))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert Image.open(tmp_path / "big.png").size == (160, 120)  # the model's own factor when --scale is not given
+    assert "Postprocess upscaler: tiny-4x" in Image.open(tmp_path / "big.png").info["parameters"]
+    listed = _run(["upscale", "--list"], tiny_pair, REFINERY_UPSCALER_DIR=str(folder))
+    assert listed.stdout.strip() == "tiny-4x\tESRGAN x4"
+    refused = _run(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "x.png"), "--model", "4x-Nope"],
+                   tiny_pair, REFINERY_UPSCALER_DIR=str(folder))  # fmt: skip
+    assert refused.returncode == 2 and "--model: no upscaler '4x-Nope'" in refused.stderr.replace("\n", "")
+    assert not (tmp_path / "x.png").exists()

@@ -104,7 +104,11 @@ def test_hires_fix_as_sillytavern_sends_it(real: RunningServer) -> None:
     assert decoded(answer.json()["images"][0]).size == (80, 80)
     listed = requests.get(real.url + "/sdapi/v1/latent-upscale-modes").json()
     assert {"name": "Latent (nearest-exact)"} in listed
-    assert [row["name"] for row in requests.get(real.url + "/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    assert [row["name"] for row in requests.get(real.url + "/sdapi/v1/upscalers").json()] == [
+        "None",
+        "Lanczos",
+        "Nearest",
+    ]
 
 
 def _openai(server: RunningServer) -> openai.OpenAI:
