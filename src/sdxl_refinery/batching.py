@@ -21,6 +21,7 @@ from .results import CancelToken, ProgressCallback
 from .upscale_request import UpscaleRequest
 
 if TYPE_CHECKING:
+    from .embeddings import EmbeddingFile
     from .loras import LoraFile
     from .request import GenerationRequest
 
@@ -96,8 +97,9 @@ class RunItem:
 
 @dataclass
 class Run:
-    """What the engine runs in one go: one or more requests of one batch key, and their LoRAs (equal for all,
-    since they are part of the key), as checked files with weights."""
+    """What the engine runs in one go: one or more requests of one batch key, their LoRAs (equal for all,
+    since they are part of the key), as checked files with weights, and the embeddings their prompts use."""
 
     items: list[RunItem]
     loras: list[tuple[LoraFile, float]] = field(default_factory=list)
+    embeddings: list[EmbeddingFile] = field(default_factory=list)  # every one any of the items' prompts uses

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     lora_dir: Path | None = None  # LoRA .safetensors files; default <data_dir>/loras
     models_dir: Path | None = None  # checkpoints chosen per request by name; default <data_dir>/models
     upscaler_dir: Path | None = None  # upscaler models (ESRGAN and kin); default <data_dir>/upscalers
+    embeddings_dir: Path | None = None  # SDXL textual-inversion embeddings; default <data_dir>/embeddings
     max_loaded_pairs: int = Field(1, ge=1, le=8)  # base + refiner pairs kept loaded; the oldest goes first
     api_key: str | None = None  # the single key of a private server: sees everything (an admin key)
     api_keys_file: Path | None = None  # named keys of a shared server, each seeing its own jobs (server/keys.py)
@@ -137,6 +138,10 @@ class Settings(BaseSettings):
     def upscalers_folder(self) -> Path:
         """Where upscaler models are found by name: `upscaler_dir`, else `<data_dir>/upscalers`."""
         return self.upscaler_dir if self.upscaler_dir is not None else self.data_dir / "upscalers"
+
+    def embeddings_folder(self) -> Path:
+        """Where embeddings are found by name: `embeddings_dir`, else `<data_dir>/embeddings`."""
+        return self.embeddings_dir if self.embeddings_dir is not None else self.data_dir / "embeddings"
 
     def speed(self) -> SpeedOptions:
         """The speed options these settings ask for."""

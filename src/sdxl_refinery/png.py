@@ -51,6 +51,9 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
     fields: list[tuple[str, Any]] = [(label, values.pop(label, None)) for label in _A1111_ORDER]
     fields += [("Model hash", models.get("base_hash")), ("Model", models.get("base"))]
     fields += [("Lora hashes", _lora_hashes(metadata.get("loras") or []))]
+    fields += [
+        ("TI hashes", ", ".join(f"{ti['name']}: {ti['hash']}" for ti in metadata.get("embeddings") or []) or None)
+    ]
     fields += [(label, _image_hash(request.get(name))) for name, label in _IMAGE_LABELS]
     if metadata["refined"]:
         fields += [("Refiner", models.get("refiner")), ("Refiner hash", models.get("refiner_hash"))]

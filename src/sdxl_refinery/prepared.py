@@ -4,11 +4,12 @@ result and PNGs once the engine has run."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .batching import BatchCall, Enlarge, RunItem
+from .embeddings import EmbeddingFile
 from .loras import LoraFile
 from .png import numbered_paths, write_png
 from .request import GenerationRequest
@@ -30,6 +31,7 @@ class PreparedCall:
     models: tuple[str | None, str | None]
     loras: list[tuple[LoraFile, float]]
     hires_enlarge: Enlarge | None = None
+    embeddings: list[EmbeddingFile] = field(default_factory=list)  # those its prompt and negative prompt use
 
     def item(self) -> RunItem:
         call = self.call
@@ -65,6 +67,7 @@ def finish_call(entry: PreparedCall, output: EngineOutput, engine: RunsRequests)
         optimizations=engine.optimizations,
         interrupted=output.interrupted,
         loras=[{"name": lora.name, "weight": weight, "hash": lora.short_hash} for lora, weight in loras],
+        embeddings=[{"name": embedding.name, "hash": embedding.short_hash} for embedding in entry.embeddings],
     )
     if entry.call.output_path is not None:
         entry.call.cancel.raise_if_cancelled()

@@ -107,6 +107,7 @@ class GenerationResult:
         interrupted: the run was interrupted (`CancelToken.interrupt`): the images are the latents as they
             stood, after `base_steps` + `refiner_steps` steps.
         loras: the LoRAs applied to the base model: name, weight and A1111's 12-digit hash of each.
+        embeddings: the textual-inversion embeddings its prompts used: name and 12-digit hash of each.
     """
 
     images: list[Image.Image]
@@ -127,6 +128,7 @@ class GenerationResult:
     optimizations: list[str] = field(default_factory=list)
     interrupted: bool = False
     loras: list[dict[str, Any]] = field(default_factory=list)
+    embeddings: list[dict[str, Any]] = field(default_factory=list)
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the pixels, as plain JSON-able data."""
@@ -147,4 +149,5 @@ class GenerationResult:
             "optimizations": list(self.optimizations),
             "interrupted": self.interrupted,
             "loras": [dict(lora) for lora in self.loras],
+            "embeddings": [dict(embedding) for embedding in self.embeddings],
         }

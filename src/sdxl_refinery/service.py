@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import model_facts
 from .batching import BatchCall, Enlarge, Run, batch_key
 from .config import Settings
+from .embeddings import EmbeddingFolder
 from .engine.catalog import ModelFolder
 from .errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError, StorageError
 from .loras import LoraFile, LoraFolder
@@ -99,6 +100,7 @@ class ImageService:
         models_dir: Path | None = None,
         max_loaded_pairs: int = 1,
         upscaler_dir: Path | None = None,
+        embeddings_dir: Path | None = None,
     ) -> None:
         if base_model is None or refiner_model is None:
             # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
@@ -113,6 +115,7 @@ class ImageService:
         self.lora_folder = LoraFolder(lora_dir)
         self.models_folder = ModelFolder(models_dir)
         self.upscaler_dir = upscaler_dir
+        self.embedding_folder = EmbeddingFolder(embeddings_dir)
         self._upscalers: Upscalers | None = None
         self._engine: RunsRequests | None = None  # the engine of the latest run (or load)
         self._pairs = LoadedPairs(max_loaded_pairs, self._room_for, self._released)
@@ -126,7 +129,7 @@ class ImageService:
         return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision, settings.speed(),
                    lora_dir=settings.loras_folder(), models_dir=settings.models_folder(),
                    max_loaded_pairs=settings.max_loaded_pairs,
-                   upscaler_dir=settings.upscalers_folder())  # fmt: skip
+                   upscaler_dir=settings.upscalers_folder(), embeddings_dir=settings.embeddings_folder())  # fmt: skip
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -325,7 +328,8 @@ class ImageService:
         models = self.resolve_models(request, call.allow_paths)
         loras = self.check_loras(request, call.allow_paths)
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
-        return PreparedCall(call, seeds, models, loras, self._hires_enlarge(request))
+        embeddings = self.embedding_folder.used_by(request.encoded_prompt, request.negative_prompt)
+        return PreparedCall(call, seeds, models, loras, self._hires_enlarge(request), embeddings)
 
     def _generate_sync(self, ready: list[PreparedCall]) -> list[GenerationResult | RefineryError]:
         """On the engine thread: one engine run for the calls not yet cancelled, then each call's result."""
@@ -341,7 +345,8 @@ class ImageService:
         for entry in live:
             self._log_plan(entry.item().request, engine)
         try:
-            ran = iter(engine.run(Run([entry.item() for entry in live], live[0].loras)))
+            embeddings = list({e.name: e for entry in live for e in entry.embeddings}.values())
+            ran = iter(engine.run(Run([entry.item() for entry in live], live[0].loras, embeddings)))
         except RefineryError as error:
             if len(ready) == 1:
                 raise

@@ -34,7 +34,9 @@ class HandDriven:
         for pipe in (self.base, self.refiner):
             pipe.set_progress_bar_config(disable=True)
 
-    def render(self, request: GenerationRequest, seeds: list[int]) -> np.ndarray:
+    def render(
+        self, request: GenerationRequest, seeds: list[int], prompt: str = PROMPT, negative_prompt: str | None = None
+    ) -> np.ndarray:
         for pipe, config, (sampler, schedule) in (
             (self.base, self.configs[0], (request.sampler, request.scheduler)),
             (self.refiner, self.configs[1], request.refiner_sampling),
@@ -45,7 +47,8 @@ class HandDriven:
         common: dict[str, Any] = {"guidance_scale": request.guidance_scale, "generator": generators}
         handoff = request.mode.value == "handoff"
         latents = self.base(
-            **common, prompt=PROMPT, num_images_per_prompt=len(seeds), num_inference_steps=request.num_inference_steps,
+            **common, prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=len(seeds),
+            num_inference_steps=request.num_inference_steps,
             denoising_end=request.switch_at if handoff else None, output_type="latent", **SIZE,
         ).images  # fmt: skip
         if handoff:
@@ -53,7 +56,9 @@ class HandDriven:
                                      "denoising_start": request.switch_at}  # fmt: skip
         else:
             steps = {"num_inference_steps": round(request.refiner_steps / 0.3), "strength": 0.3}
-        images = self.refiner(**common, prompt=[PROMPT] * len(seeds), image=latents, output_type="np", **steps).images
+        negatives = None if negative_prompt is None else [negative_prompt] * len(seeds)
+        images = self.refiner(**common, prompt=[prompt] * len(seeds), negative_prompt=negatives, image=latents,
+                              output_type="np", **steps).images  # fmt: skip
         return (np.asarray(images) * 255).round()
 
 

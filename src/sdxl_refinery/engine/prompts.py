@@ -34,6 +34,10 @@ def tokenize_weighted(tokenizer: Any, text: str) -> tuple[list[int], list[float]
     return ids, weights
 
 
+def _unchanged(text: str) -> str:
+    return text
+
+
 @dataclass
 class Conditioning:
     """What the UNet is conditioned on, for the prompt and the negative prompt."""
@@ -74,6 +78,9 @@ class PromptEncoder:
     def __init__(self, tokenizers: list[Any], encoders: list[Any]) -> None:
         self.tokenizers = tokenizers
         self.encoders = encoders
+        # What a prompt becomes before tokenizing: embeddings' names written out as their vector tokens while a
+        # run has embeddings (engine/embedding_vectors.py), else the text itself.
+        self.expand: Callable[[str], str] = _unchanged
 
     def _chunks(
         self, tokenizer: Any, ids: list[int], weights: list[float], count: int
@@ -98,6 +105,7 @@ class PromptEncoder:
         """
         per_encoder = []
         pooled = torch.empty(0)
+        text = self.expand(text)
         for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
             ids, weights = tokenize_weighted(tokenizer, text)
             states = []
@@ -119,6 +127,7 @@ class PromptEncoder:
 
     def chunk_count(self, text: str) -> int:
         """Chunks of 75 tokens the longest tokenization of `text` needs (at least 1)."""
+        text = self.expand(text)
         longest = max(len(tokenize_weighted(tokenizer, text)[0]) for tokenizer in self.tokenizers)
         return max(1, math.ceil(longest / CHUNK))
 

@@ -27,6 +27,7 @@ from ..steps import StagePlan, plan_steps, require_both_stages
 from .decode import decode_pass, decode_pixels, to_images
 from .device import Placement
 from .edits import EditPipelines, inpaint_inputs, is_inpainting_unet, masked_image_latents, upscale, vae_dtype_kept
+from .embedding_vectors import EmbeddingMismatch, embeddings_applied
 from .image_prep import EditInputs
 from .loader import LoadedPair, pair_modules
 from .lora_weights import LoraMismatch, LoraWeights
@@ -118,12 +119,15 @@ class TwoStageRunner:
         if is_inpainting_unet(self.pair.base.unet) and request.init_image is None:
             raise InvalidRequest("init_image", "the base model is an inpainting checkpoint (9 input channels): it "
                                                "needs an init_image to paint into")  # fmt: skip
-        # 2. The run's LoRAs, loaded (cached) and applied; taken out exactly when the run ends.
+        # 2. The run's LoRAs (loaded, cached) and embeddings, applied; taken out exactly when the run ends.
+        prompt_encoders = [self.base_prompts, self.refiner_prompts]
         try:
-            with self.lora_weights.applied(run.loras):
+            with self.lora_weights.applied(run.loras), embeddings_applied(prompt_encoders, run.embeddings):
                 return self._run_passes(run, plan)
         except LoraMismatch as error:
             raise InvalidRequest("loras", str(error)) from error
+        except EmbeddingMismatch as error:
+            raise InvalidRequest("prompt", str(error)) from error
 
     def _run_passes(self, run: Run, plan: StagePlan) -> list[Outcome]:
         """Requests whose prompts encode to the same length share a pass (a longer prompt's extra 77-token

@@ -59,9 +59,28 @@ def cmd_flags(state: State, _: Authorized) -> dict[str, Any]:
 
 
 @router.get("/sdapi/v1/embeddings")
-def embeddings(_: Authorized) -> dict[str, dict[str, Any]]:
-    """Textual inversion embeddings: none are loaded."""
-    return {"loaded": {}, "skipped": {}}
+def embeddings(state: State, _: Authorized) -> dict[str, dict[str, Any]]:
+    """The embeddings folder as A1111 lists it: SDXL embeddings `loaded` (shape: the two widths together,
+    vectors), the others `skipped` (SD 1.x/2.x ones, and files that cannot be read)."""
+    usable, unusable = state.service.embedding_folder.scan()
+    loaded = {
+        embedding.name: {
+            "step": None,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+            "shape": sum(embedding.widths),
+            "vectors": embedding.vectors,
+        }
+        for embedding in usable
+    }
+    skipped = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                      "vectors": None, "reason": reason} for name, reason in unusable.items()}  # fmt: skip
+    return {"loaded": loaded, "skipped": skipped}
+
+
+@router.post("/sdapi/v1/refresh-embeddings")
+def refresh_embeddings(_: Authorized) -> None:
+    """A1111 rescans its embeddings folder here; Refinery reads the folder on every request: nothing to do."""
 
 
 @router.get("/sdapi/v1/latent-upscale-modes")
