@@ -566,3 +566,27 @@ def test_the_advanced_panel_is_grouped_and_shows_sections_when_they_apply(web: R
     assert p.is_visible("#mask_blur") and p.is_visible("#resize_mode")
     p.click("#clear-init")
     assert not p.is_visible("#mask_blur")
+
+
+def test_hires_fix_offers_the_upscaler_models_of_the_folder(
+    server_factory: ServerFactory, page: Page, fake: tuple[object, FakeEngine], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from sdxl_refinery.engine.upscaling import Upscalers
+    from tests.upscaler_files import write_tiny_esrgan
+
+    write_tiny_esrgan(tmp_path / "upscalers" / "tiny-4x.safetensors")
+    monkeypatch.setattr(fake[0], "_upscalers", Upscalers(tmp_path / "upscalers", "cpu"))
+    with server_factory() as web:
+        p = page
+        p.goto(web.url + "/")
+        p.wait_for_selector("#app:not([hidden])")
+        fill_small_job(p, prompt="a tall tower")
+        p.check("#enable_hr")
+        p.wait_for_selector("#hr_upscaler option[value='tiny-4x']", state="attached")
+        assert p.inner_text("#hr_upscaler option[value='tiny-4x']") == "tiny-4x (ESRGAN ×4)"
+        p.select_option("#hr_upscaler", "tiny-4x")
+        p.click("#submit")
+        poll(lambda: web.client.get("/v1/jobs").json()["total"] == 1, "the job")
+        request = web.client.get("/v1/jobs").json()["items"][0]["request"]
+        assert (request["enable_hr"], request["hr_upscaler"]) == (True, "tiny-4x")

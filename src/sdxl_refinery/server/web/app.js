@@ -121,7 +121,7 @@ async function start() {
   if (!state.schema) applySchema(await schema.json());
   $("#key-panel").hidden = true;
   $("#app").hidden = false;
-  await Promise.all([loadGallery(), resumeActiveJobs(), loadLoras(), loadCheckpoints()]);
+  await Promise.all([loadGallery(), resumeActiveJobs(), loadLoras(), loadCheckpoints(), loadUpscalers()]);
 }
 
 // ---------------------------------------------------------------- the form
@@ -547,6 +547,23 @@ async function loadCheckpoints() {
   fill($("#base-model"), ["base", "inpainting"], own.base);
   fill($("#refiner-model"), ["refiner"], own.refiner);
   $("#model-row").hidden = checkpoints.length === 0;
+}
+
+// ---------------------------------------------------------------- upscaler models
+
+// Hires fix may enlarge by an upscaler model of the server's folder (GET /v1/upscalers): listed after the
+// built-in choices of the Hires upscaler field.
+async function loadUpscalers() {
+  const select = $("#hr_upscaler");
+  if (!select) return;
+  const response = await api("/v1/upscalers");
+  if (!response.ok) return;
+  const { models } = await response.json();
+  for (const model of models) {
+    if (![...select.options].some((option) => option.value === model.name)) {
+      select.add(new Option(`${model.name} (${model.architecture} ×${model.scale})`, model.name));
+    }
+  }
 }
 
 // ---------------------------------------------------------------- LoRAs
