@@ -8,7 +8,6 @@ A face: it parses flags into `Settings` and a `GenerationRequest`, talks to
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import re
 import secrets
@@ -16,9 +15,7 @@ import signal
 import sys
 import time
 import traceback
-import typing
 import unicodedata
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,12 +29,12 @@ from .cli_common import configure_logging as _configure_logging
 from .cli_common import fail as _fail
 from .cli_common import parse_size as _parse_size
 from .cli_errors import check_output, flag_message
+from .cli_options import with_request_options
 from .cli_upscale import upscale
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
-from .fields import FieldSpec
 from .input_images import InputImage
 from .png import read_metadata
-from .request import MAX_SEED, REQUEST_FIELDS, CancelToken, GenerationRequest
+from .request import MAX_SEED, CancelToken, GenerationRequest
 from .service import ImageService
 
 app = typer.Typer(help="Refinery: SDXL base + refiner, every image, CPU and GPU.", no_args_is_help=True)
@@ -141,59 +138,6 @@ async def _run_with_interrupt(service: ImageService, request: GenerationRequest,
             return await service.generate(request, output_path=output, on_progress=bar, cancel=token)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
-
-
-def _in_flags(text: str) -> str:
-    """A field description in the command line's words: each field it names as the flag that sets it."""
-    flags = {spec.name: spec.faces.cli.split("/")[0] for spec in REQUEST_FIELDS if spec.faces.cli}
-    text = text.replace("hr_resize_x/y", "--hires-width/--hires-height")
-    return re.sub(r"\b[a-z][a-z_]*_[a-z_]+\b", lambda match: flags.get(match.group(0), match.group(0)), text)
-
-
-def _option_help(spec: FieldSpec) -> str:
-    """A generated option's help: the field's description, default and rule, from the request table."""
-    default = spec.default.value if isinstance(spec.default, Enum) else spec.default
-    parts = [_in_flags(spec.description)]
-    if spec.choices:
-        other = ", or an upscaler model's name (refinery upscale --list)" if spec.open_choices else ""
-        parts.append(f"One of {', '.join(spec.choices)}{other}.")
-    if spec.bounds_text():
-        parts.append(f"Range {spec.bounds_text()}.")
-    if default not in (None, "") and spec.kind is not bool:
-        parts.append(f"Default {default}.")
-    return " ".join(parts)
-
-
-_REFINER_FIELDS = {"mode", "switch_at", "use_refinement", "aesthetic_score", "negative_aesthetic_score"}
-_IMAGE_FIELDS = {"init_image", "strength", "resize_mode", "inpainting_fill"}
-
-
-def _panel(name: str) -> str:
-    """Which `--help` panel a request field's option sits in: what it controls."""
-    if name.startswith("refiner_") or name in _REFINER_FIELDS:
-        return "Refiner"
-    if name in _IMAGE_FIELDS or name.startswith(("mask", "inpaint")):
-        return "From an image (img2img, inpainting)"
-    if name.startswith("hr_") or name == "enable_hr":
-        return "Hires fix"
-    return "Sampling"
-
-
-def _request_parameters() -> list[inspect.Parameter]:
-    """One typer option per request field that has a CLI name: the same table every face reads."""
-    parameters = []
-    for spec in REQUEST_FIELDS:
-        if spec.faces.cli is None:
-            continue
-        kind: type = str if spec.choices else spec.kind  # enums are checked by the request, naming the field
-        if kind not in (str, int, float, bool):  # an image field: a file on this machine
-            kind = Path
-        names = [spec.faces.cli, *([spec.faces.cli_short] if spec.faces.cli_short else [])]
-        option = typer.Option(*names, help=_option_help(spec), show_default=False, rich_help_panel=_panel(spec.name))
-        annotation = Annotated[kind | None, option]  # type: ignore[valid-type]
-        parameters.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                            annotation=annotation))  # fmt: skip
-    return parameters
 
 
 _DEVICE, _MODELS, _OUTPUT = "Device", "Models and LoRAs", "Output"
@@ -318,18 +262,7 @@ def _parse_lora(text: str) -> dict[str, Any]:
         raise InvalidRequest("loras", f"--lora {text}: the weight after ':' must be a number") from None
 
 
-def _with_request_options(command: Any) -> Any:
-    """`command`'s signature with the request table's options added (typer reads the signature)."""
-    hints = typing.get_type_hints(command, include_extras=True)  # resolved: this module defers annotations
-    own = [parameter.replace(annotation=hints[parameter.name]) for parameter in inspect.signature(command).parameters
-           .values() if parameter.kind is not inspect.Parameter.VAR_KEYWORD]  # fmt: skip
-    parameters = own[:1] + _request_parameters() + own[1:]
-    command.__signature__ = inspect.Signature(parameters)
-    command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
-    return command
-
-
-app.command("generate")(_with_request_options(_generate))
+app.command("generate")(with_request_options(_generate))
 
 
 @app.command()
