@@ -194,6 +194,16 @@ def _generate(
             rich_help_panel=_MODELS,
         ),
     ] = None,
+    control: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--control",
+            help="A ControlNet unit: MODEL:IMAGE[:WEIGHT[:PREPROCESSOR]], a name from the ControlNet folder, a "
+            "control image file, weight 0..2 (default 1), preprocessor none, canny or invert (default none); "
+            "repeatable.",
+            rich_help_panel=_MODELS,
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show the stage log lines.", rich_help_panel=_OUTPUT)
     ] = False,
@@ -216,6 +226,8 @@ def _generate(
         given.update(fields)
         if lora:
             fields["loras"] = [*fields.get("loras", []), *map(_parse_lora, lora)]
+        if control:
+            fields["controlnets"] = [*fields.get("controlnets", []), *map(_parse_control, control)]
         if "prompt" not in fields:
             raise InvalidRequest("prompt", "is required (or give --from image.png)")
         if fields.get("seed") is None:
@@ -249,6 +261,22 @@ def _generate(
     for path, image_seed in zip(result.paths, result.seeds, strict=True):
         typer.echo(f"{path}  seed={image_seed}")
     typer.echo(f"{len(result.paths)} image(s), {refined}, {result.device} {result.precision}; {timings}")
+
+
+def _parse_control(text: str) -> dict[str, Any]:
+    """`MODEL:IMAGE[:WEIGHT[:PREPROCESSOR]]` as a ControlNet unit of the request (its rules are the request's)."""
+    parts = text.split(":")
+    if len(parts) < 2 or len(parts) > 4 or not parts[0] or not parts[1]:
+        raise InvalidRequest("controlnets", f"--control {text}: give MODEL:IMAGE[:WEIGHT[:PREPROCESSOR]]")
+    unit: dict[str, Any] = {"model": parts[0], "image": Path(parts[1])}
+    if len(parts) > 2 and parts[2]:
+        try:
+            unit["weight"] = float(parts[2])
+        except ValueError:
+            raise InvalidRequest("controlnets", f"--control {text}: the weight must be a number") from None
+    if len(parts) > 3 and parts[3]:
+        unit["preprocessor"] = parts[3]
+    return unit
 
 
 def _parse_lora(text: str) -> dict[str, Any]:

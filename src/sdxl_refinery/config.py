@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     models_dir: Path | None = None  # checkpoints chosen per request by name; default <data_dir>/models
     upscaler_dir: Path | None = None  # upscaler models (ESRGAN and kin); default <data_dir>/upscalers
     embeddings_dir: Path | None = None  # SDXL textual-inversion embeddings; default <data_dir>/embeddings
+    controlnet_dir: Path | None = None  # SDXL ControlNets (diffusers folders); default <data_dir>/controlnet
     max_loaded_pairs: int = Field(1, ge=1, le=8)  # base + refiner pairs kept loaded; the oldest goes first
     api_key: str | None = None  # the single key of a private server: sees everything (an admin key)
     api_keys_file: Path | None = None  # named keys of a shared server, each seeing its own jobs (server/keys.py)
@@ -142,6 +143,10 @@ class Settings(BaseSettings):
     def embeddings_folder(self) -> Path:
         """Where embeddings are found by name: `embeddings_dir`, else `<data_dir>/embeddings`."""
         return self.embeddings_dir if self.embeddings_dir is not None else self.data_dir / "embeddings"
+
+    def controlnets_folder(self) -> Path:
+        """Where ControlNets are found by name: `controlnet_dir`, else `<data_dir>/controlnet`."""
+        return self.controlnet_dir if self.controlnet_dir is not None else self.data_dir / "controlnet"
 
     def speed(self) -> SpeedOptions:
         """The speed options these settings ask for."""

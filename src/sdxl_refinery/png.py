@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from .control import ControlUnit
 from .errors import StorageError
 from .input_images import HASH_LENGTH
 from .request import REQUEST_FIELDS, GenerationRequest
@@ -55,6 +56,8 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
         ("TI hashes", ", ".join(f"{ti['name']}: {ti['hash']}" for ti in metadata.get("embeddings") or []) or None)
     ]
     fields += [(label, _image_hash(request.get(name))) for name, label in _IMAGE_LABELS]
+    fields += [(f"ControlNet {index}", ControlUnit(**unit).a1111_text())
+               for index, unit in enumerate(request.get("controlnets") or [])]  # fmt: skip
     if metadata["refined"]:
         fields += [("Refiner", models.get("refiner")), ("Refiner hash", models.get("refiner_hash"))]
     fields += list(values.items())

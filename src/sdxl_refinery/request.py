@@ -21,10 +21,11 @@ from pydantic import (
     model_validator,
 )
 
+from .control import MAX_CONTROLNETS, ControlUnit
 from .editing import HiresUpscaler, InpaintFill, ResizeMode, hires_size
 from .errors import InvalidRequest
 from .fields import Faces, FieldSpec, field_table
-from .input_images import ImageField, parse_input_image
+from .input_images import ImageField, InputImage, parse_input_image
 from .loras import MAX_LORAS, LoraRef, split_prompt
 
 # The run options live on the ground floor (options.py), progress and results in results.py; re-exported here
@@ -208,6 +209,11 @@ class GenerationRequest(BaseModel):
     ] = Field(HiresUpscaler.LATENT.value, min_length=1, max_length=255, description="How the first pass is "
               "enlarged: in latent space, as pixels (Lanczos, Nearest), or by an upscaler model from the upscaler "
               "folder, by its name.")  # fmt: skip
+    # ControlNet (A1111's ControlNet extension's units): guide the base by edges, depth, pose... maps.
+    controlnets: Annotated[tuple[ControlUnit, ...], Faces(web=False)] = Field(
+        (), max_length=MAX_CONTROLNETS, description="ControlNet units guiding the base: [{model, image, weight, "
+        "guidance_start, guidance_end, control_mode, resize_mode, preprocessor, threshold_a, threshold_b}].",
+    )  # fmt: skip
     hr_second_pass_steps: Annotated[
         int, Faces(cli="--hires-steps", a1111="hr_second_pass_steps", label="Hires steps")
     ] = Field(0, ge=0, le=MAX_STEPS, description="Schedule length of the hires pass (0: num_inference_steps).")
@@ -295,6 +301,22 @@ class GenerationRequest(BaseModel):
         return {**data, "init_image": image, "width": width, "height": height}
 
     @model_validator(mode="after")
+    def _controlnets_fit_the_run(self) -> GenerationRequest:
+        if not self.controlnets:
+            return self
+        if self.enable_hr:
+            raise ValueError("controlnets: not with hires fix yet (the control maps would need the hires size too)")
+        if self.init_image is not None and self.mask_image is None and self.mode is Mode.HANDOFF:
+            raise ValueError("controlnets: image to image with ControlNet runs in sequential mode only (diffusers' "
+                             "ControlNet img2img pipeline cannot hand over mid-schedule)")  # fmt: skip
+        if self.mask_image is not None and self.inpaint_full_res:
+            raise ValueError("controlnets: not with inpaint_full_res (only masked) yet: the maps cover the whole image")
+        if self.guidance_rescale:
+            raise ValueError("controlnets: guidance_rescale is not available with ControlNet (diffusers' ControlNet "
+                             "pipelines do not rescale)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _edits_fit_together(self) -> GenerationRequest:
         if self.mask_image is not None and self.init_image is None:
             raise ValueError("mask_image: needs an init_image to paint into")
@@ -325,7 +347,18 @@ class GenerationRequest(BaseModel):
     @property
     def missing_images(self) -> list[str]:
         """Image fields that hold only a recorded hash (from a PNG's metadata): the image must be given."""
-        return [name for name in ("init_image", "mask_image") if (image := getattr(self, name)) and image.is_reference]
+        missing = [
+            name for name in ("init_image", "mask_image") if (image := getattr(self, name)) and image.is_reference
+        ]
+        return missing + [f"controlnets.{index}.image" for index, unit in enumerate(self.controlnets)
+                          if unit.image is not None and unit.image.is_reference]  # fmt: skip
+
+    def image_at(self, name: str) -> InputImage | None:
+        """The image a `missing_images` name points at (`init_image`, `controlnets.0.image`)."""
+        if name.startswith("controlnets."):
+            return self.controlnets[int(name.split(".")[1])].image
+        image: InputImage | None = getattr(self, name)
+        return image
 
     @model_validator(mode="after")
     def _prompt_lora_tags_are_readable(self) -> GenerationRequest:

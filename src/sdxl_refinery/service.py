@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import model_facts
 from .batching import BatchCall, Enlarge, Run, batch_key
 from .config import Settings
+from .controlnets import ControlNetFolder
 from .embeddings import EmbeddingFolder
 from .engine.catalog import ModelFolder
 from .errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError, StorageError
@@ -101,6 +102,7 @@ class ImageService:
         max_loaded_pairs: int = 1,
         upscaler_dir: Path | None = None,
         embeddings_dir: Path | None = None,
+        controlnet_dir: Path | None = None,
     ) -> None:
         if base_model is None or refiner_model is None:
             # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
@@ -116,6 +118,7 @@ class ImageService:
         self.models_folder = ModelFolder(models_dir)
         self.upscaler_dir = upscaler_dir
         self.embedding_folder = EmbeddingFolder(embeddings_dir)
+        self.controlnet_folder = ControlNetFolder(controlnet_dir)
         self._upscalers: Upscalers | None = None
         self._engine: RunsRequests | None = None  # the engine of the latest run (or load)
         self._pairs = LoadedPairs(max_loaded_pairs, self._room_for, self._released)
@@ -129,7 +132,8 @@ class ImageService:
         return cls(settings.base_model, settings.refiner_model, settings.device, settings.precision, settings.speed(),
                    lora_dir=settings.loras_folder(), models_dir=settings.models_folder(),
                    max_loaded_pairs=settings.max_loaded_pairs,
-                   upscaler_dir=settings.upscalers_folder(), embeddings_dir=settings.embeddings_folder())  # fmt: skip
+                   upscaler_dir=settings.upscalers_folder(), embeddings_dir=settings.embeddings_folder(),
+                   controlnet_dir=settings.controlnets_folder())  # fmt: skip
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -329,7 +333,8 @@ class ImageService:
         loras = self.check_loras(request, call.allow_paths)
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
         embeddings = self.embedding_folder.used_by(request.encoded_prompt, request.negative_prompt)
-        return PreparedCall(call, seeds, models, loras, self._hires_enlarge(request), embeddings)
+        controls = self.check_controlnets(request)
+        return PreparedCall(call, seeds, models, loras, self._hires_enlarge(request), embeddings, controls)
 
     def _generate_sync(self, ready: list[PreparedCall]) -> list[GenerationResult | RefineryError]:
         """On the engine thread: one engine run for the calls not yet cancelled, then each call's result."""
@@ -443,6 +448,15 @@ class ImageService:
         except RefineryError as error:
             return error
 
+    def check_controlnets(self, request: GenerationRequest) -> list[Path]:
+        """The folder of each ControlNet unit's model, checked before any work (names from the folder only).
+
+        Raises:
+            InvalidRequest: field `controlnets.N.model`: unknown, or not a ControlNet for this base, and why.
+        """
+        return [self.controlnet_folder.check(unit.model, f"controlnets.{index}.model", self._context_width())
+                for index, unit in enumerate(request.controlnets)]  # fmt: skip
+
     def check_loras(self, request: GenerationRequest, allow_paths: bool) -> list[tuple[LoraFile, float]]:
         """The request's LoRAs (field and prompt tags), each resolved and checked, before any work.
 
@@ -471,6 +485,10 @@ class ImageService:
         """Layers of the shallowest text encoder: the loaded engine's, else what the references say."""
         loaded: int | None = getattr(self._engine, "encoder_layers", None)
         return loaded if loaded is not None else model_facts.encoder_layers(self.base_model, self.refiner_model)
+
+    def base_context_width(self) -> int:
+        """The base's cross-attention width (2048 for SDXL): what LoRAs and ControlNets must be made for."""
+        return self._context_width()
 
     def _context_width(self) -> int:
         """The base's cross-attention width, which a LoRA must be made for: the loaded engine's, else the

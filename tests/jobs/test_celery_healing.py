@@ -7,6 +7,7 @@ settings (the broker's visibility timeout stays 2 h, so only the heartbeat bound
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
 from collections.abc import Iterator
@@ -25,25 +26,47 @@ pytestmark = pytest.mark.skipif(REDIS is None, reason="Debian's redis-server is 
 SLOW_JOB = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 80, "refiner_steps": 3, "n": 2}
 
 
-@pytest.fixture
-def healing(tmp_path: Path, tiny_pair: tuple[Path, Path]) -> Iterator[tuple[RunningServer, Workers]]:
-    """A fresh cluster per test (each test kills or freezes a worker): one API server, two workers."""
+@contextlib.contextmanager
+def cluster(tmp_path: Path, tiny_pair: tuple[Path, Path], workers_and_arguments: dict[str, tuple[str, ...]],
+            **options: str) -> Iterator[tuple[RunningServer, Workers]]:  # fmt: skip
+    """A Redis, the named workers (with their command-line arguments) and one API server, stopped after."""
     service, _engine = fake_service()
     (tmp_path / "redis").mkdir()
     with redis_server(tmp_path / "redis") as (url, _process):
-        workers = Workers(
-            url, tmp_path / "shared", tmp_path, (str(tiny_pair[0]), str(tiny_pair[1])), visibility_timeout="7200"
-        )  # the default: redelivery by the broker cannot heal in time
-        workers.start("w1")
-        workers.start("w2")
+        workers = Workers(url, tmp_path / "shared", tmp_path, (str(tiny_pair[0]), str(tiny_pair[1])), **options)
+        for name, arguments in workers_and_arguments.items():
+            workers.start(name, *arguments)
         try:
             with run_server(service, tmp_path / "shared", backend="celery", redis_url=url) as server:
-                poll(lambda: len(server.client.get("/v1/workers").json()["workers"]) >= 2, "both workers to report",
-                     interval=0.2)  # fmt: skip
                 yield server, workers
         finally:
             workers.stop_all()
             service.close()
+
+
+def _reported(server: RunningServer, count: int) -> list[dict[str, Any]]:
+    """The workers' reports, once `count` of them report."""
+
+    def enough() -> list[dict[str, Any]] | None:
+        reported: list[dict[str, Any]] = server.client.get("/v1/workers").json()["workers"]
+        return reported if len(reported) >= count else None
+
+    return poll(enough, f"{count} workers to report", interval=0.2)
+
+
+@pytest.fixture
+def healing(tmp_path: Path, tiny_pair: tuple[Path, Path]) -> Iterator[tuple[RunningServer, Workers]]:
+    """A fresh cluster per test (each test kills or freezes a worker): one API server, two workers, and the
+    broker's default visibility timeout (redelivery by the broker cannot heal in time)."""
+    with cluster(tmp_path, tiny_pair, {"w1": (), "w2": ()}, visibility_timeout="7200") as (server, workers):
+        _reported(server, 2)
+        yield server, workers
+
+
+def _slow_job_and_its_worker(server: RunningServer, seed: int) -> tuple[str, str]:
+    """A slow job's id, and the worker running it once it is three steps in."""
+    job_id: str = server.client.post("/v1/jobs", json={**SLOW_JOB, "seed": seed}).json()["id"]
+    return job_id, _running_on(server, job_id)
 
 
 def _running_on(server: RunningServer, job_id: str) -> str:
@@ -60,8 +83,7 @@ def test_a_sigkilled_workers_job_runs_again_on_the_other_within_the_bound(
     healing: tuple[RunningServer, Workers],
 ) -> None:
     server, workers = healing
-    job_id = server.client.post("/v1/jobs", json={**SLOW_JOB, "seed": 5}).json()["id"]
-    victim = _running_on(server, job_id)
+    job_id, victim = _slow_job_and_its_worker(server, 5)
     workers.processes[victim].send_signal(signal.SIGKILL)
     workers.processes[victim].wait(timeout=patience(10))
     done = server.wait_for(job_id, {"succeeded", "failed"})
@@ -74,8 +96,7 @@ def test_a_frozen_worker_that_comes_back_does_not_overwrite_the_new_attempt(
     healing: tuple[RunningServer, Workers],
 ) -> None:
     server, workers = healing
-    job_id = server.client.post("/v1/jobs", json={**SLOW_JOB, "seed": 6}).json()["id"]
-    victim = _running_on(server, job_id)
+    job_id, victim = _slow_job_and_its_worker(server, 6)
     workers.processes[victim].send_signal(signal.SIGSTOP)
     try:
         done = server.wait_for(job_id, {"succeeded", "failed"})
@@ -97,31 +118,17 @@ def test_two_workers_with_explicit_devices_share_one_host(tmp_path: Path, tiny_p
     """Issue 27, item 3: `refinery worker --device cpu` twice on one host (as `--device cuda:0` and `cuda:1` on a
     two-card machine): distinct default names, both report their device, jobs go to both; a third worker
     given a live worker's name is refused."""
-    service, _engine = fake_service()
-    (tmp_path / "redis").mkdir()
-    with redis_server(tmp_path / "redis") as (url, _process):
-        workers = Workers(url, tmp_path / "shared", tmp_path, (str(tiny_pair[0]), str(tiny_pair[1])))
-        workers.start("first", "--device", "cpu")
-        workers.start("second", "--device", "cpu")
-        try:
-            with run_server(service, tmp_path / "shared", backend="celery", redis_url=url) as server:
-
-                def both() -> list[dict[str, Any]] | None:
-                    reported: list[dict[str, Any]] = server.client.get("/v1/workers").json()["workers"]
-                    return reported if len(reported) >= 2 else None
-
-                listed = poll(both, "both workers to report", interval=0.2)
-                assert [worker["device"] for worker in listed] == ["cpu", "cpu"]
-                names = [worker["name"] for worker in listed]
-                assert len(set(names)) == 2 and all("-cpu-" in name for name in names), names
-                jobs = [server.client.post("/v1/jobs", json={**SLOW_JOB, "n": 1, "seed": i}).json()["id"]
-                        for i in range(4)]  # fmt: skip
-                ran_on = {server.wait_for(job_id, {"succeeded"})["worker"] for job_id in jobs}
-                assert ran_on == set(names)
-                assert "Redis runs without its append-only file" in (tmp_path / "first.log").read_text()
-                workers.start("twin", "--device", "cpu", "--name", names[0])
-                assert workers.processes["twin"].wait(timeout=patience(120)) == 1
-                assert f"a live worker is already named {names[0]!r}" in (tmp_path / "twin.log").read_text()
-        finally:
-            workers.stop_all()
-            service.close()
+    with cluster(tmp_path, tiny_pair, {"first": ("--device", "cpu"), "second": ("--device", "cpu")}) as (
+        server, workers,
+    ):  # fmt: skip
+        listed = _reported(server, 2)
+        assert [worker["device"] for worker in listed] == ["cpu", "cpu"]
+        names = [worker["name"] for worker in listed]
+        assert len(set(names)) == 2 and all("-cpu-" in name for name in names), names
+        jobs = [server.client.post("/v1/jobs", json={**SLOW_JOB, "n": 1, "seed": i}).json()["id"] for i in range(4)]
+        ran_on = {server.wait_for(job_id, {"succeeded"})["worker"] for job_id in jobs}
+        assert ran_on == set(names)
+        assert "Redis runs without its append-only file" in (tmp_path / "first.log").read_text()
+        workers.start("twin", "--device", "cpu", "--name", names[0])
+        assert workers.processes["twin"].wait(timeout=patience(120)) == 1
+        assert f"a live worker is already named {names[0]!r}" in (tmp_path / "twin.log").read_text()

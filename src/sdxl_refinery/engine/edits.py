@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+from diffusers import (
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
 from PIL import Image
 
 from ..batching import Enlarge
@@ -44,10 +50,17 @@ class EditPipelines:
     def refiner_inpaint(self) -> StableDiffusionXLInpaintPipeline:
         return self._build("refiner_inpaint", StableDiffusionXLInpaintPipeline, self.pair.refiner, True)
 
-    def _build(self, key: str, kind: Any, source: Any, aesthetics: bool) -> Any:
+    def base_control(self, kind: str, controlnet: Any) -> Any:
+        """The base as diffusers' ControlNet pipeline of `kind` (`text`, `img2img`, `inpaint`) over `controlnet`."""
+        pipelines = {"text": StableDiffusionXLControlNetPipeline, "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
+                     "inpaint": StableDiffusionXLControlNetInpaintPipeline}  # fmt: skip
+        return self._build(f"base_control_{kind}", pipelines[kind], self.pair.base, False, controlnet=controlnet)
+
+    def _build(self, key: str, kind: Any, source: Any, aesthetics: bool, **extra: Any) -> Any:
         # Built from the live pipeline's components each time they may have changed (a compiled or upcast UNet
         # is swapped in place on `source`), so the pipeline object is cached but its modules are re-read.
         parts = {name: module for name, module in source.components.items() if name in _PIPELINE_PARTS}
+        parts.update(extra)
         pipe = self._built.get(key)
         if pipe is None:
             force_zeros = bool(source.config.get("force_zeros_for_empty_prompt", True))

@@ -24,6 +24,7 @@ from ..batching import Run, RunItem
 from ..errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError
 from ..request import GenerationRequest, Mode, check_clip_skip
 from ..steps import StagePlan, plan_steps, require_both_stages
+from .control import ControlNets
 from .decode import decode_pass, decode_pixels, to_images
 from .device import Placement
 from .edits import EditPipelines, inpaint_inputs, is_inpainting_unet, masked_image_latents, upscale, vae_dtype_kept
@@ -81,6 +82,7 @@ class TwoStageRunner:
         self.base_prompts = PromptEncoder([base.tokenizer, base.tokenizer_2], [base.text_encoder, base.text_encoder_2])
         self.refiner_prompts = PromptEncoder([refiner.tokenizer_2], [refiner.text_encoder_2])
         self.lora_weights = LoraWeights(base)
+        self.controlnets = ControlNets(placement.device, placement.dtype)
 
     def _condition(self, encoder: PromptEncoder, pipe: object, request: GenerationRequest,
                    tracker: BatchTracker) -> Conditioning:  # fmt: skip
@@ -329,27 +331,49 @@ class TwoStageRunner:
             log.info("   Hires fix: %dx%d upscaled to %dx%d (%s)", request.width, request.height, *request.hires_size,
                      request.hr_upscaler)  # fmt: skip
             tracker.begin_pass(plan.second_pass_steps)
-        # 2. The pass that hands over to the refiner: from an image (img2img, inpainting, hires) or from noise.
+        # 2. The pass that hands over to the refiner: from an image (img2img, inpainting, hires) or from noise,
+        #    guided by the request's ControlNet units when it has some.
         latents: torch.Tensor
         mask = self._base_mask(edit)
+        control, controlnet = self._control(run, common, "image" if edit is None else "control_image")
         if edit is not None and mask is not None:
-            pipe = self.edits.base_inpaint()
+            pipe = self.edits.base_control("inpaint", controlnet) if control else self.edits.base_inpaint()
             pipe.scheduler = self.pair.base.scheduler
-            latents = pipe(**common, **inpaint_inputs(self.pair, edit, mask, request, generators), mask_image=mask,
-                           width=request.width, height=request.height, strength=request.strength,
-                           num_inference_steps=plan.base_schedule, denoising_end=end).images  # fmt: skip
+            inputs = inpaint_inputs(self.pair, edit, mask, request, generators)
+            if control and "masked_image_latents" in inputs:
+                raise InvalidRequest("controlnets", "not with an inpainting checkpoint's latent fills (diffusers' "
+                                                    "ControlNet inpainting pipeline takes pixels only)")  # fmt: skip
+            latents = pipe(**common, **inputs, **control, mask_image=mask, width=request.width, height=request.height,
+                           strength=request.strength, num_inference_steps=plan.base_schedule,
+                           denoising_end=end).images  # fmt: skip
         elif edit is not None or request.enable_hr:
-            pipe = self.edits.base_img2img()
+            pipe = self.edits.base_control("img2img", controlnet) if control else self.edits.base_img2img()
             pipe.scheduler = make_scheduler(self._scheduler_configs[0], request.sampler, request.scheduler)
-            latents = pipe(**common, image=edit.init if edit is not None else image, strength=request.strength,
-                           num_inference_steps=plan.base_schedule, denoising_end=end).images  # fmt: skip
+            handover = {} if control else {"denoising_end": end}  # ControlNet img2img: sequential mode only
+            latents = pipe(**common, **control, **handover, image=edit.init if edit is not None else image,
+                           strength=request.strength, num_inference_steps=plan.base_schedule).images  # fmt: skip
         else:
-            steps = request.num_inference_steps
-            latents = self.pair.base(**common, width=request.width, height=request.height, num_inference_steps=steps,
-                                     denoising_end=end).images  # fmt: skip
+            pipe = self.edits.base_control("text", controlnet) if control else self.pair.base
+            pipe.scheduler = self.pair.base.scheduler
+            latents = pipe(**common, **control, width=request.width, height=request.height,
+                           num_inference_steps=request.num_inference_steps, denoising_end=end).images  # fmt: skip
         timings["base"] = time.perf_counter() - stage_started
         log.info("   Stage 1 complete: base latents generated (%.1f s)", timings["base"])
         return latents
+
+    def _control(self, run: Pass, common: dict[str, object], map_key: str) -> tuple[dict[str, Any], Any]:
+        """The pipeline's control arguments and ControlNet module for the pass's request ({} and None without
+        units). diffusers' ControlNet pipelines do not rescale guidance: the common arguments lose it, and a
+        model that needs it (zero terminal SNR) is refused."""
+        request = run.request
+        if not request.controlnets:
+            return {}, None
+        if common.pop("guidance_rescale", 0.0):
+            raise InvalidRequest("controlnets", "this base model samples with guidance rescale (zero terminal SNR), "
+                                                "which diffusers' ControlNet pipelines do not apply")  # fmt: skip
+        controlnet, arguments = self.controlnets.arguments(request.controlnets, run.items[0].control_models,
+                                                           request.width, request.height, map_key)  # fmt: skip
+        return arguments, controlnet
 
     def guidance_rescale(self, request: GenerationRequest) -> float:
         """The request's guidance rescale, else the base model's own: 0.7 for a zero-terminal-SNR model (as

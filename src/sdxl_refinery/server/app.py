@@ -37,7 +37,18 @@ from .head import HeadAsGet
 from .keys import BadKeysFile
 from .offload import document_bodies
 from .origins import SameOriginWrites
-from .routes import a1111, a1111_extras, a1111_options, checkpoints, jobs, loras, openai, ops, upscalers
+from .routes import (
+    a1111,
+    a1111_controlnet,
+    a1111_extras,
+    a1111_options,
+    checkpoints,
+    jobs,
+    loras,
+    openai,
+    ops,
+    upscalers,
+)
 from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import openai_error, openai_param
 from .security import OPENAI_PATHS, BodySizeLimit
@@ -216,7 +227,7 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
     _install_error_handlers(app)
     document_bodies(app, [GenerationRequest, UpscaleRequest, a1111.Txt2ImgRequest, a1111.Img2ImgRequest,
                           a1111_extras.ExtrasSingleImage, a1111_extras.ExtrasBatchImages,
-                          a1111_extras.PngInfoRequest])  # fmt: skip
+                          a1111_extras.PngInfoRequest, a1111_controlnet.DetectRequest])  # fmt: skip
     for router in (
         ops.router,
         ops.docs_router,
@@ -225,6 +236,7 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
         a1111.router,
         a1111_options.router,
         a1111_extras.router,
+        a1111_controlnet.router,
         upscalers.router,
         loras.router,
         checkpoints.router,

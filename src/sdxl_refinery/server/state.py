@@ -81,6 +81,7 @@ class AppState:
             self.service.resolve_models(request, allow_paths=False)
             self.service.check_loras(request, allow_paths=False)
             self.service.check_clip_skip(request)
+            self.service.check_controlnets(request)
         self.service.check_upscalers(request)
         if self.worker is not None and not self.worker.output_works():  # probed now: freed space counts at once
             problem = self.worker.output_fault

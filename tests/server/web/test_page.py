@@ -7,6 +7,7 @@ $REFINERY_SCREENSHOTS when set, for a person to look at.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -38,13 +39,22 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
+@contextlib.contextmanager
+def page_at(browser: Browser, width: int, height: int = 900) -> Iterator[Page]:
+    """A fresh page in a window `width` x `height` pixels (its context closed after)."""
+    context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
     page.set_default_timeout(60_000)
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    with page_at(browser, 1200) as page:
+        yield page
 
 
 def shot(page: Page, name: str) -> None:
@@ -167,17 +177,15 @@ def test_api_key_prompt(server_factory: ServerFactory, page: Page) -> None:
 
 
 def test_narrow_screen_and_labels(web: RunningServer, browser: Browser) -> None:
-    context = browser.new_context(viewport={"width": 390, "height": 844})
-    p = context.new_page()
-    p.goto(web.url + "/")
-    p.wait_for_selector("#app:not([hidden])")
-    assert p.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-    unlabeled = p.evaluate("""[...document.querySelectorAll('input, select, textarea, button')].filter(el =>
-        !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
-        .map(el => el.id)""")
-    assert unlabeled == []
-    shot(p, "08-phone")
-    context.close()
+    with page_at(browser, 390, 844) as p:
+        p.goto(web.url + "/")
+        p.wait_for_selector("#app:not([hidden])")
+        assert p.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        unlabeled = p.evaluate("""[...document.querySelectorAll('input, select, textarea, button')].filter(el =>
+            !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
+            .map(el => el.id)""")
+        assert unlabeled == []
+        shot(p, "08-phone")
 
 
 def test_unreachable_server_banner(server_factory: ServerFactory, page: Page) -> None:
@@ -264,45 +272,43 @@ SELECT_TEXT_FITS = """() => {
 
 @pytest.mark.parametrize("width", [1280, 390])
 def test_the_page_looks_finished(web: RunningServer, browser: Browser, width: int) -> None:
-    context = browser.new_context(viewport={"width": width, "height": 900})
-    p = context.new_page()
-    p.goto(web.url + "/")
-    p.wait_for_selector("#app:not([hidden])")
-    # Empty states say what to do; an empty gallery has no pager.
-    p.wait_for_selector("#no-images:not([hidden])")
-    assert "No images yet" in p.inner_text("#no-images") and p.is_hidden("#pager")
-    assert "press Generate" in p.inner_text("#no-jobs")
-    if width > 720:  # beside the form, the idle Jobs panel is as tall as its content, not the form
-        jobs_height = p.evaluate("document.querySelector('#jobs-title').parentElement.offsetHeight")
-        assert jobs_height < 0.5 * p.evaluate("document.querySelector('#generate-form').offsetHeight")
-    p.click("#advanced summary")
-    assert p.evaluate(SELECT_TEXT_FITS) == []  # no option text cut off, Advanced's selects included
-    shot(p, f"09-idle-{width}")
-    p.click("#advanced summary")  # closed again: fill_small_job opens it
-    # A favicon, for the tab and for browsers that ask for /favicon.ico.
-    assert p.get_attribute("link[rel=icon]", "href") == "favicon.svg"
-    for name in ("favicon.ico", "favicon.svg"):
-        icon = web.client.get(f"/{name}")
-        assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/")
-    # A finished image: a thumbnail with its prompt and seed, alt text readable before the image loads.
-    fill_small_job(p, steps=4, refiner_steps=2, prompt="a quiet harbour")
-    p.uncheck("#random-seed")
-    p.fill("#seed", "77")
-    p.click("#submit")
-    p.wait_for_selector("#gallery button.thumb")
-    captions = p.inner_text("#gallery button.thumb")
-    assert "a quiet harbour" in captions and "seed 77" in captions
-    assert p.evaluate("getComputedStyle(document.querySelector('#gallery img')).color") != "rgb(255, 255, 255)"
-    shot(p, f"10-done-{width}")
-    # The viewer's backdrop covers the whole page.
-    p.wait_for_selector("#gallery img[src^='blob:']")
-    p.click("#gallery button.thumb")
-    p.wait_for_selector("#viewer[open]")
-    backdrop = p.evaluate("""(() => { const s = getComputedStyle(document.querySelector('#viewer'), '::backdrop');
-        return [s.position, s.backgroundColor]; })()""")
-    assert backdrop == ["fixed", "rgba(0, 0, 0, 0.6)"]
-    shot(p, f"11-viewer-{width}")
-    context.close()
+    with page_at(browser, width, 900) as p:
+        p.goto(web.url + "/")
+        p.wait_for_selector("#app:not([hidden])")
+        # Empty states say what to do; an empty gallery has no pager.
+        p.wait_for_selector("#no-images:not([hidden])")
+        assert "No images yet" in p.inner_text("#no-images") and p.is_hidden("#pager")
+        assert "press Generate" in p.inner_text("#no-jobs")
+        if width > 720:  # beside the form, the idle Jobs panel is as tall as its content, not the form
+            jobs_height = p.evaluate("document.querySelector('#jobs-title').parentElement.offsetHeight")
+            assert jobs_height < 0.5 * p.evaluate("document.querySelector('#generate-form').offsetHeight")
+        p.click("#advanced summary")
+        assert p.evaluate(SELECT_TEXT_FITS) == []  # no option text cut off, Advanced's selects included
+        shot(p, f"09-idle-{width}")
+        p.click("#advanced summary")  # closed again: fill_small_job opens it
+        # A favicon, for the tab and for browsers that ask for /favicon.ico.
+        assert p.get_attribute("link[rel=icon]", "href") == "favicon.svg"
+        for name in ("favicon.ico", "favicon.svg"):
+            icon = web.client.get(f"/{name}")
+            assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/")
+        # A finished image: a thumbnail with its prompt and seed, alt text readable before the image loads.
+        fill_small_job(p, steps=4, refiner_steps=2, prompt="a quiet harbour")
+        p.uncheck("#random-seed")
+        p.fill("#seed", "77")
+        p.click("#submit")
+        p.wait_for_selector("#gallery button.thumb")
+        captions = p.inner_text("#gallery button.thumb")
+        assert "a quiet harbour" in captions and "seed 77" in captions
+        assert p.evaluate("getComputedStyle(document.querySelector('#gallery img')).color") != "rgb(255, 255, 255)"
+        shot(p, f"10-done-{width}")
+        # The viewer's backdrop covers the whole page.
+        p.wait_for_selector("#gallery img[src^='blob:']")
+        p.click("#gallery button.thumb")
+        p.wait_for_selector("#viewer[open]")
+        backdrop = p.evaluate("""(() => { const s = getComputedStyle(document.querySelector('#viewer'), '::backdrop');
+            return [s.position, s.backgroundColor]; })()""")
+        assert backdrop == ["fixed", "rgba(0, 0, 0, 0.6)"]
+        shot(p, f"11-viewer-{width}")
 
 
 def test_loras_are_picked_with_weights_sent_and_reused(server_factory: ServerFactory, fake: object, page: Page,
@@ -485,10 +491,7 @@ def test_the_result_shows_large_with_a_bar_per_stage_and_sends_to_inpaint(
 def test_screenshots_idle_running_done_viewer_and_advanced(
     server_factory: ServerFactory, browser: Browser, fake_engine: FakeEngine, width: int
 ) -> None:
-    context = browser.new_context(viewport={"width": width, "height": 900})
-    p = context.new_page()
-    p.set_default_timeout(60_000)
-    with server_factory(preview_every=1) as web:
+    with page_at(browser, width, 900) as p, server_factory(preview_every=1) as web:
         p.goto(web.url + "/")
         p.wait_for_selector("#app:not([hidden])")
         shot(p, f"20-idle-{width}")
@@ -507,7 +510,6 @@ def test_screenshots_idle_running_done_viewer_and_advanced(
         shot(p, f"24-viewer-{width}")
         overflow = p.evaluate("document.documentElement.scrollWidth > window.innerWidth")
         assert overflow is False  # nothing wider than the screen, phone included
-    context.close()
 
 
 def test_a_1024_png_dropped_is_refined_end_to_end(real_server_factory: ServerFactory, page: Page,

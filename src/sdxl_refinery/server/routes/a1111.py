@@ -29,6 +29,7 @@ from ..keys import Caller
 from ..offload import json_body_schema, off_loop, parsed_body
 from ..security import Authorized
 from ..state import AppState, State
+from .a1111_controlnet import controlnet_units
 from .a1111_settings import a1111_error, check_settings, stored_options
 
 router = APIRouter(tags=["a1111"])
@@ -55,6 +56,8 @@ class _Txt2ImgBase(BaseModel):
     save_images: bool = False
     override_settings: dict[str, Any] = Field(default_factory=dict, description="A1111 options for this request.")
     override_settings_restore_afterwards: bool = Field(True, description="Overrides never outlive their request.")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Of A1111's scripts, ControlNet's "
+                                             "units (`controlnet.args`) are read; others are ignored.")  # fmt: skip
 
     def to_request(
         self, options: Mapping[str, Any] | None = None, check: Callable[[GenerationRequest], None] | None = None
@@ -92,6 +95,8 @@ class _Txt2ImgBase(BaseModel):
         if "switch_at" in fields:  # A1111's refiner_switch_at is SDXL's handoff
             fields["mode"] = Mode.HANDOFF
         self._images(fields, origin)
+        if units := controlnet_units(self.alwayson_scripts):
+            fields["controlnets"], origin["controlnets"] = units, "alwayson_scripts.controlnet.args"
         _strength_zero_as_a1111(fields)
         if str(fields.get("refiner_model", "?")).strip().lower() in ("", "none"):
             del fields["refiner_model"]  # A1111's "no refiner chosen": Refinery refines with its own
@@ -100,7 +105,9 @@ class _Txt2ImgBase(BaseModel):
             if check is not None:
                 check(request)
         except InvalidRequest as error:
-            raise InvalidRequest(origin.get(error.field, error.field), error.rule) from None
+            field, dot, rest = error.field.partition(".")
+            renamed = origin.get(field, field) + dot + rest if field == "controlnets" else origin.get(field, field)
+            raise InvalidRequest(renamed, error.rule) from None
         return request
 
     def _images(self, fields: dict[str, Any], origin: dict[str, str]) -> None:

@@ -1,0 +1,98 @@
+"""ControlNet units: what a request asks a ControlNet to do (A1111's ControlNet extension's unit, by its names).
+
+A unit names a ControlNet model of the server's folder, gives a control image, and says how strongly and
+over which part of the schedule it guides the base. The image is first turned into the map the model was
+trained on by a preprocessor (A1111's `module`): the ones that need no downloaded weights run in-process.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .editing import ResizeMode, _Named
+from .input_images import ImageField
+
+MAX_CONTROLNETS = 4
+MAX_WEIGHT = 2.0  # A1111's slider
+
+
+class ControlMode(_Named):
+    """A1111's control modes (0-2). Refinery runs Balanced, what diffusers' ControlNet pipelines compute."""
+
+    BALANCED = "Balanced"
+    PROMPT = "My prompt is more important"
+    CONTROLNET = "ControlNet is more important"
+
+
+class Preprocessor(_Named):
+    """Preprocessors that are pure image processing, by A1111's module names."""
+
+    NONE = "none"  # the image is the map already (an edge map, a depth map, a pose skeleton...)
+    CANNY = "canny"  # OpenCV's Canny edges, thresholds threshold_a (low) and threshold_b (high)
+    INVERT = "invert"  # white background, black lines -> black background, white lines (a sketch)
+
+
+# A1111 module names that need annotator weights (depth, pose, segmentation...): refused, naming the folder.
+NEEDS_WEIGHTS = ("depth", "openpose", "dw_openpose", "lineart", "softedge", "hed", "pidinet", "mlsd", "normal",
+                 "seg", "scribble_hed", "tile_colorfix", "reference", "ip-adapter", "instant_id")  # fmt: skip
+A1111_ALIASES = {"invert (from white bg & black line)": "invert", "canny": "canny", "none": "none"}
+
+
+class ControlUnit(BaseModel):
+    """One ControlNet guiding the base.
+
+    Raises:
+        ValueError: (in a request) naming the unit's field and its rule.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    model: str = Field(min_length=1, max_length=255, description="A ControlNet from the ControlNet folder, by name.")
+    image: ImageField = Field(description="The control image (base64 over HTTP).")
+    weight: float = Field(1.0, ge=0.0, le=MAX_WEIGHT, description="How strongly it guides (0 = not at all).")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Share of the schedule before it starts.")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Share of the schedule where it stops.")
+    control_mode: ControlMode = Field(ControlMode.BALANCED, description="Balanced (A1111's 0) only.")
+    resize_mode: ResizeMode = Field(ResizeMode.CROP_AND_RESIZE, description="How the control image is fitted "
+                                    "to the image's size (A1111's default: Crop and resize).")  # fmt: skip
+    preprocessor: Annotated[Preprocessor, Field(description="What turns the image into the map: none, canny, "
+                                                "invert.")] = Preprocessor.NONE  # fmt: skip
+    threshold_a: float = Field(100, ge=0, le=255, description="canny's low threshold.")
+    threshold_b: float = Field(200, ge=0, le=255, description="canny's high threshold.")
+
+    @field_validator("preprocessor", mode="before")
+    @classmethod
+    def _known_preprocessor(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = A1111_ALIASES.get(value.strip().lower(), value.strip().lower())
+            if any(text.startswith(name) for name in NEEDS_WEIGHTS):
+                raise ValueError(f"{value!r} needs annotator weights, which Refinery does not load; give a map "
+                                 "made already with preprocessor 'none' (or canny, invert)")  # fmt: skip
+            if text not in {member.value for member in Preprocessor}:
+                known = ", ".join(member.value for member in Preprocessor)
+                raise ValueError(f"{value!r} is not a preprocessor Refinery runs; known: {known}")
+            return text
+        return value
+
+    @model_validator(mode="after")
+    def _schedule_and_mode(self) -> ControlUnit:
+        if self.guidance_end <= self.guidance_start:
+            raise ValueError(f"guidance_end {self.guidance_end:g} must be after guidance_start {self.guidance_start:g}")
+        if self.control_mode is not ControlMode.BALANCED:
+            raise ValueError(f"control_mode {self.control_mode.value!r}: only Balanced runs (diffusers' ControlNet "
+                             "pipelines have no other mode)")  # fmt: skip
+        if self.image is None:
+            raise ValueError("image: a control image is required")
+        return self
+
+    def recorded(self) -> dict[str, Any]:
+        """The unit as results record it: the image by hash and size."""
+        return self.model_dump(mode="json", context={"images": "summary"})
+
+    def a1111_text(self) -> str:
+        """The unit as A1111 writes it in a PNG's `parameters` (the value of `ControlNet 0`)."""
+        return (f"Module: {self.preprocessor.value}, Model: {self.model}, Weight: {self.weight:g}, "
+                f"Resize Mode: {self.resize_mode.value}, Guidance Start: {self.guidance_start:g}, "
+                f"Guidance End: {self.guidance_end:g}, Control Mode: {self.control_mode.value}")  # fmt: skip

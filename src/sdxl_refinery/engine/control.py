@@ -1,0 +1,74 @@
+"""ControlNet in the engine: the control maps (fitted to the image's size, then preprocessed), the ControlNet
+models (loaded from their folders on first use, a few kept), and the arguments diffusers' ControlNet pipelines
+take for a request's units.
+
+Control acts on the base's pass that hands over to the refiner; the refiner runs uncontrolled, as in A1111,
+ComfyUI's usual graphs and Fooocus: its UNet is another architecture, for which SDXL ControlNets have no
+weights, and it only redraws the finest detail of an image whose structure the base already fixed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from diffusers import ControlNetModel, MultiControlNetModel
+from PIL import Image, ImageOps
+
+from ..control import ControlUnit, Preprocessor
+from .image_prep import fit
+
+LOADED_CONTROLNETS = 2
+
+
+def control_map(unit: ControlUnit, width: int, height: int) -> Image.Image:
+    """The unit's image fitted to `width` x `height` (its resize mode), then preprocessed at that size (A1111's
+    pixel perfect: the map has exactly the image's pixels)."""
+    assert unit.image is not None  # the unit's own rule
+    fitted = fit(unit.image.open().convert("RGB"), width, height, unit.resize_mode)
+    if unit.preprocessor is Preprocessor.CANNY:
+        import cv2
+
+        edges = cv2.Canny(np.asarray(fitted), unit.threshold_a, unit.threshold_b)
+        return Image.fromarray(edges).convert("RGB")
+    if unit.preprocessor is Preprocessor.INVERT:
+        return ImageOps.invert(fitted)
+    return fitted
+
+
+class ControlNets:
+    """ControlNet models by folder, loaded in the engine's dtype on its device; the least recently used goes
+    past `LOADED_CONTROLNETS`."""
+
+    def __init__(self, device: str, dtype: Any) -> None:
+        self.device, self.dtype = device, dtype
+        self._loaded: OrderedDict[Path, Any] = OrderedDict()
+
+    def get(self, folder: Path) -> Any:
+        model = self._loaded.pop(folder, None)
+        if model is None:
+            variant = "fp16" if (folder / "diffusion_pytorch_model.fp16.safetensors").is_file() else None
+            model = ControlNetModel.from_pretrained(folder, torch_dtype=self.dtype, variant=variant,
+                                                    use_safetensors=True, local_files_only=True)  # fmt: skip
+            model = model.to(self.device).eval()
+        self._loaded[folder] = model
+        while len(self._loaded) > LOADED_CONTROLNETS:
+            self._loaded.popitem(last=False)
+        return model
+
+    def arguments(self, units: tuple[ControlUnit, ...], folders: list[Path], width: int, height: int,
+                  map_key: str) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+        """The ControlNet module (one, or diffusers' MultiControlNet for several units) and the pipeline's
+        control arguments; `map_key` is `image` (text to image) or `control_image` (image to image, inpainting)."""
+        models = [self.get(folder) for folder in folders]
+        maps = [control_map(unit, width, height) for unit in units]
+        single = len(units) == 1
+        arguments = {
+            map_key: maps[0] if single else maps,
+            "controlnet_conditioning_scale": units[0].weight if single else [unit.weight for unit in units],
+            "control_guidance_start": [unit.guidance_start for unit in units],
+            "control_guidance_end": [unit.guidance_end for unit in units],
+        }
+        return (models[0] if single else MultiControlNetModel(models)), arguments

@@ -1,0 +1,126 @@
+"""The A1111 ControlNet extension's API: units in `alwayson_scripts.controlnet.args` (as `webuiapi` and
+automation scripts send them), and its routes: `/controlnet/model_list`, `/controlnet/module_list`,
+`/controlnet/version`, `/controlnet/detect`.
+
+A unit's `model` may carry A1111's hash suffix (`name [abcd1234]`); it is matched without it. `pixel_perfect`,
+`processor_res` and `low_vram` have no effect: maps are always made at the image's own size (pixel perfect).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...control import ControlUnit, Preprocessor
+from ...errors import InvalidRequest
+from ...input_images import http_input_image
+from ..offload import json_body_schema, off_loop, parsed_body
+from ..security import Authorized
+from ..state import State
+
+router = APIRouter(tags=["a1111"])
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,}\]\s*$")
+_UNIT_FIELDS = ("weight", "guidance_start", "guidance_end", "control_mode", "resize_mode", "threshold_a",
+                "threshold_b")  # fmt: skip
+
+
+def controlnet_units(scripts: dict[str, Any]) -> list[dict[str, Any]]:
+    """The enabled units of `alwayson_scripts`'s ControlNet entry (any case), as request `controlnets`.
+
+    Raises:
+        InvalidRequest: naming `alwayson_scripts.controlnet.args.N.FIELD`.
+    """
+    entry = next((value for key, value in scripts.items() if key.lower() == "controlnet"), None)
+    if entry is None:
+        return []
+    args = entry.get("args") if isinstance(entry, dict) else None
+    if not isinstance(args, list):
+        raise InvalidRequest("alwayson_scripts.controlnet.args", "must be a list of ControlNet units")
+    units = []
+    for index, unit in enumerate(args):
+        where = f"alwayson_scripts.controlnet.args.{index}"
+        if not isinstance(unit, dict):
+            raise InvalidRequest(where, "must be a ControlNet unit (an object)")
+        if not unit.get("enabled", True):
+            continue
+        model = _HASH_SUFFIX.sub("", str(unit.get("model") or "")).strip()
+        if model.lower() in ("", "none"):
+            raise InvalidRequest(f"{where}.model", "an enabled unit needs a model (GET /controlnet/model_list)")
+        image = unit.get("image") or unit.get("input_image")
+        if isinstance(image, dict):  # the extension's {image, mask} form
+            image = image.get("image")
+        if not image:
+            raise InvalidRequest(f"{where}.image", "an enabled unit needs a control image (base64)")
+        try:
+            decoded = http_input_image(image)
+        except ValueError as error:
+            raise InvalidRequest(f"{where}.image", str(error)) from None
+        fields = {name: unit[name] for name in _UNIT_FIELDS if unit.get(name) is not None}
+        units.append({"model": model, "image": decoded, "preprocessor": unit.get("module") or "none", **fields})
+    return units
+
+
+@router.get("/controlnet/version")
+def version(_: Authorized) -> dict[str, int]:
+    """The extension's API version that clients check for (2: units in alwayson_scripts)."""
+    return {"version": 2}
+
+
+@router.get("/controlnet/model_list")
+def model_list(state: State, _: Authorized) -> dict[str, list[str]]:
+    """The usable ControlNets of the folder, by name."""
+    width = state.service.base_context_width()
+    return {"model_list": [entry.name for entry in state.service.controlnet_folder.entries(width)
+                           if entry.reason is None]}  # fmt: skip
+
+
+@router.get("/controlnet/module_list")
+def module_list(_: Authorized) -> dict[str, Any]:
+    """The preprocessors Refinery runs (those that need annotator weights are not among them)."""
+    modules = [member.value for member in Preprocessor]
+    detail = {"canny": {"sliders": [{"name": "Low Threshold", "value": 100, "min": 1, "max": 255},
+                                    {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}  # fmt: skip
+    return {"module_list": modules, "module_detail": {name: detail.get(name, {"sliders": []}) for name in modules}}
+
+
+class DetectRequest(BaseModel):
+    """The extension's `/controlnet/detect` body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_images: list[str] = Field(default_factory=list)  # webuiapi's name for the same
+    controlnet_threshold_a: float = 100
+    controlnet_threshold_b: float = 200
+
+
+@router.post("/controlnet/detect", openapi_extra=json_body_schema(DetectRequest))
+async def detect(state: State, http: Request, _: Authorized) -> dict[str, Any]:
+    """Each image preprocessed into its control map (at its own size), base64 PNG."""
+    body = await parsed_body(http, DetectRequest, state.checks)
+
+    def maps() -> list[str]:
+        from ...engine.control import control_map
+
+        texts = body.controlnet_input_images or body.controlnet_images
+        answers = []
+        for index, text in enumerate(texts):
+            try:
+                unit = ControlUnit(model="-", image=http_input_image(text), preprocessor=body.controlnet_module,
+                                   threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b,
+                                   resize_mode="Just resize")  # fmt: skip
+            except ValueError as error:
+                raise InvalidRequest(f"controlnet_input_images.{index}", str(error)) from None
+            assert unit.image is not None
+            buffer = io.BytesIO()
+            control_map(unit, unit.image.width, unit.image.height).save(buffer, format="PNG")
+            answers.append(base64.b64encode(buffer.getvalue()).decode())
+        return answers
+
+    return {"images": await off_loop(state.checks, maps), "info": "Success"}

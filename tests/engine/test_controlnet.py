@@ -1,0 +1,178 @@
+"""ControlNet on the tiny pair: a tiny SDXL ControlNet built from the tiny base UNet at test time, guiding the
+base as diffusers' ControlNet pipelines driven by hand do, alone and two at once, from noise and from an image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    MultiControlNetModel,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+
+from sdxl_refinery import GenerationRequest, ImageService
+from sdxl_refinery.controlnets import ControlNetFolder
+from sdxl_refinery.errors import InvalidRequest
+
+from .hand_driven import PROMPT, HandDriven
+from .test_edits import fresh_schedulers, generators, picture, pixels
+
+SIZE = {"width": 64, "height": 64}
+STEPS = {"num_inference_steps": 6, "refiner_steps": 3, "seed": 3}
+
+
+def _tiny_controlnet(base: Path, seed: int) -> ControlNetModel:
+    """A ControlNet made from the tiny base UNet, its zero convolutions given random weights (trained ones are
+    not zero; zeros would make any control image a no-op)."""
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            block.weight.copy_(torch.randn(block.weight.shape, generator=generator) * 0.3)
+    return controlnet.eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("controlnet")
+    _tiny_controlnet(tiny_pair[0], 1).save_pretrained(root / "tiny-canny")
+    _tiny_controlnet(tiny_pair[0], 2).save_pretrained(root / "depth" / "tiny-depth")
+    sd15 = root / "sd15-canny"
+    sd15.mkdir()
+    (sd15 / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", "cross_attention_dim": 768}))
+    return root
+
+
+@pytest.fixture
+def with_folder(service: ImageService, folder: Path, monkeypatch: pytest.MonkeyPatch) -> ImageService:
+    monkeypatch.setattr(service, "controlnet_folder", ControlNetFolder(folder))
+    return service
+
+
+def edges() -> Image.Image:
+    """A control map as a user gives one ready-made: white lines on black."""
+    image = Image.new("RGB", (64, 64))
+    pixels_ = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels_[16:48, 30:34] = 255
+    pixels_[30:34, 8:56] = 255
+    image = Image.fromarray(pixels_)
+    return image
+
+
+def _hand(hand: HandDriven, controlnet: Any, request: GenerationRequest, control: dict[str, Any],
+          image: Image.Image | None = None) -> np.ndarray:  # fmt: skip
+    """diffusers as its users drive it: the base's ControlNet pipeline, then the refiner, one seed."""
+    kind = StableDiffusionXLControlNetPipeline if image is None else StableDiffusionXLControlNetImg2ImgPipeline
+    base = kind.from_pipe(hand.base, controlnet=controlnet)
+    fresh_schedulers(base, hand.refiner)
+    common: dict[str, Any] = {"guidance_scale": request.guidance_scale, "generator": generators([request.seed or 0])}
+    start = {"image": image, "strength": request.strength} if image is not None else SIZE
+    latents = base(prompt=PROMPT, num_inference_steps=request.num_inference_steps, output_type="latent", **start,
+                   **control, **common).images  # fmt: skip
+    refined = hand.refiner(prompt=PROMPT, image=latents, strength=0.3, num_inference_steps=10, output_type="pil",
+                           **common).images  # fmt: skip
+    return pixels(refined)
+
+
+def _unit(**fields: Any) -> dict[str, Any]:
+    return {"model": "tiny-canny", "image": edges(), **fields}
+
+
+def test_the_folder_lists_sdxl_controlnets_and_says_why_others_are_not(folder: Path) -> None:
+    entries = {entry.name: entry for entry in ControlNetFolder(folder).entries(context_width=80)}
+    assert entries["tiny-canny"].reason is None and entries["depth/tiny-depth"].reason is None
+    assert "made for SD 1.x" in str(entries["sd15-canny"].reason)
+
+
+async def test_one_unit_equals_diffusers_controlnet_pipeline(with_folder: ImageService, hand: HandDriven,
+                                                             folder: Path) -> None:  # fmt: skip
+    request = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, controlnets=[_unit(weight=0.8, guidance_end=0.7)])
+    result = await with_folder.generate(request)
+    controlnet = ControlNetModel.from_pretrained(folder / "tiny-canny")
+    expected = _hand(
+        hand,
+        controlnet,
+        request,
+        {
+            "image": edges(),
+            "controlnet_conditioning_scale": 0.8,
+            "control_guidance_start": [0.0],
+            "control_guidance_end": [0.7],
+        },
+    )
+    assert np.abs(pixels(result.images) - expected).max() <= 2.0
+    plain = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS))
+    assert np.abs(pixels(result.images) - pixels(plain.images)).max() > 10  # the control changed the image
+    assert (
+        'ControlNet 0: "Module: none, Model: tiny-canny, Weight: 0.8' in result.images[0].info.get("parameters", "")
+        or result.metadata()["request"]["controlnets"][0]["model"] == "tiny-canny"
+    )
+
+
+async def test_weight_zero_equals_no_control(with_folder: ImageService) -> None:
+    plain = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS))
+    zero = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, controlnets=[_unit(weight=0)]))
+    assert np.abs(pixels(zero.images) - pixels(plain.images)).max() <= 2.0
+
+
+async def test_two_units_equal_diffusers_multicontrolnet(with_folder: ImageService, hand: HandDriven,
+                                                         folder: Path) -> None:  # fmt: skip
+    second = picture()
+    units = [_unit(weight=0.7), _unit(model="depth/tiny-depth", image=second, weight=0.5, guidance_start=0.2)]
+    request = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, controlnets=units)
+    result = await with_folder.generate(request)
+    multi = MultiControlNetModel([ControlNetModel.from_pretrained(folder / "tiny-canny"),
+                                  ControlNetModel.from_pretrained(folder / "depth" / "tiny-depth")])  # fmt: skip
+    expected = _hand(
+        hand,
+        multi,
+        request,
+        {
+            "image": [edges(), second],
+            "controlnet_conditioning_scale": [0.7, 0.5],
+            "control_guidance_start": [0.0, 0.2],
+            "control_guidance_end": [1.0, 1.0],
+        },
+    )
+    assert np.abs(pixels(result.images) - expected).max() <= 2.0
+
+
+async def test_image_to_image_with_canny_equals_diffusers(with_folder: ImageService, hand: HandDriven,
+                                                          folder: Path) -> None:  # fmt: skip
+    init = picture()
+    unit = _unit(image=init, preprocessor="canny", threshold_a=50, threshold_b=150)
+    request = GenerationRequest(prompt=PROMPT, init_image=init, strength=0.6, **STEPS, controlnets=[unit])
+    result = await with_folder.generate(request)
+    canny = Image.fromarray(cv2.Canny(np.asarray(init), 50, 150)).convert("RGB")  # A1111's canny, by hand
+    controlnet = ControlNetModel.from_pretrained(folder / "tiny-canny")
+    expected = _hand(hand, controlnet, request, {"control_image": canny, "controlnet_conditioning_scale": 1.0,
+                                                 "control_guidance_start": [0.0], "control_guidance_end": [1.0]},
+                     image=init)  # fmt: skip
+    assert np.abs(pixels(result.images) - expected).max() <= 2.0
+
+
+async def test_bad_units_are_refused_naming_the_field_before_any_work(with_folder: ImageService) -> None:
+    cases = [({"model": "nope"}, "controlnets.0.model", "no ControlNet 'nope'; known: depth/tiny-depth, tiny-canny"),
+             ({"model": "sd15-canny"}, "controlnets.0.model", "made for SD 1.x"),
+             ({"preprocessor": "blur"}, "controlnets.0.preprocessor", "not a preprocessor Refinery runs"),
+             ({"preprocessor": "depth_midas"}, "controlnets.0.preprocessor", "needs annotator weights"),
+             ({"control_mode": 2}, "controlnets.0", "only Balanced runs"),
+             ({"image": Image.new("RGB", (5000, 4000))}, "controlnets.0.image", "at most 16777216 pixels")]  # fmt: skip
+    for change, field, words in cases:
+        with pytest.raises(InvalidRequest) as caught:
+            request = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, controlnets=[_unit(**change)])
+            await with_folder.generate(request)
+        assert caught.value.field == field and words in caught.value.rule, (change, caught.value)
+    with pytest.raises(InvalidRequest, match="not with hires fix"):
+        GenerationRequest(prompt=PROMPT, **SIZE, enable_hr=True, controlnets=[_unit()])

@@ -1,0 +1,96 @@
+"""ControlNet over HTTP: the A1111 extension's units as webuiapi sends them, its routes, and the native field."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import webuiapi
+from PIL import Image
+
+from sdxl_refinery import ImageService
+from sdxl_refinery.controlnets import ControlNetFolder
+from tests.engine.test_controlnet import _tiny_controlnet, edges
+
+from .conftest import RunningServer, ServerFactory
+from .test_edits import decoded, picture
+
+
+@pytest.fixture
+def real(real_server_factory: ServerFactory, service: ImageService, tiny_pair: tuple[Path, Path], tmp_path: Path,
+         monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningServer]:  # fmt: skip
+    _tiny_controlnet(tiny_pair[0], 1).save_pretrained(tmp_path / "controlnet" / "tiny-canny")
+    monkeypatch.setattr(service, "controlnet_folder", ControlNetFolder(tmp_path / "controlnet"))
+    with real_server_factory() as server:
+        yield server
+
+
+def test_webuiapi_controlnet_units_guide_the_image(real: RunningServer) -> None:
+    api = webuiapi.WebUIApi(baseurl=real.url + "/sdapi/v1")
+    common: dict[str, Any] = {"prompt": "a tower", "width": 64, "height": 64, "steps": 4, "seed": 5, "cfg_scale": 7}
+    plain = api.txt2img(**common)
+    unit = webuiapi.ControlNetUnit(image=edges(), module="none", model="tiny-canny [0123abcd]", weight=1.0,
+                                   resize_mode="Just Resize")  # fmt: skip
+    guided = api.txt2img(**common, controlnet_units=[unit])
+    assert guided.image.size == (64, 64)
+    difference = np.abs(np.asarray(guided.image, dtype=np.int16) - np.asarray(plain.image, dtype=np.int16)).max()
+    assert difference > 10  # the unit reached the engine
+    assert 'ControlNet 0: "Module: none, Model: tiny-canny, Weight: 1' in guided.info["infotexts"][0]
+    off = webuiapi.ControlNetUnit(image=edges(), model="tiny-canny", enabled=False)
+    unguided = api.txt2img(**common, controlnet_units=[off])
+    assert np.array_equal(np.asarray(unguided.image), np.asarray(plain.image))  # a disabled unit is no unit
+
+
+def test_the_extensions_routes(real: RunningServer) -> None:
+    assert requests.get(real.url + "/controlnet/version", timeout=60).json() == {"version": 2}
+    assert requests.get(real.url + "/controlnet/model_list", timeout=60).json() == {"model_list": ["tiny-canny"]}
+    modules = requests.get(real.url + "/controlnet/module_list", timeout=60).json()["module_list"]
+    assert modules == ["none", "canny", "invert"]
+    buffer = io.BytesIO()
+    picture().save(buffer, format="PNG")
+    body = {"controlnet_module": "canny", "controlnet_input_images": [base64.b64encode(buffer.getvalue()).decode()],
+            "controlnet_threshold_a": 50, "controlnet_threshold_b": 150}  # fmt: skip
+    detected = requests.post(real.url + "/controlnet/detect", json=body, timeout=60).json()
+    edge_map = np.asarray(decoded(detected["images"][0]))
+    assert edge_map.shape == (64, 64, 3) and set(np.unique(edge_map)) == {0, 255}  # an edge map, white on black
+
+
+def test_bad_units_are_refused_naming_the_a1111_field(real: RunningServer) -> None:
+    buffer = io.BytesIO()
+    edges().save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    cases = [({"model": "nope", "image": image}, "alwayson_scripts.controlnet.args.0.model", "no ControlNet 'nope'"),
+             ({"model": "tiny-canny", "image": image, "module": "openpose"},
+              "alwayson_scripts.controlnet.args.0.preprocessor", "needs annotator weights"),
+             ({"model": "tiny-canny"}, "alwayson_scripts.controlnet.args.0.image", "needs a control image")]  # fmt: skip
+    for unit, field, words in cases:
+        body = {
+            "prompt": "x",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+            "alwayson_scripts": {"ControlNet": {"args": [unit]}},
+        }
+        answer = requests.post(real.url + "/sdapi/v1/txt2img", json=body, timeout=60)
+        assert answer.status_code == 422 and field in answer.text and words in answer.text, answer.text
+    assert real.client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_the_native_field_takes_base64_units(real: RunningServer) -> None:
+    buffer = io.BytesIO()
+    edges().save(buffer, format="PNG")
+    unit = {"model": "tiny-canny", "image": base64.b64encode(buffer.getvalue()).decode(), "weight": 0.5}
+    job = real.client.post("/v1/jobs", json={"prompt": "a tower", "width": 64, "height": 64,
+                                              "num_inference_steps": 4, "controlnets": [unit]}).json()  # fmt: skip
+    done = real.wait_for(job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    assert done["request"]["controlnets"][0]["image"]["width"] == 64  # recorded by hash and size
+    refused = real.client.post("/v1/jobs", json={"prompt": "x", "controlnets": [{**unit, "image": "/etc/passwd"}]})
+    assert refused.status_code == 422 and "controlnets" in refused.text
+    assert Image.open(io.BytesIO(real.client.get(done["result"]["urls"][0]).content)).size == (64, 64)
