@@ -68,7 +68,8 @@ def test_bad_units_are_refused_naming_the_a1111_field(real: RunningServer) -> No
     cases = [({"model": "nope", "image": image}, "alwayson_scripts.controlnet.args.0.model", "no ControlNet 'nope'"),
              ({"model": "tiny-canny", "image": image, "module": "openpose"},
               "alwayson_scripts.controlnet.args.0.preprocessor", "needs annotator weights"),
-             ({"model": "tiny-canny"}, "alwayson_scripts.controlnet.args.0.image", "needs a control image")]  # fmt: skip
+             ({"model": "tiny-canny"}, "alwayson_scripts.controlnet.args.0.image",
+              "needs a control image")]  # fmt: skip
     for unit, field, words in cases:
         body = {
             "prompt": "x",
