@@ -23,6 +23,7 @@ from PIL import Image
 from sdxl_refinery import GenerationRequest, ImageService
 from sdxl_refinery.controlnets import ControlNetFolder
 from sdxl_refinery.errors import InvalidRequest
+from sdxl_refinery.png import a1111_parameters
 
 from .hand_driven import PROMPT, HandDriven
 from .test_edits import fresh_schedulers, generators, picture, pixels
@@ -114,10 +115,8 @@ async def test_one_unit_equals_diffusers_controlnet_pipeline(with_folder: ImageS
     assert np.abs(pixels(result.images) - expected).max() <= 2.0
     plain = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS))
     assert np.abs(pixels(result.images) - pixels(plain.images)).max() > 10  # the control changed the image
-    assert (
-        'ControlNet 0: "Module: none, Model: tiny-canny, Weight: 0.8' in result.images[0].info.get("parameters", "")
-        or result.metadata()["request"]["controlnets"][0]["model"] == "tiny-canny"
-    )
+    text = a1111_parameters(result.metadata())
+    assert 'ControlNet 0: "Module: none, Model: tiny-canny, Weight: 0.8, Resize Mode: Crop and resize' in text
 
 
 async def test_weight_zero_equals_no_control(with_folder: ImageService) -> None:
@@ -168,7 +167,8 @@ async def test_bad_units_are_refused_naming_the_field_before_any_work(with_folde
              ({"preprocessor": "blur"}, "controlnets.0.preprocessor", "not a preprocessor Refinery runs"),
              ({"preprocessor": "depth_midas"}, "controlnets.0.preprocessor", "needs annotator weights"),
              ({"control_mode": 2}, "controlnets.0", "only Balanced runs"),
-             ({"image": Image.new("RGB", (5000, 4000))}, "controlnets.0.image", "at most 16777216 pixels")]  # fmt: skip
+             ({"image": Image.new("RGB", (5000, 4000))}, "controlnets.0.image",
+              "at most 16777216 are taken")]  # fmt: skip
     for change, field, words in cases:
         with pytest.raises(InvalidRequest) as caught:
             request = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, controlnets=[_unit(**change)])

@@ -9,6 +9,7 @@ components, so stage 2 repaints only the masked area too.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,7 +65,10 @@ class EditPipelines:
         pipe = self._built.get(key)
         if pipe is None:
             force_zeros = bool(source.config.get("force_zeros_for_empty_prompt", True))
-            pipe = kind(**parts, requires_aesthetics_score=aesthetics, force_zeros_for_empty_prompt=force_zeros)
+            options = {"force_zeros_for_empty_prompt": force_zeros}
+            if "requires_aesthetics_score" in inspect.signature(kind.__init__).parameters:  # not in ControlNet's
+                options["requires_aesthetics_score"] = aesthetics
+            pipe = kind(**parts, **options)
             pipe.set_progress_bar_config(disable=True)
             self._built[key] = pipe
         else:

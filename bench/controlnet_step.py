@@ -1,0 +1,85 @@
+"""ControlNet's cost measured: one denoising step of the full-size SDXL base UNet (random weights) with
+classifier-free guidance (batch 2), alone and with a full-size SDXL ControlNet (made from that UNet, as
+diffusers' `ControlNetModel.from_unet` makes one) adding its residuals, in the same run.
+
+    python bench/controlnet_step.py --size 512 --repeats 2 --json bench/results/controlnet-step-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _cpu() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    import torch
+    from diffusers import ControlNetModel
+
+    from bench.run import _one_component
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    unet = _one_component("sdxl-base", "unet", dtype).eval()
+    controlnet = ControlNetModel.from_unet(unet).to(dtype).eval()
+    latent = args.size // 8
+    sample = torch.randn(2, 4, latent, latent, dtype=dtype)
+    context = torch.randn(2, 77, 2048, dtype=dtype)
+    added = {"text_embeds": torch.randn(2, 1280, dtype=dtype), "time_ids": torch.randn(2, 6, dtype=dtype)}
+    control = torch.rand(2, 3, args.size, args.size, dtype=dtype)
+    step = torch.tensor(500)
+
+    def plain() -> None:
+        unet(sample, step, encoder_hidden_states=context, added_cond_kwargs=added)
+
+    def guided() -> None:
+        down, mid = controlnet(sample, step, encoder_hidden_states=context, controlnet_cond=control,
+                               added_cond_kwargs=added, return_dict=False)  # fmt: skip
+        unet(sample, step, encoder_hidden_states=context, added_cond_kwargs=added,
+             down_block_additional_residuals=down, mid_block_additional_residual=mid)  # fmt: skip
+
+    seconds: dict[str, list[float]] = {"plain": [], "controlnet": []}
+    with torch.inference_mode():
+        plain()  # warm-up: allocator and kernels
+        for _ in range(args.repeats):  # interleaved, so that drift in the machine's speed hits both alike
+            for name, work in (("plain", plain), ("controlnet", guided)):
+                started = time.perf_counter()
+                work()
+                seconds[name].append(time.perf_counter() - started)
+    result: dict[str, Any] = {
+        "cpu": _cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype,
+        "size": args.size, "batch": 2, "repeats": args.repeats,
+        "unet_parameters_m": round(sum(p.numel() for p in unet.parameters()) / 1e6),
+        "controlnet_parameters_m": round(sum(p.numel() for p in controlnet.parameters()) / 1e6),
+        "plain_step_seconds": round(statistics.median(seconds["plain"]), 2),
+        "controlnet_step_seconds": round(statistics.median(seconds["controlnet"]), 2),
+    }  # fmt: skip
+    result["controlnet_over_plain"] = round(result["controlnet_step_seconds"] / result["plain_step_seconds"], 3)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
