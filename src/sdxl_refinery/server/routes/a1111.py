@@ -217,7 +217,8 @@ def _submit(body: _Txt2ImgBase, state: AppState, http: Request, caller: Caller) 
         dedup = dedup_for(http, generation, "a1111", True)
         return state.submit(generation, client="a1111", dedup=dedup, caller=caller)
     except InvalidRequest as error:  # a server-side check (caps, LoRAs, checkpoints): named as A1111 names it
-        raise InvalidRequest(_A1111_NAMES.get(error.field, error.field), error.rule) from None
+        field = error.field.replace("controlnets.", "alwayson_scripts.controlnet.args.", 1)
+        raise InvalidRequest(_A1111_NAMES.get(field, field), error.rule) from None
 
 
 async def _render(
