@@ -340,3 +340,21 @@ def test_upscale_with_a_model_writes_the_png_and_refuses_unknown_names(
                    tiny_pair, REFINERY_UPSCALER_DIR=str(folder))  # fmt: skip
     assert refused.returncode == 2 and "--model: no upscaler '4x-Nope'" in refused.stderr.replace("\n", "")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_control_flags_guide_the_base_and_errors_name_the_flag(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from tests.engine.test_controlnet import _tiny_controlnet, edges
+
+    _tiny_controlnet(tiny_pair[0], 1).save_pretrained(tmp_path / "controlnet" / "tiny-canny")
+    edges().save(tmp_path / "edges.png")
+    environment = {"REFINERY_CONTROLNET_DIR": str(tmp_path / "controlnet")}
+    arguments = ["generate", "a tower", "--size", "64x64", "--steps", "4", "--refiner-steps", "2", "--seed", "3"]
+    done = _run([*arguments, "-o", str(tmp_path / "a.png"), "--control", f"tiny-canny:{tmp_path / 'edges.png'}:0.8"],
+                tiny_pair, **environment)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    text = Image.open(tmp_path / "a.png").info["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: tiny-canny, Weight: 0.8' in text
+    refused = _run([*arguments, "-o", str(tmp_path / "b.png"), "--control", f"nope:{tmp_path / 'edges.png'}"],
+                   tiny_pair, **environment)  # fmt: skip
+    assert refused.returncode == 2 and "--control #1 (model): no ControlNet 'nope'" in refused.stderr.replace("\n", "")
+    assert not (tmp_path / "b.png").exists()
