@@ -592,3 +592,45 @@ def test_hires_fix_offers_the_upscaler_models_of_the_folder(
         poll(lambda: web.client.get("/v1/jobs").json()["total"] == 1, "the job")
         request = web.client.get("/v1/jobs").json()["items"][0]["request"]
         assert (request["enable_hr"], request["hr_upscaler"]) == (True, "tiny-4x")
+
+
+def test_a_controlnet_unit_from_the_page_shows_its_map_before_generating(
+    server_factory: ServerFactory, page: Page, fake: tuple[object, FakeEngine], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import json
+
+    from PIL import Image, ImageDraw
+
+    from sdxl_refinery.controlnets import ControlNetFolder
+
+    folder = tmp_path / "controlnet" / "canny-sdxl"  # an SDXL ControlNet's folder (the fake engine loads nothing)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", "cross_attention_dim": 2048,
+                                                    "addition_embed_type": "text_time"}))  # fmt: skip
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(fake[0], "controlnet_folder", ControlNetFolder(tmp_path / "controlnet"))
+    photo = Image.new("RGB", (128, 96), "white")
+    ImageDraw.Draw(photo).ellipse((20, 10, 100, 80), fill="black")
+    photo.save(tmp_path / "photo.png")
+    with server_factory() as web:
+        p = page
+        p.goto(web.url + "/")
+        p.wait_for_selector("#app:not([hidden])")
+        fill_small_job(p, prompt="a round window")
+        p.wait_for_selector("#control-form:not([hidden])")
+        assert p.eval_on_selector_all("#control-preprocessor option", "os => os.map(o => o.value)") == [
+            "none", "canny", "invert"]  # fmt: skip
+        p.set_input_files("#control-file", str(tmp_path / "photo.png"))
+        p.wait_for_selector("#control-preview:not([hidden]) #control-map[src^='data:image/png']")
+        first = p.get_attribute("#control-map", "src")
+        p.select_option("#control-preprocessor", "canny")
+        p.wait_for_function(f"document.querySelector('#control-map').src !== {first!r}")  # the edges, shown
+        p.locator("#control-picker").scroll_into_view_if_needed()
+        shot(p, "30-controlnet")
+        p.fill("#control-weight", "0.6")
+        p.click("#submit")
+        poll(lambda: web.client.get("/v1/jobs").json()["total"] == 1, "the job")
+        unit = web.client.get("/v1/jobs").json()["items"][0]["request"]["controlnets"][0]
+        assert (unit["model"], unit["preprocessor"], unit["weight"]) == ("canny-sdxl", "canny", 0.6)
+        assert (unit["image"]["width"], unit["image"]["height"]) == (128, 96)

@@ -15,6 +15,7 @@ const state = {
   blobUrls: [],
   schema: null, // GET /v1/schema: every request field with its default, bounds and face names
   loras: [], // the LoRAs chosen for the next job: [{name, weight}]
+  control: null, // the control image for the next job's ControlNet unit: {dataUrl}
   init: null, // the image to start from: {dataUrl, image, width, height}
   mask: null, // an offscreen canvas the size of the image: white where the image is repainted
   masked: false, // whether anything is painted or uploaded on the mask
@@ -121,7 +122,8 @@ async function start() {
   if (!state.schema) applySchema(await schema.json());
   $("#key-panel").hidden = true;
   $("#app").hidden = false;
-  await Promise.all([loadGallery(), resumeActiveJobs(), loadLoras(), loadCheckpoints(), loadUpscalers()]);
+  await Promise.all([loadGallery(), resumeActiveJobs(), loadLoras(), loadCheckpoints(), loadUpscalers(),
+    loadControlNets()]);
 }
 
 // ---------------------------------------------------------------- the form
@@ -268,6 +270,12 @@ function formRequest() {
   if (request.mode !== "handoff") delete request.switch_at;
   if (!$("#random-seed").checked && form.elements.seed.value !== "") request.seed = Number(form.elements.seed.value);
   if (state.loras.length) request.loras = state.loras.map(({ name, weight }) => ({ name, weight }));
+  if (state.control && $("#control-model").value) {
+    request.controlnets = [{
+      model: $("#control-model").value, image: state.control.dataUrl,
+      weight: Number($("#control-weight").value), preprocessor: $("#control-preprocessor").value,
+    }];
+  }
   if ($("#base-model").value) request.base_model = $("#base-model").value;
   if ($("#refiner-model").value) request.refiner_model = $("#refiner-model").value;
   if (state.init) {
@@ -564,6 +572,58 @@ async function loadUpscalers() {
       select.add(new Option(`${model.name} (${model.architecture} ×${model.scale})`, model.name));
     }
   }
+}
+
+// ---------------------------------------------------------------- ControlNet
+
+// The server's ControlNet folder and preprocessors (the A1111 extension's routes) fill the unit's form; the map
+// the ControlNet will see is shown before generating (POST /controlnet/detect).
+async function loadControlNets() {
+  const [models, modules] = await Promise.all([api("/controlnet/model_list"), api("/controlnet/module_list")]);
+  if (!models.ok || !modules.ok) return;
+  const { model_list: names } = await models.json();
+  const { module_list: preprocessors } = await modules.json();
+  $("#control-model").replaceChildren(...names.map((name) => new Option(name, name)));
+  $("#control-preprocessor").replaceChildren(...preprocessors.map((name) => new Option(name, name)));
+  $("#control-empty").hidden = names.length > 0;
+  $("#control-form").hidden = names.length === 0;
+}
+
+async function showControlMap() {
+  const error = $('[data-error-for="controlnets"]');
+  error.textContent = "";
+  if (!state.control) {
+    $("#control-preview").hidden = true;
+    return;
+  }
+  const body = { controlnet_module: $("#control-preprocessor").value,
+    controlnet_input_images: [state.control.dataUrl] };
+  const response = await api("/controlnet/detect", { method: "POST", body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json" } });
+  if (!response.ok) {
+    error.textContent = `controlnets: the map could not be made (${response.status})`;
+    return;
+  }
+  const { images } = await response.json();
+  $("#control-map").src = `data:image/png;base64,${images[0]}`;
+  $("#control-preview").hidden = false;
+}
+
+async function useControlFile(file) {
+  if (!file) return;
+  try {
+    state.control = { dataUrl: await readFile(file) };
+  } catch (failure) {
+    $('[data-error-for="controlnets"]').textContent = `controlnets: ${failure.message}`;
+    return;
+  }
+  await showControlMap();
+}
+
+function clearControl() {
+  state.control = null;
+  $("#control-file").value = "";
+  $("#control-preview").hidden = true;
 }
 
 // ---------------------------------------------------------------- LoRAs
@@ -884,6 +944,9 @@ function wire() {
     loadGallery();
   });
   $("#lora-add").addEventListener("click", addLora);
+  $("#control-file").addEventListener("change", (event) => useControlFile(event.target.files[0]));
+  $("#control-preprocessor").addEventListener("change", showControlMap);
+  $("#control-clear").addEventListener("click", clearControl);
   wireImageInputs();
   $("#close-viewer").addEventListener("click", () => $("#viewer").close());
   $("#copy-seed").addEventListener("click", copySeed);
