@@ -354,6 +354,13 @@ def test_control_flags_guide_the_base_and_errors_name_the_flag(tiny_pair: tuple[
     assert done.returncode == 0, done.stderr
     text = Image.open(tmp_path / "a.png").info["parameters"]
     assert 'ControlNet 0: "Module: none, Model: tiny-canny, Weight: 0.8' in text
+    again = _run(["generate", "--from", str(tmp_path / "a.png"), "-o", str(tmp_path / "again.png"), "--control",
+                  f"tiny-canny:{tmp_path / 'edges.png'}:0.8"], tiny_pair, **environment)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "a.png")))
+    asked = _run(["generate", "--from", str(tmp_path / "a.png"), "-o", str(tmp_path / "c.png")], tiny_pair,
+                 **environment)  # fmt: skip
+    assert asked.returncode == 2 and "give it with --control MODEL:IMAGE" in asked.stderr.replace("\n", "")
     refused = _run([*arguments, "-o", str(tmp_path / "b.png"), "--control", f"nope:{tmp_path / 'edges.png'}"],
                    tiny_pair, **environment)  # fmt: skip
     assert refused.returncode == 2 and "--control #1 (model): no ControlNet 'nope'" in refused.stderr.replace("\n", "")

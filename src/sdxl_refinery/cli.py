@@ -226,8 +226,14 @@ def _generate(
         given.update(fields)
         if lora:
             fields["loras"] = [*fields.get("loras", []), *map(_parse_lora, lora)]
-        if control:
-            fields["controlnets"] = [*fields.get("controlnets", []), *map(_parse_control, control)]
+        if control:  # given units replace the ones a --from PNG recorded
+            fields["controlnets"] = [_parse_control(text) for text in control]
+        elif fields.get("controlnets"):  # recorded by hash: each unit's image must be at hand
+            fields["controlnets"] = [
+                {**unit, "image": _recorded_image(f"controlnets.{index}.image", "--control MODEL:IMAGE", unit["image"],
+                                                  None)} if isinstance(unit.get("image"), dict) else unit
+                for index, unit in enumerate(fields["controlnets"])
+            ]  # fmt: skip
         if "prompt" not in fields:
             raise InvalidRequest("prompt", "is required (or give --from image.png)")
         if fields.get("seed") is None:
