@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import model_facts
-from .batching import BatchCall, Enlarge, Run, batch_key
+from .batching import BatchCall, Run, batch_key
 from .config import Settings
 from .controlnets import ControlNetFolder
 from .embeddings import EmbeddingFolder
@@ -40,8 +40,9 @@ from .request import (
     validate_device,
     validate_precision,
 )
+from .upscale_door import UpscaleDoor
 from .upscale_request import UpscaleRequest
-from .upscale_run import UpscaleResult, run_upscale
+from .upscale_run import UpscaleResult
 
 if TYPE_CHECKING:
     from .engine.passes import Outcome
@@ -116,15 +117,14 @@ class ImageService:
         self.speed = speed or SpeedOptions()
         self.lora_folder = LoraFolder(lora_dir)
         self.models_folder = ModelFolder(models_dir)
-        self.upscaler_dir = upscaler_dir
         self.embedding_folder = EmbeddingFolder(embeddings_dir)
         self.controlnet_folder = ControlNetFolder(controlnet_dir)
-        self._upscalers: Upscalers | None = None
         self._engine: RunsRequests | None = None  # the engine of the latest run (or load)
         self._pairs = LoadedPairs(max_loaded_pairs, self._room_for, self._released)
         self._engine_factory = engine_factory or self._load_engine
         self.own_models: dict[str, str] = {}  # the service's own pair as last loaded (names, hashes), kept after
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinery-engine")
+        self.upscaling = UpscaleDoor(upscaler_dir, self.device, self._executor)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageService:
@@ -334,7 +334,7 @@ class ImageService:
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
         embeddings = self.embedding_folder.used_by(request.encoded_prompt, request.negative_prompt)
         controls = self.check_controlnets(request)
-        return PreparedCall(call, seeds, models, loras, self._hires_enlarge(request), embeddings, controls)
+        return PreparedCall(call, seeds, models, loras, self.upscaling.hires_enlarge(request), embeddings, controls)
 
     def _generate_sync(self, ready: list[PreparedCall]) -> list[GenerationResult | RefineryError]:
         """On the engine thread: one engine run for the calls not yet cancelled, then each call's result."""
@@ -380,30 +380,11 @@ class ImageService:
     @property
     def upscalers(self) -> Upscalers:
         """The upscaler folder on this service's device (torch loads on first use)."""
-        if self._upscalers is None:
-            from .engine.upscaling import Upscalers
-
-            self._upscalers = Upscalers(self.upscaler_dir, self.device)
-        return self._upscalers
+        return self.upscaling.upscalers
 
     def check_upscalers(self, request: GenerationRequest | UpscaleRequest) -> None:
-        """Refuse, before any work, an upscaler that is not a resampler or a usable model of the folder.
-
-        Raises:
-            InvalidRequest: field `upscaler`, `upscaler_2` or `hr_upscaler`, naming the upscaler and why.
-        """
-        if isinstance(request, UpscaleRequest):
-            for field, name in zip(("upscaler", "upscaler_2"), request.upscaler_names, strict=False):
-                self.upscalers.check(name, field)
-        elif request.enable_hr and request.hires_upscaler is None:
-            self.upscalers.check(request.hr_upscaler, "hr_upscaler")
-
-    def _hires_enlarge(self, request: GenerationRequest) -> Enlarge | None:
-        """Hires fix's enlargement by an upscaler model, when the request names one."""
-        if not request.enable_hr or request.hires_upscaler is not None:
-            return None
-        upscalers, name = self.upscalers, request.hr_upscaler
-        return lambda image, target: upscalers.enlarge(image, name, target)
+        """Raises: InvalidRequest: an upscaler that is not a resampler or a usable model (`UpscaleDoor.check`)."""
+        self.upscaling.check(request)
 
     async def upscale(
         self,
@@ -430,23 +411,11 @@ class ImageService:
         return outcome
 
     async def _upscale_call(self, call: BatchCall) -> UpscaleResult | RefineryError:
-        request = call.request
-        assert isinstance(request, UpscaleRequest)
         try:
-            if call.output_path is not None:
-                check_writable_folder(Path(call.output_path))
-            check_images(request)
-            self.check_upscalers(request)
-            loop = asyncio.get_running_loop()
-            work = loop.run_in_executor(self._executor, run_upscale, self.upscalers, request, call.output_path,
-                                        call.on_progress, call.cancel)  # fmt: skip
-            try:
-                return await asyncio.shield(work)
-            except asyncio.CancelledError:
-                call.cancel.cancel()  # the engine thread stops before its next tile
-                raise
+            check_images(call.request)
         except RefineryError as error:
             return error
+        return await self.upscaling.run(call)
 
     def check_controlnets(self, request: GenerationRequest) -> list[Path]:
         """The folder of each ControlNet unit's model, checked before any work (names from the folder only).

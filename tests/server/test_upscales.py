@@ -43,7 +43,7 @@ def upscaler_folder(tmp_path: Path) -> Path:
 
 
 def _with_upscalers(service: ImageService, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "_upscalers", Upscalers(folder, "cpu"))
+    monkeypatch.setattr(service.upscaling, "_upscalers", Upscalers(folder, "cpu"))
 
 
 @pytest.fixture

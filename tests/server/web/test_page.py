@@ -578,7 +578,7 @@ def test_hires_fix_offers_the_upscaler_models_of_the_folder(
     from tests.upscaler_files import write_tiny_esrgan
 
     write_tiny_esrgan(tmp_path / "upscalers" / "tiny-4x.safetensors")
-    monkeypatch.setattr(fake[0], "_upscalers", Upscalers(tmp_path / "upscalers", "cpu"))
+    monkeypatch.setattr(fake[0].upscaling, "_upscalers", Upscalers(tmp_path / "upscalers", "cpu"))
     with server_factory() as web:
         p = page
         p.goto(web.url + "/")
