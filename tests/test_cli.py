@@ -365,3 +365,18 @@ def test_control_flags_guide_the_base_and_errors_name_the_flag(tiny_pair: tuple[
                    tiny_pair, **environment)  # fmt: skip
     assert refused.returncode == 2 and "--control #1 (model): no ControlNet 'nope'" in refused.stderr.replace("\n", "")
     assert not (tmp_path / "b.png").exists()
+
+
+def test_image_prompt_flags_guide_the_base(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from tests.engine.test_image_prompts import write_tiny_ip_adapter
+
+    write_tiny_ip_adapter(tiny_pair[0], tmp_path / "ip", "tiny-ip", 1)
+    Image.new("RGB", (40, 40), (200, 40, 40)).save(tmp_path / "ref.png")
+    environment = {"REFINERY_IP_ADAPTER_DIR": str(tmp_path / "ip")}
+    arguments = ["generate", "a tower", "--size", "64x64", "--steps", "4", "--refiner-steps", "2", "--seed", "3"]
+    done = _run([*arguments, "-o", str(tmp_path / "a.png"), "--image-prompt", f"tiny-ip:{tmp_path / 'ref.png'}:0.7"],
+                tiny_pair, **environment)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert 'IP-Adapter 0: "Model: tiny-ip, Weight: 0.7' in Image.open(tmp_path / "a.png").info["parameters"]
+    refused = _run([*arguments, "-o", str(tmp_path / "b.png"), "--image-prompt", "tiny-ip"], tiny_pair, **environment)
+    assert refused.returncode == 2 and "give MODEL:IMAGE[:WEIGHT]" in refused.stderr.replace("\n", "")

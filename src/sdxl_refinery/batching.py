@@ -30,8 +30,8 @@ Enlarge = Callable[[Image.Image, tuple[int, int]], Image.Image]
 
 # What may differ between the requests of one pass: their words and their seeds.
 PER_JOB_FIELDS = frozenset({"prompt", "negative_prompt", "seed", "n"})
-# Edits start from the job's own image (and mask): they run alone; so do requests with ControlNet units (their
-# own control images).
+# Edits start from the job's own image (and mask): they run alone; so do requests with ControlNet units or
+# image prompts (their own images).
 SOLO_FIELDS = ("init_image", "mask_image")
 
 # Device defaults, from docs/performance.md. CUDA (H200): at 512 a batch of 4 images costs what one does
@@ -47,7 +47,7 @@ def batch_key(request: GenerationRequest | UpscaleRequest) -> str | None:
     request's own image; upscales)."""
     if isinstance(request, UpscaleRequest):
         return None
-    if any(getattr(request, name) is not None for name in SOLO_FIELDS) or request.controlnets:
+    if any(getattr(request, name) is not None for name in SOLO_FIELDS) or request.controlnets or request.image_prompts:
         return None
     # LoRAs compare as applied: the field's and the prompt's <lora:...> tags together.
     shared = request.model_dump(mode="json", exclude={*PER_JOB_FIELDS, "loras"})
@@ -95,6 +95,7 @@ class RunItem:
     preview_every: int = 0
     hires_enlarge: Enlarge | None = None  # hires fix by an upscaler model (None: latent or a resampler)
     control_models: list[Path] = field(default_factory=list)  # the folder of each ControlNet unit's model
+    image_prompt_files: list[Path] = field(default_factory=list)  # each image prompt's IP-Adapter file
 
 
 @dataclass

@@ -204,6 +204,15 @@ def _generate(
             rich_help_panel=_MODELS,
         ),
     ] = None,
+    image_prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--image-prompt",
+            help="An image prompt: MODEL:IMAGE[:WEIGHT], an IP-Adapter from the IP-Adapter folder, a reference image "
+            "file, weight 0..2 (default 1); repeatable.",
+            rich_help_panel=_MODELS,
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show the stage log lines.", rich_help_panel=_OUTPUT)
     ] = False,
@@ -226,6 +235,14 @@ def _generate(
         given.update(fields)
         if lora:
             fields["loras"] = [*fields.get("loras", []), *map(_parse_lora, lora)]
+        if image_prompt:  # given image prompts replace the ones a --from PNG recorded
+            fields["image_prompts"] = [_parse_image_prompt(text) for text in image_prompt]
+        elif fields.get("image_prompts"):  # recorded by hash: each reference image must be at hand
+            fields["image_prompts"] = [
+                {**prompt, "image": _recorded_image(f"image_prompts.{index}.image", "--image-prompt MODEL:IMAGE",
+                                                    prompt["image"], None)} if isinstance(prompt.get("image"), dict)
+                else prompt for index, prompt in enumerate(fields["image_prompts"])
+            ]  # fmt: skip
         if control:  # given units replace the ones a --from PNG recorded
             fields["controlnets"] = [_parse_control(text) for text in control]
         elif fields.get("controlnets"):  # recorded by hash: each unit's image must be at hand
@@ -283,6 +300,20 @@ def _parse_control(text: str) -> dict[str, Any]:
     if len(parts) > 3 and parts[3]:
         unit["preprocessor"] = parts[3]
     return unit
+
+
+def _parse_image_prompt(text: str) -> dict[str, Any]:
+    """`MODEL:IMAGE[:WEIGHT]` as an image prompt of the request (its rules are the request's)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise InvalidRequest("image_prompts", f"--image-prompt {text}: give MODEL:IMAGE[:WEIGHT]")
+    prompt: dict[str, Any] = {"model": parts[0], "image": Path(parts[1])}
+    if len(parts) == 3 and parts[2]:
+        try:
+            prompt["weight"] = float(parts[2])
+        except ValueError:
+            raise InvalidRequest("image_prompts", f"--image-prompt {text}: the weight must be a number") from None
+    return prompt
 
 
 def _parse_lora(text: str) -> dict[str, Any]:

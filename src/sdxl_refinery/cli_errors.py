@@ -42,9 +42,10 @@ def flag_message(error: InvalidRequest, given: dict[str, Any]) -> str:
     """
     spec = next((spec for spec in REQUEST_FIELDS if spec.name == error.field), None)
     flag = spec.faces.cli if spec is not None and spec.faces.cli else _OTHER_FLAGS.get(error.field, error.field)
-    if error.field.startswith("controlnets."):  # controlnets.N.FIELD: the N-th --control
-        number, _, part = error.field.removeprefix("controlnets.").partition(".")
-        flag = f"--control #{int(number) + 1}" + (f" ({part})" if part else "")
+    for prefix, option in (("controlnets.", "--control"), ("image_prompts.", "--image-prompt")):
+        if error.field.startswith(prefix):  # controlnets.N.FIELD: the N-th --control
+            number, _, part = error.field.removeprefix(prefix).partition(".")
+            flag = f"{option} #{int(number) + 1}" + (f" ({part})" if part else "")
     value = given.get(error.field)
     hint = ""
     if error.field in _SIZE_FIELDS and "size_flag" in given:

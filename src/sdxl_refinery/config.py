@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     upscaler_dir: Path | None = None  # upscaler models (ESRGAN and kin); default <data_dir>/upscalers
     embeddings_dir: Path | None = None  # SDXL textual-inversion embeddings; default <data_dir>/embeddings
     controlnet_dir: Path | None = None  # SDXL ControlNets (diffusers folders); default <data_dir>/controlnet
+    ip_adapter_dir: Path | None = None  # SDXL IP-Adapters with their image encoders; default <data_dir>/ip-adapter
     max_loaded_pairs: int = Field(1, ge=1, le=8)  # base + refiner pairs kept loaded; the oldest goes first
     api_key: str | None = None  # the single key of a private server: sees everything (an admin key)
     api_keys_file: Path | None = None  # named keys of a shared server, each seeing its own jobs (server/keys.py)
@@ -147,6 +148,10 @@ class Settings(BaseSettings):
     def controlnets_folder(self) -> Path:
         """Where ControlNets are found by name: `controlnet_dir`, else `<data_dir>/controlnet`."""
         return self.controlnet_dir if self.controlnet_dir is not None else self.data_dir / "controlnet"
+
+    def ip_adapters_folder(self) -> Path:
+        """Where IP-Adapters are found by name: `ip_adapter_dir`, else `<data_dir>/ip-adapter`."""
+        return self.ip_adapter_dir if self.ip_adapter_dir is not None else self.data_dir / "ip-adapter"
 
     def speed(self) -> SpeedOptions:
         """The speed options these settings ask for."""

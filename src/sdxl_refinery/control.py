@@ -15,6 +15,7 @@ from .editing import ResizeMode, _Named
 from .input_images import ImageField
 
 MAX_CONTROLNETS = 4
+MAX_IMAGE_PROMPTS = 4
 MAX_WEIGHT = 2.0  # A1111's slider
 
 
@@ -36,7 +37,7 @@ class Preprocessor(_Named):
 
 # A1111 module names that need annotator weights (depth, pose, segmentation...): refused, naming the folder.
 NEEDS_WEIGHTS = ("depth", "openpose", "dw_openpose", "lineart", "softedge", "hed", "pidinet", "mlsd", "normal",
-                 "seg", "scribble_hed", "tile_colorfix", "reference", "ip-adapter", "instant_id")  # fmt: skip
+                 "seg", "scribble_hed", "tile_colorfix", "reference", "instant_id")  # fmt: skip
 A1111_ALIASES = {"invert (from white bg & black line)": "invert", "canny": "canny", "none": "none"}
 
 
@@ -67,6 +68,8 @@ class ControlUnit(BaseModel):
     def _known_preprocessor(cls, value: Any) -> Any:
         if isinstance(value, str):
             text = A1111_ALIASES.get(value.strip().lower(), value.strip().lower())
+            if text.startswith("ip-adapter"):
+                raise ValueError(f"{value!r}: IP-Adapters are image prompts (the request's image_prompts)")
             if any(text.startswith(name) for name in NEEDS_WEIGHTS):
                 raise ValueError(f"{value!r} needs annotator weights, which Refinery does not load; give a map "
                                  "made already with preprocessor 'none' (or canny, invert)")  # fmt: skip
@@ -96,3 +99,24 @@ class ControlUnit(BaseModel):
         return (f"Module: {self.preprocessor.value}, Model: {self.model}, Weight: {self.weight:g}, "
                 f"Resize Mode: {self.resize_mode.value}, Guidance Start: {self.guidance_start:g}, "
                 f"Guidance End: {self.guidance_end:g}, Control Mode: {self.control_mode.value}")  # fmt: skip
+
+
+class ImagePrompt(BaseModel):
+    """A reference image guiding the base through an IP-Adapter (Fooocus's Image Prompt)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    model: str = Field(min_length=1, max_length=255, description="An IP-Adapter from the IP-Adapter folder, by name.")
+    image: ImageField = Field(description="The reference image (base64 over HTTP).")
+    weight: float = Field(1.0, ge=0.0, le=MAX_WEIGHT, description="How strongly it guides (the adapter's scale).")
+
+    @model_validator(mode="after")
+    def _has_an_image(self) -> ImagePrompt:
+        if self.image is None:
+            raise ValueError("image: a reference image is required")
+        return self
+
+    def a1111_text(self) -> str:
+        """The image prompt as a PNG's `parameters` record it (the value of `IP-Adapter 0`)."""
+        digest = self.image.short_hash if self.image is not None else "?"
+        return f"Model: {self.model}, Weight: {self.weight:g}, Image hash: {digest}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from .control import ControlUnit
+from .control import ControlUnit, ImagePrompt
 from .errors import StorageError
 from .input_images import HASH_LENGTH
 from .request import REQUEST_FIELDS, GenerationRequest
@@ -58,6 +58,8 @@ def a1111_parameters(metadata: dict[str, Any], index: int = 0) -> str:
     fields += [(label, _image_hash(request.get(name))) for name, label in _IMAGE_LABELS]
     fields += [(f"ControlNet {index}", ControlUnit(**unit).a1111_text())
                for index, unit in enumerate(request.get("controlnets") or [])]  # fmt: skip
+    fields += [(f"IP-Adapter {index}", ImagePrompt(**prompt).a1111_text())
+               for index, prompt in enumerate(request.get("image_prompts") or [])]  # fmt: skip
     if metadata["refined"]:
         fields += [("Refiner", models.get("refiner")), ("Refiner hash", models.get("refiner_hash"))]
     fields += list(values.items())

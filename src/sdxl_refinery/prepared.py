@@ -33,12 +33,13 @@ class PreparedCall:
     hires_enlarge: Enlarge | None = None
     embeddings: list[EmbeddingFile] = field(default_factory=list)  # those its prompt and negative prompt use
     control_models: list[Path] = field(default_factory=list)  # each ControlNet unit's model folder
+    image_prompt_files: list[Path] = field(default_factory=list)  # each image prompt's IP-Adapter file
 
     def item(self) -> RunItem:
         call = self.call
         assert isinstance(call.request, GenerationRequest)
         return RunItem(call.request, self.seeds, call.on_progress, call.cancel, call.preview_every,
-                       self.hires_enlarge, self.control_models)  # fmt: skip
+                       self.hires_enlarge, self.control_models, self.image_prompt_files)  # fmt: skip
 
 
 def finish_call(entry: PreparedCall, output: EngineOutput, engine: RunsRequests) -> GenerationResult:

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from .control import MAX_CONTROLNETS, ControlUnit
+from .control import MAX_CONTROLNETS, MAX_IMAGE_PROMPTS, ControlUnit, ImagePrompt
 from .editing import HiresUpscaler, InpaintFill, ResizeMode, hires_size
 from .errors import InvalidRequest
 from .fields import Faces, FieldSpec, field_table
@@ -214,6 +214,10 @@ class GenerationRequest(BaseModel):
         (), max_length=MAX_CONTROLNETS, description="ControlNet units guiding the base: [{model, image, weight, "
         "guidance_start, guidance_end, control_mode, resize_mode, preprocessor, threshold_a, threshold_b}].",
     )  # fmt: skip
+    image_prompts: Annotated[tuple[ImagePrompt, ...], Faces(web=False)] = Field(
+        (), max_length=MAX_IMAGE_PROMPTS, description="Reference images guiding the base through IP-Adapters: "
+        "[{model, image, weight}].",
+    )  # fmt: skip
     hr_second_pass_steps: Annotated[
         int, Faces(cli="--hires-steps", a1111="hr_second_pass_steps", label="Hires steps")
     ] = Field(0, ge=0, le=MAX_STEPS, description="Schedule length of the hires pass (0: num_inference_steps).")
@@ -350,13 +354,17 @@ class GenerationRequest(BaseModel):
         missing = [
             name for name in ("init_image", "mask_image") if (image := getattr(self, name)) and image.is_reference
         ]
-        return missing + [f"controlnets.{index}.image" for index, unit in enumerate(self.controlnets)
-                          if unit.image is not None and unit.image.is_reference]  # fmt: skip
+        missing += [f"controlnets.{index}.image" for index, unit in enumerate(self.controlnets)
+                    if unit.image is not None and unit.image.is_reference]  # fmt: skip
+        return missing + [f"image_prompts.{index}.image" for index, prompt in enumerate(self.image_prompts)
+                          if prompt.image is not None and prompt.image.is_reference]  # fmt: skip
 
     def image_at(self, name: str) -> InputImage | None:
         """The image a `missing_images` name points at (`init_image`, `controlnets.0.image`)."""
         if name.startswith("controlnets."):
             return self.controlnets[int(name.split(".")[1])].image
+        if name.startswith("image_prompts."):
+            return self.image_prompts[int(name.split(".")[1])].image
         image: InputImage | None = getattr(self, name)
         return image
 

@@ -22,6 +22,7 @@ from .controlnets import ControlNetFolder
 from .embeddings import EmbeddingFolder
 from .engine.catalog import ModelFolder
 from .errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError, StorageError
+from .ip_adapters import IpAdapterFolder
 from .loras import LoraFile, LoraFolder
 from .pairs import LoadedPairs
 from .png import check_writable_folder
@@ -104,6 +105,7 @@ class ImageService:
         upscaler_dir: Path | None = None,
         embeddings_dir: Path | None = None,
         controlnet_dir: Path | None = None,
+        ip_adapter_dir: Path | None = None,
     ) -> None:
         if base_model is None or refiner_model is None:
             # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
@@ -119,6 +121,7 @@ class ImageService:
         self.models_folder = ModelFolder(models_dir)
         self.embedding_folder = EmbeddingFolder(embeddings_dir)
         self.controlnet_folder = ControlNetFolder(controlnet_dir)
+        self.ip_adapter_folder = IpAdapterFolder(ip_adapter_dir)
         self._engine: RunsRequests | None = None  # the engine of the latest run (or load)
         self._pairs = LoadedPairs(max_loaded_pairs, self._room_for, self._released)
         self._engine_factory = engine_factory or self._load_engine
@@ -133,7 +136,8 @@ class ImageService:
                    lora_dir=settings.loras_folder(), models_dir=settings.models_folder(),
                    max_loaded_pairs=settings.max_loaded_pairs,
                    upscaler_dir=settings.upscalers_folder(), embeddings_dir=settings.embeddings_folder(),
-                   controlnet_dir=settings.controlnets_folder())  # fmt: skip
+                   controlnet_dir=settings.controlnets_folder(),
+                   ip_adapter_dir=settings.ip_adapters_folder())  # fmt: skip
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -334,7 +338,9 @@ class ImageService:
         seeds = request.seeds_or_none() or [secrets.randbelow(MAX_SEED + 1) for _ in range(request.n)]
         embeddings = self.embedding_folder.used_by(request.encoded_prompt, request.negative_prompt)
         controls = self.check_controlnets(request)
-        return PreparedCall(call, seeds, models, loras, self.upscaling.hires_enlarge(request), embeddings, controls)
+        adapters = self.check_image_prompts(request)
+        return PreparedCall(call, seeds, models, loras, self.upscaling.hires_enlarge(request), embeddings, controls,
+                            adapters)  # fmt: skip
 
     def _generate_sync(self, ready: list[PreparedCall]) -> list[GenerationResult | RefineryError]:
         """On the engine thread: one engine run for the calls not yet cancelled, then each call's result."""
@@ -425,6 +431,15 @@ class ImageService:
         """
         return [self.controlnet_folder.check(unit.model, f"controlnets.{index}.model", self._context_width())
                 for index, unit in enumerate(request.controlnets)]  # fmt: skip
+
+    def check_image_prompts(self, request: GenerationRequest) -> list[Path]:
+        """The IP-Adapter file of each image prompt, checked before any work (names from the folder only).
+
+        Raises:
+            InvalidRequest: field `image_prompts.N.model`: unknown, unusable and why, or another image encoder.
+        """
+        names = [prompt.model for prompt in request.image_prompts]
+        return self.ip_adapter_folder.check(names, self._context_width()) if names else []
 
     def check_loras(self, request: GenerationRequest, allow_paths: bool) -> list[tuple[LoraFile, float]]:
         """The request's LoRAs (field and prompt tags), each resolved and checked, before any work.

@@ -95,3 +95,29 @@ def test_the_native_field_takes_base64_units(real: RunningServer) -> None:
     refused = real.client.post("/v1/jobs", json={"prompt": "x", "controlnets": [{**unit, "image": "/etc/passwd"}]})
     assert refused.status_code == 422 and "controlnets" in refused.text
     assert Image.open(io.BytesIO(real.client.get(done["result"]["urls"][0]).content)).size == (64, 64)
+
+
+def test_ip_adapter_units_as_the_extension_takes_them_become_image_prompts(
+    real_server_factory: ServerFactory, service: ImageService, tiny_pair: tuple[Path, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from sdxl_refinery.ip_adapters import IpAdapterFolder
+    from tests.engine.test_image_prompts import write_tiny_ip_adapter
+
+    write_tiny_ip_adapter(tiny_pair[0], tmp_path / "ip-adapter", "tiny-ip", 1)
+    monkeypatch.setattr(service, "ip_adapter_folder", IpAdapterFolder(tmp_path / "ip-adapter"))
+    with real_server_factory() as real:
+        api = webuiapi.WebUIApi(baseurl=real.url + "/sdapi/v1")
+        common: dict[str, Any] = {"prompt": "a tower", "width": 64, "height": 64, "steps": 4, "seed": 5}
+        plain = api.txt2img(**common)
+        unit = webuiapi.ControlNetUnit(image=picture(), module="ip-adapter_clip_sdxl", model="tiny-ip [abcdef12]",
+                                       weight=0.7)  # fmt: skip
+        guided = api.txt2img(**common, controlnet_units=[unit])
+        difference = np.abs(np.asarray(guided.image, dtype=np.int16) - np.asarray(plain.image, dtype=np.int16))
+        assert difference.max() > 10
+        assert 'IP-Adapter 0: "Model: tiny-ip, Weight: 0.7, Image hash:' in guided.info["infotexts"][0]
+        assert real.client.get("/v1/ip-adapters").json()["ip_adapters"] == ["tiny-ip"]
+        bad = webuiapi.ControlNetUnit(image=picture(), module="ip-adapter_clip_sdxl", model="nope")
+        refused = requests.post(real.url + "/sdapi/v1/txt2img", json={**common, "alwayson_scripts": {
+            "ControlNet": {"args": [bad.to_dict()]}}}, timeout=60)  # fmt: skip
+        assert refused.status_code == 422 and "alwayson_scripts.controlnet.ip-adapters.0.model" in refused.text

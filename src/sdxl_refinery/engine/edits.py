@@ -31,7 +31,9 @@ from ..request import GenerationRequest
 from .image_prep import EditInputs
 from .loader import LoadedPair
 
-_PIPELINE_PARTS = {"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"}
+# The modules an edit pipeline shares with the live one (the image encoder while IP-Adapters are loaded).
+_PIPELINE_PARTS = {"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
+                   "image_encoder", "feature_extractor"}  # fmt: skip
 
 
 class EditPipelines:

@@ -30,6 +30,7 @@ from .device import Placement
 from .edits import EditPipelines, inpaint_inputs, is_inpainting_unet, masked_image_latents, upscale, vae_dtype_kept
 from .embedding_vectors import EmbeddingMismatch, embeddings_applied
 from .image_prep import EditInputs
+from .image_prompts import ip_adapters_applied
 from .loader import LoadedPair, pair_modules
 from .lora_weights import LoraMismatch, LoraWeights
 from .passes import EngineOutput, Outcome, Pass, solo_pass
@@ -249,7 +250,10 @@ class TwoStageRunner:
         with self._fp32_eager() if fp32 else contextlib.nullcontext():
             # 1. Stage 1: the base, into latents.
             with vae_dtype_kept(self.pair.base.vae):
-                latents = self._run_base(run, generators, tracker, timings)
+                prompts = run.request.image_prompts  # IP-Adapters in the base for its pass only
+                with ip_adapters_applied(self.pair.base, run.items[0].image_prompt_files,
+                                         [prompt.weight for prompt in prompts]):  # fmt: skip
+                    latents = self._run_base(run, generators, tracker, timings)
             if not all_finite(latents):
                 raise NonFinite("NaN/Inf in the base stage's latents")
             tracker.settle(latents)  # a request interrupted now keeps its base latents
@@ -317,6 +321,9 @@ class TwoStageRunner:
             "guidance_scale": request.guidance_scale, "guidance_rescale": self.guidance_rescale(request),
             "generator": generators, "output_type": "latent", "callback_on_step_end": tracker,
         }  # fmt: skip
+        if request.image_prompts:
+            references = [prompt.image.open() for prompt in request.image_prompts if prompt.image is not None]
+            common["ip_adapter_image"] = references[0] if len(references) == 1 else references
         end = request.switch_at if handoff else None
         # 1. Hires fix's first pass: text to image at width x height, then enlarged for the pass below.
         image: object = None

@@ -45,9 +45,9 @@ from .routes import (
     checkpoints,
     jobs,
     loras,
+    model_folders,
     openai,
     ops,
-    upscalers,
 )
 from .routes.a1111_settings import NotServed, a1111_error
 from .routes.openai import openai_error, openai_param
@@ -237,7 +237,7 @@ def create_app(settings: Settings, service: ImageService | None = None, store: J
         a1111_options.router,
         a1111_extras.router,
         a1111_controlnet.router,
-        upscalers.router,
+        model_folders.router,
         loras.router,
         checkpoints.router,
     ):

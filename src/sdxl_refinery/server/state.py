@@ -82,6 +82,7 @@ class AppState:
             self.service.check_loras(request, allow_paths=False)
             self.service.check_clip_skip(request)
             self.service.check_controlnets(request)
+            self.service.check_image_prompts(request)
         self.service.check_upscalers(request)
         if self.worker is not None and not self.worker.output_works():  # probed now: freed space counts at once
             problem = self.worker.output_fault

@@ -95,8 +95,11 @@ class _Txt2ImgBase(BaseModel):
         if "switch_at" in fields:  # A1111's refiner_switch_at is SDXL's handoff
             fields["mode"] = Mode.HANDOFF
         self._images(fields, origin)
-        if units := controlnet_units(self.alwayson_scripts):
+        units, prompts = controlnet_units(self.alwayson_scripts)
+        if units:
             fields["controlnets"], origin["controlnets"] = units, "alwayson_scripts.controlnet.args"
+        if prompts:  # IP-Adapter units: numbered among the image prompts, named by the extension's key
+            fields["image_prompts"], origin["image_prompts"] = prompts, "alwayson_scripts.controlnet.ip-adapters"
         _strength_zero_as_a1111(fields)
         if str(fields.get("refiner_model", "?")).strip().lower() in ("", "none"):
             del fields["refiner_model"]  # A1111's "no refiner chosen": Refinery refines with its own
@@ -106,7 +109,8 @@ class _Txt2ImgBase(BaseModel):
                 check(request)
         except InvalidRequest as error:
             field, dot, rest = error.field.partition(".")
-            renamed = origin.get(field, field) + dot + rest if field == "controlnets" else origin.get(field, field)
+            nested = field in ("controlnets", "image_prompts")
+            renamed = origin.get(field, field) + dot + rest if nested else origin.get(field, field)
             raise InvalidRequest(renamed, error.rule) from None
         return request
 
@@ -218,6 +222,7 @@ def _submit(body: _Txt2ImgBase, state: AppState, http: Request, caller: Caller) 
         return state.submit(generation, client="a1111", dedup=dedup, caller=caller)
     except InvalidRequest as error:  # a server-side check (caps, LoRAs, checkpoints): named as A1111 names it
         field = error.field.replace("controlnets.", "alwayson_scripts.controlnet.args.", 1)
+        field = field.replace("image_prompts.", "alwayson_scripts.controlnet.ip-adapters.", 1)
         raise InvalidRequest(_A1111_NAMES.get(field, field), error.rule) from None
 
 

@@ -29,19 +29,20 @@ _UNIT_FIELDS = ("weight", "guidance_start", "guidance_end", "control_mode", "res
                 "threshold_b")  # fmt: skip
 
 
-def controlnet_units(scripts: dict[str, Any]) -> list[dict[str, Any]]:
-    """The enabled units of `alwayson_scripts`'s ControlNet entry (any case), as request `controlnets`.
+def controlnet_units(scripts: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The enabled units of `alwayson_scripts`'s ControlNet entry (any case), as request `controlnets`, and the
+    IP-Adapter units among them (module `ip-adapter...`, as the extension runs IP-Adapters) as `image_prompts`.
 
     Raises:
         InvalidRequest: naming `alwayson_scripts.controlnet.args.N.FIELD`.
     """
     entry = next((value for key, value in scripts.items() if key.lower() == "controlnet"), None)
     if entry is None:
-        return []
+        return [], []
     args = entry.get("args") if isinstance(entry, dict) else None
     if not isinstance(args, list):
         raise InvalidRequest("alwayson_scripts.controlnet.args", "must be a list of ControlNet units")
-    units = []
+    units, prompts = [], []
     for index, unit in enumerate(args):
         where = f"alwayson_scripts.controlnet.args.{index}"
         if not isinstance(unit, dict):
@@ -60,9 +61,13 @@ def controlnet_units(scripts: dict[str, Any]) -> list[dict[str, Any]]:
             decoded = http_input_image(image)
         except ValueError as error:
             raise InvalidRequest(f"{where}.image", str(error)) from None
+        module = str(unit.get("module") or "none")
+        if module.lower().startswith("ip-adapter"):
+            prompts.append({"model": model, "image": decoded, "weight": unit.get("weight", 1.0)})
+            continue
         fields = {name: unit[name] for name in _UNIT_FIELDS if unit.get(name) is not None}
-        units.append({"model": model, "image": decoded, "preprocessor": unit.get("module") or "none", **fields})
-    return units
+        units.append({"model": model, "image": decoded, "preprocessor": module, **fields})
+    return units, prompts
 
 
 @router.get("/controlnet/version")

@@ -1,4 +1,5 @@
-"""Upscalers over HTTP: the folder's models (native and A1111 listings) and native upscale jobs.
+"""Model folders over HTTP: upscalers (native and A1111 listings, native upscale jobs), and the native
+listings of the ControlNet and IP-Adapter folders.
 
 A1111's extras routes (`/sdapi/v1/extra-*`) are in `a1111_extras`.
 """
@@ -20,7 +21,7 @@ from ..offload import json_body_schema, off_loop, parsed_body
 from ..security import Authorized
 from ..state import AppState, State
 
-router = APIRouter(tags=["upscalers"])
+router = APIRouter(tags=["model folders"])
 
 
 @router.get("/v1/upscalers")
@@ -60,3 +61,21 @@ async def submit_upscale(state: State, request: Request, caller: Authorized) -> 
 def _submitted(state: AppState, body: UpscaleRequest, dedup: Dedup | None, caller: Caller) -> tuple[Job, int | None]:
     job = state.submit(body, client="native", dedup=dedup, caller=caller)
     return job, state.store.position(job.id)
+
+
+@router.get("/v1/ip-adapters")
+def ip_adapters(state: State, _: Authorized) -> dict[str, Any]:
+    """IP-Adapters an image prompt may name (`image_prompts: [{model, image, weight}]`), and files that cannot be
+    used, with the reason."""
+    entries = state.service.ip_adapter_folder.entries(state.service.base_context_width())
+    return {"ip_adapters": [entry.name for entry in entries if entry.reason is None],
+            "unusable": {entry.name: entry.reason for entry in entries if entry.reason is not None}}  # fmt: skip
+
+
+@router.get("/v1/controlnets")
+def controlnets(state: State, _: Authorized) -> dict[str, Any]:
+    """ControlNets a unit may name (`controlnets: [{model, image, ...}]`), and entries that cannot be used, with
+    the reason."""
+    entries = state.service.controlnet_folder.entries(state.service.base_context_width())
+    return {"controlnets": [entry.name for entry in entries if entry.reason is None],
+            "unusable": {entry.name: entry.reason for entry in entries if entry.reason is not None}}  # fmt: skip

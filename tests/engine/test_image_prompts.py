@@ -1,0 +1,135 @@
+"""Image prompts on the tiny pair: a tiny SDXL IP-Adapter (with a tiny CLIP vision encoder) built at test time,
+guiding the base as diffusers' `load_ip_adapter` does, and leaving nothing behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from sdxl_refinery import GenerationRequest, ImageService
+from sdxl_refinery.errors import InvalidRequest
+from sdxl_refinery.ip_adapters import IpAdapterFolder
+
+from .hand_driven import PROMPT, HandDriven
+from .test_edits import fresh_schedulers, generators, picture, pixels
+
+SIZE = {"width": 64, "height": 64}
+STEPS = {"num_inference_steps": 6, "refiner_steps": 3, "seed": 4}
+CLIP_DIM = 32
+
+
+def write_tiny_ip_adapter(base: Path, folder: Path, name: str, seed: int) -> Path:
+    """`folder/name.safetensors` (image projection to 4 tokens, a key and value weight per cross-attention layer,
+    numbered as h94's files are) and `folder/image_encoder` (a tiny CLIP vision model with projection)."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    width = unet.config.cross_attention_dim
+    tensors = {"image_proj.proj.weight": torch.randn(4 * width, CLIP_DIM, generator=generator) * 0.5,
+               "image_proj.proj.bias": torch.zeros(4 * width), "image_proj.norm.weight": torch.ones(width),
+               "image_proj.norm.bias": torch.zeros(width)}  # fmt: skip
+    key_id = 1
+    for processor in unet.attn_processors:
+        if processor.endswith("attn2.processor"):
+            shape = unet.get_submodule(processor.removesuffix(".processor")).to_k.weight.shape
+            for part in ("to_k_ip", "to_v_ip"):
+                tensors[f"ip_adapter.{key_id}.{part}.weight"] = torch.randn(shape, generator=generator) * 0.5
+            key_id += 2
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    if not (folder / "image_encoder").is_dir():
+        torch.manual_seed(seed)
+        config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=CLIP_DIM, num_hidden_layers=2,
+                                  num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+        CLIPVisionModelWithProjection(config).save_pretrained(folder / "image_encoder")
+    return folder / f"{name}.safetensors"
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ip-adapter")
+    write_tiny_ip_adapter(tiny_pair[0], root, "tiny-ip", 1)
+    write_tiny_ip_adapter(tiny_pair[0], root, "tiny-ip-b", 2)
+    (root / "sd15").mkdir()
+    sd15 = {"image_proj.proj.weight": torch.zeros(3072, 1024), "ip_adapter.1.to_k_ip.weight": torch.zeros(320, 768)}
+    save_file(sd15, str(root / "sd15" / "ip-adapter_sd15.safetensors"))
+    return root
+
+
+@pytest.fixture
+def with_folder(service: ImageService, folder: Path, monkeypatch: pytest.MonkeyPatch) -> ImageService:
+    monkeypatch.setattr(service, "ip_adapter_folder", IpAdapterFolder(folder))
+    return service
+
+
+def _hand(tiny_pair: tuple[Path, Path], folder: Path, names: list[str], weights: list[float],
+          request: GenerationRequest, images: Any, init: Any = None) -> np.ndarray:  # fmt: skip
+    """diffusers as its users drive it: load_ip_adapter, set_ip_adapter_scale, the base with ip_adapter_image,
+    then the refiner (without), one seed."""
+    hand = HandDriven(*tiny_pair)
+    hand.base.load_ip_adapter([str(folder)] * len(names), subfolder=[""] * len(names),
+                              weight_name=[f"{name}.safetensors" for name in names])  # fmt: skip
+    hand.base.set_ip_adapter_scale(weights)
+    base = hand.base if init is None else StableDiffusionXLImg2ImgPipeline.from_pipe(hand.base)
+    fresh_schedulers(base, hand.refiner)
+    common: dict[str, Any] = {"guidance_scale": request.guidance_scale, "generator": generators([request.seed or 0])}
+    start = {"image": init, "strength": request.strength} if init is not None else SIZE
+    latents = base(prompt=PROMPT, num_inference_steps=request.num_inference_steps, output_type="latent",
+                   ip_adapter_image=images, **start, **common).images  # fmt: skip
+    refined = hand.refiner(prompt=PROMPT, image=latents, strength=0.3, num_inference_steps=10, output_type="pil",
+                           **common).images  # fmt: skip
+    return pixels(refined)
+
+
+def test_the_folder_lists_ip_adapters_and_says_why_others_are_not(folder: Path) -> None:
+    entries = {entry.name: entry for entry in IpAdapterFolder(folder).entries(context_width=80)}
+    assert entries["tiny-ip"].reason is None and entries["tiny-ip-b"].reason is None
+    assert "made for SD 1.x" in str(entries["sd15/ip-adapter_sd15"].reason)
+    assert not any("image_encoder" in name for name in entries)
+
+
+async def test_an_image_prompt_equals_diffusers_ip_adapter_and_leaves_nothing(
+    with_folder: ImageService, tiny_pair: tuple[Path, Path], folder: Path
+) -> None:
+    plain_before = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS))
+    reference = picture()
+    request = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS,
+                                image_prompts=[{"model": "tiny-ip", "image": reference, "weight": 0.8}])  # fmt: skip
+    result = await with_folder.generate(request)
+    expected = _hand(tiny_pair, folder, ["tiny-ip"], [0.8], request, reference)
+    assert np.abs(pixels(result.images) - expected).max() <= 2.0
+    assert np.abs(pixels(result.images) - pixels(plain_before.images)).max() > 10  # the reference changed it
+    plain_after = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS))
+    assert np.array_equal(pixels(plain_after.images), pixels(plain_before.images))  # the UNet as it was
+
+
+async def test_two_image_prompts_from_an_init_image(with_folder: ImageService, tiny_pair: tuple[Path, Path],
+                                                    folder: Path) -> None:  # fmt: skip
+    init, first, second = picture(), picture(48, 48), picture(32, 80)
+    prompts = [{"model": "tiny-ip", "image": first, "weight": 0.6}, {"model": "tiny-ip-b", "image": second}]
+    request = GenerationRequest(prompt=PROMPT, init_image=init, strength=0.7, **STEPS, image_prompts=prompts)
+    result = await with_folder.generate(request)
+    expected = _hand(tiny_pair, folder, ["tiny-ip", "tiny-ip-b"], [0.6, 1.0], request, [first, second], init)
+    assert np.abs(pixels(result.images) - expected).max() <= 2.0
+
+
+async def test_weight_zero_equals_no_image_prompt(with_folder: ImageService) -> None:
+    plain = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS))
+    zero = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, image_prompts=[
+        {"model": "tiny-ip", "image": picture(), "weight": 0}]))  # fmt: skip
+    assert np.abs(pixels(zero.images) - pixels(plain.images)).max() <= 2.0
+
+
+async def test_unknown_and_foreign_adapters_are_refused_naming_the_field(with_folder: ImageService) -> None:
+    for name, words in (("nope", "no IP-Adapter 'nope'; known: tiny-ip, tiny-ip-b"),
+                        ("sd15/ip-adapter_sd15", "made for SD 1.x")):  # fmt: skip
+        with pytest.raises(InvalidRequest) as caught:
+            await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, image_prompts=[
+                {"model": name, "image": picture()}]))  # fmt: skip
+        assert caught.value.field == "image_prompts.0.model" and words in caught.value.rule
