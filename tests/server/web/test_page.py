@@ -634,3 +634,35 @@ def test_a_controlnet_unit_from_the_page_shows_its_map_before_generating(
         unit = web.client.get("/v1/jobs").json()["items"][0]["request"]["controlnets"][0]
         assert (unit["model"], unit["preprocessor"], unit["weight"]) == ("canny-sdxl", "canny", 0.6)
         assert (unit["image"]["width"], unit["image"]["height"]) == (128, 96)
+
+
+def test_an_image_prompt_from_the_page(
+    server_factory: ServerFactory, page: Page, fake: tuple[object, FakeEngine], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from sdxl_refinery.ip_adapters import IpAdapterFolder
+
+    folder = tmp_path / "ip-adapter"  # an SDXL IP-Adapter's file and encoder folder (the fake engine loads neither)
+    (folder / "image_encoder").mkdir(parents=True)
+    (folder / "image_encoder" / "config.json").write_text("{}")
+    save_file({"image_proj.proj.weight": torch.zeros(8, 4), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 2048)},
+              str(folder / "ip-adapter_sdxl.safetensors"))  # fmt: skip
+    monkeypatch.setattr(fake[0], "ip_adapter_folder", IpAdapterFolder(folder))
+    Image.new("RGB", (80, 60), "teal").save(tmp_path / "reference.png")
+    with server_factory() as web:
+        p = page
+        p.goto(web.url + "/")
+        p.wait_for_selector("#app:not([hidden])")
+        fill_small_job(p, prompt="a teal room")
+        p.wait_for_selector("#image-prompt-form:not([hidden])")
+        p.set_input_files("#image-prompt-file", str(tmp_path / "reference.png"))
+        p.wait_for_selector("#image-prompt-preview:not([hidden])")
+        p.fill("#image-prompt-weight", "0.5")
+        p.click("#submit")
+        poll(lambda: web.client.get("/v1/jobs").json()["total"] == 1, "the job")
+        prompt = web.client.get("/v1/jobs").json()["items"][0]["request"]["image_prompts"][0]
+        assert (prompt["model"], prompt["weight"], prompt["image"]["width"]) == ("ip-adapter_sdxl", 0.5, 80)

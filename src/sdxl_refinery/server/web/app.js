@@ -16,6 +16,7 @@ const state = {
   schema: null, // GET /v1/schema: every request field with its default, bounds and face names
   loras: [], // the LoRAs chosen for the next job: [{name, weight}]
   control: null, // the control image for the next job's ControlNet unit: {dataUrl}
+  reference: null, // the reference image for the next job's image prompt: {dataUrl}
   init: null, // the image to start from: {dataUrl, image, width, height}
   mask: null, // an offscreen canvas the size of the image: white where the image is repainted
   masked: false, // whether anything is painted or uploaded on the mask
@@ -123,7 +124,7 @@ async function start() {
   $("#key-panel").hidden = true;
   $("#app").hidden = false;
   await Promise.all([loadGallery(), resumeActiveJobs(), loadLoras(), loadCheckpoints(), loadUpscalers(),
-    loadControlNets()]);
+    loadControlNets(), loadIpAdapters()]);
 }
 
 // ---------------------------------------------------------------- the form
@@ -275,6 +276,10 @@ function formRequest() {
       model: $("#control-model").value, image: state.control.dataUrl,
       weight: Number($("#control-weight").value), preprocessor: $("#control-preprocessor").value,
     }];
+  }
+  if (state.reference && $("#image-prompt-model").value) {
+    request.image_prompts = [{ model: $("#image-prompt-model").value, image: state.reference.dataUrl,
+      weight: Number($("#image-prompt-weight").value) }];
   }
   if ($("#base-model").value) request.base_model = $("#base-model").value;
   if ($("#refiner-model").value) request.refiner_model = $("#refiner-model").value;
@@ -626,6 +631,35 @@ function clearControl() {
   $("#control-preview").hidden = true;
 }
 
+// ---------------------------------------------------------------- image prompts (IP-Adapter)
+
+async function loadIpAdapters() {
+  const response = await api("/v1/ip-adapters");
+  if (!response.ok) return;
+  const { ip_adapters: names } = await response.json();
+  $("#image-prompt-model").replaceChildren(...names.map((name) => new Option(name, name)));
+  $("#image-prompt-empty").hidden = names.length > 0;
+  $("#image-prompt-form").hidden = names.length === 0;
+}
+
+async function useReferenceFile(file) {
+  if (!file) return;
+  try {
+    state.reference = { dataUrl: await readFile(file) };
+  } catch (failure) {
+    $('[data-error-for="image_prompts"]').textContent = `image_prompts: ${failure.message}`;
+    return;
+  }
+  $("#image-prompt-thumb").src = state.reference.dataUrl;
+  $("#image-prompt-preview").hidden = false;
+}
+
+function clearReference() {
+  state.reference = null;
+  $("#image-prompt-file").value = "";
+  $("#image-prompt-preview").hidden = true;
+}
+
 // ---------------------------------------------------------------- LoRAs
 
 // The server's LoRA folder (GET /v1/loras) fills the picker; chosen LoRAs go in the request's `loras`.
@@ -947,6 +981,8 @@ function wire() {
   $("#control-file").addEventListener("change", (event) => useControlFile(event.target.files[0]));
   $("#control-preprocessor").addEventListener("change", showControlMap);
   $("#control-clear").addEventListener("click", clearControl);
+  $("#image-prompt-file").addEventListener("change", (event) => useReferenceFile(event.target.files[0]));
+  $("#image-prompt-clear").addEventListener("click", clearReference);
   wireImageInputs();
   $("#close-viewer").addEventListener("click", () => $("#viewer").close());
   $("#copy-seed").addEventListener("click", copySeed);
