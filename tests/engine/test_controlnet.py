@@ -176,3 +176,34 @@ async def test_bad_units_are_refused_naming_the_field_before_any_work(with_folde
         assert caught.value.field == field and words in caught.value.rule, (change, caught.value)
     with pytest.raises(InvalidRequest, match="not with hires fix"):
         GenerationRequest(prompt=PROMPT, **SIZE, enable_hr=True, controlnets=[_unit()])
+
+
+async def test_inpainting_with_a_unit_equals_diffusers_and_keeps_unmasked_pixels(
+    with_folder: ImageService, hand: HandDriven, folder: Path
+) -> None:
+    from diffusers import StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLInpaintPipeline
+    from PIL import ImageFilter
+
+    from .test_edits import box_mask
+
+    init, mask = picture(), box_mask()
+    request = GenerationRequest(prompt=PROMPT, init_image=init, mask_image=mask, strength=0.8, mask_blur=4,
+                                num_inference_steps=10, refiner_steps=3, seed=5, **SIZE,
+                                controlnets=[_unit(weight=0.9)])  # fmt: skip
+    result = await with_folder.generate(request)
+    blurred = mask.filter(ImageFilter.GaussianBlur(4))
+    controlnet = ControlNetModel.from_pretrained(folder / "tiny-canny")
+    base = StableDiffusionXLControlNetInpaintPipeline.from_pipe(hand.base, controlnet=controlnet)
+    refiner = StableDiffusionXLInpaintPipeline.from_pipe(hand.refiner)
+    fresh_schedulers(base, refiner)
+    common: dict[str, Any] = {"guidance_scale": 8.0, "generator": generators(result.seeds), **SIZE}
+    latents = base(prompt=PROMPT, image=init, mask_image=blurred, control_image=edges(), strength=0.8,
+                   controlnet_conditioning_scale=0.9, num_inference_steps=10, output_type="latent",
+                   **common).images  # fmt: skip
+    refined = refiner(prompt=PROMPT, image=latents, mask_image=blurred, strength=0.3, num_inference_steps=10,
+                      output_type="pil", **common).images[0]  # fmt: skip
+    expected = Image.composite(refined, init, blurred)
+    ours = pixels(result.images)[0]
+    assert np.abs(ours - pixels([expected])[0]).max() <= 2.0
+    untouched = np.asarray(blurred) == 0
+    assert np.array_equal(ours[untouched], np.asarray(init, dtype=np.float64)[untouched])  # exactly the original
