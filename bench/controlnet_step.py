@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,12 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _cpu() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+from bench.machine import cpu_name
 
 
 def main() -> None:
@@ -67,7 +60,7 @@ def main() -> None:
                 work()
                 seconds[name].append(time.perf_counter() - started)
     result: dict[str, Any] = {
-        "cpu": _cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype,
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype,
         "size": args.size, "batch": 2, "repeats": args.repeats,
         "unet_parameters_m": round(sum(p.numel() for p in unet.parameters()) / 1e6),
         "controlnet_parameters_m": round(sum(p.numel() for p in controlnet.parameters()) / 1e6),

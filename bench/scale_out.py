@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -25,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import cpu_name
 
 LIMIT_S = 1800
 
@@ -46,13 +49,6 @@ def _wait(check: Any, what: str, limit: float = LIMIT_S) -> Any:
             return value
         time.sleep(0.2)
     raise RuntimeError(f"gave up waiting for {what}")
-
-
-def _cpu() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _burst(workers: int, jobs: int, size: int, folder: Path) -> dict[str, Any]:
@@ -117,7 +113,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             rows.append(_burst(workers, arguments.jobs, arguments.size, Path(folder)))
             print(json.dumps(rows[-1]), flush=True)
-    report = {"machine": {"cpu": _cpu(), "cores": len(os.sched_getaffinity(0))}, "models": "tiny pair",
+    report = {"machine": {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0))}, "models": "tiny pair",
               "recipe": "50 base + 30 refiner steps", "size": arguments.size, "settings": rows,
               "ratio_2_to_1": round(rows[1]["images_per_minute"] / rows[0]["images_per_minute"], 2)}  # fmt: skip
     print(json.dumps(report, indent=1))

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,12 +19,9 @@ from PIL import Image
 
 from sdxl_refinery.engine.upscaler_models import _spandrel, tile_count, upscale_tiled
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def _cpu() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+from bench.machine import cpu_name
 
 
 def main() -> None:
@@ -52,7 +48,7 @@ def main() -> None:
     tiled = upscale_tiled(model, image, torch.device("cpu"), torch.float32, tile=args.tile, margin=args.margin)
     tiled_s = time.perf_counter() - started
     result = {
-        "cpu": _cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__, "input": args.size,
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "input": args.size,
         "output": tiled.size[0], "tile": args.tile, "margin": args.margin,
         "tiles": tile_count(args.size, args.size, args.tile, args.margin),
         "whole_seconds": round(whole_s, 2), "tiled_seconds": round(tiled_s, 2),

@@ -11,7 +11,6 @@ import asyncio
 import os
 import re
 import secrets
-import signal
 import sys
 import time
 import traceback
@@ -24,7 +23,7 @@ from rich.console import Console
 
 from . import admin
 from .cli_admin import doctor, export, load_settings, loras_app, models_app
-from .cli_common import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, ProgressBar, console
+from .cli_common import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, console, with_progress_and_interrupt
 from .cli_common import configure_logging as _configure_logging
 from .cli_common import fail as _fail
 from .cli_common import parse_size as _parse_size
@@ -34,7 +33,7 @@ from .cli_upscale import upscale
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .input_images import InputImage
 from .png import read_metadata
-from .request import MAX_SEED, CancelToken, GenerationRequest
+from .request import MAX_SEED, GenerationRequest
 from .service import ImageService
 
 app = typer.Typer(help="Refinery: SDXL base + refiner, every image, CPU and GPU.", no_args_is_help=True)
@@ -126,18 +125,6 @@ def _main(
 ) -> None:
     """Refinery: SDXL base + refiner, every image, CPU and GPU."""
     _configure_logging(verbose=False)
-
-
-async def _run_with_interrupt(service: ImageService, request: GenerationRequest, output: Path) -> Any:
-    token = CancelToken()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, token.cancel)
-    bar = ProgressBar()
-    try:
-        with bar.bar:
-            return await service.generate(request, output_path=output, on_progress=bar, cancel=token)
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
 
 
 _DEVICE, _MODELS, _OUTPUT = "Device", "Models and LoRAs", "Output"
@@ -268,7 +255,11 @@ def _generate(
         service = ImageService.from_settings(settings)
         # 3. The run, with progress bars and Ctrl-C as cancel.
         target = _output_file(output, pattern, request.prompt, request.seed or 0)
-        result = asyncio.run(_run_with_interrupt(service, request, target))
+        result = asyncio.run(
+            with_progress_and_interrupt(
+                lambda bar, token: service.generate(request, output_path=target, on_progress=bar, cancel=token)
+            )
+        )
     except InvalidRequest as error:
         raise _fail(flag_message(error, given), EXIT_BAD_INPUT) from None
     except Cancelled:

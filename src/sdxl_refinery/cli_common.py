@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
+import signal
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .errors import InvalidRequest
+from .request import CancelToken
 from .request import Progress as StepProgress
+
+T = TypeVar("T")
 
 console = Console(stderr=True)
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
@@ -78,3 +84,17 @@ def clock(seconds: float) -> str:
         return f"0:00:{seconds:04.1f}"
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+async def with_progress_and_interrupt(work: Callable[[ProgressBar, CancelToken], Awaitable[T]]) -> T:
+    """`work(bar, token)` with progress bars drawn and Ctrl-C cancelling the token (the run stops within one
+    step or tile and raises `Cancelled`)."""
+    token = CancelToken()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, token.cancel)
+    bar = ProgressBar()
+    try:
+        with bar.bar:
+            return await work(bar, token)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)

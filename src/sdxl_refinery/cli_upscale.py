@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .cli_admin import load_settings
-from .cli_common import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, ProgressBar, configure_logging, fail, parse_size
+from .cli_common import (
+    EXIT_BAD_INPUT,
+    EXIT_CANCELLED,
+    EXIT_FAILURE,
+    configure_logging,
+    fail,
+    parse_size,
+    with_progress_and_interrupt,
+)
 from .cli_errors import check_output
 from .errors import Cancelled, InvalidRequest, RefineryError, StorageError
 from .input_images import InputImage
-from .results import CancelToken
 from .service import ImageService
 from .upscale_request import UpscaleRequest
-from .upscale_run import UpscaleResult
 
 _FLAGS = {
     "upscaler": "--model",
@@ -30,21 +35,9 @@ _FLAGS = {
 }
 
 
-async def _run(service: ImageService, request: UpscaleRequest, output: Path) -> UpscaleResult:
-    token = CancelToken()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, token.cancel)
-    bar = ProgressBar()
-    try:
-        with bar.bar:
-            return await service.upscale(request, output_path=output, on_progress=bar, cancel=token)
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
-
-
 def _scale_of(service: ImageService, model: str) -> float:
     """A model's own factor (a 4x model enlarges 4 times), else A1111's default of 2."""
-    entry = next((entry for entry in service.upscalers.entries() if entry.name == model and entry.info), None)
+    entry = next((entry for entry in service.upscaler_entries() if entry.name == model and entry.info), None)
     return float(entry.info.scale) if entry is not None and entry.info is not None else 2.0
 
 
@@ -91,7 +84,7 @@ def upscale(
         settings = load_settings(device=device, upscaler_dir=upscaler_dir)
         service = ImageService.from_settings(settings)
         if list_models:
-            for entry in service.upscalers.entries():
+            for entry in service.upscaler_entries():
                 what = f"{entry.info.architecture} x{entry.info.scale}" if entry.info else f"unusable: {entry.reason}"
                 typer.echo(f"{entry.name}\t{what}")
             return
@@ -114,7 +107,11 @@ def upscale(
             upscaler_2_visibility=model_2_visibility if model_2 else 0.0,
         )
         target = output if output.suffix.lower() == ".png" else output / f"{images[0].stem}-upscaled.png"
-        result = asyncio.run(_run(service, request, target))
+        result = asyncio.run(
+            with_progress_and_interrupt(
+                lambda bar, token: service.upscale(request, output_path=target, on_progress=bar, cancel=token)
+            )
+        )
     except InvalidRequest as error:
         raise fail(f"{_FLAGS.get(error.field.split('.')[0], error.field)}: {error.rule}", EXIT_BAD_INPUT) from None
     except Cancelled:

@@ -15,9 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from PIL import Image
+
 from . import model_facts
 from .batching import BatchCall, Run, batch_key
 from .config import Settings
+from .control import ControlUnit
 from .controlnets import ControlNetFolder
 from .embeddings import EmbeddingFolder
 from .engine.catalog import ModelFolder
@@ -47,7 +50,7 @@ from .upscale_run import UpscaleResult
 
 if TYPE_CHECKING:
     from .engine.passes import Outcome
-    from .engine.upscaling import Upscalers
+    from .engine.upscaling import UpscalerEntry, Upscalers
 
 log = logging.getLogger("sdxl_refinery")
 
@@ -387,6 +390,16 @@ class ImageService:
     def upscalers(self) -> Upscalers:
         """The upscaler folder on this service's device (torch loads on first use)."""
         return self.upscaling.upscalers
+
+    def upscaler_entries(self) -> list[UpscalerEntry]:
+        """Every file of the upscaler folder: name, architecture and factor, or why it cannot be used."""
+        return self.upscaling.upscalers.entries()
+
+    def control_map(self, unit: ControlUnit, width: int, height: int) -> Image.Image:
+        """The map a ControlNet unit's model would see at `width` x `height` (its image fitted, preprocessed)."""
+        from .engine.control import control_map
+
+        return control_map(unit, width, height)
 
     def check_upscalers(self, request: GenerationRequest | UpscaleRequest) -> None:
         """Raises: InvalidRequest: an upscaler that is not a resampler or a usable model (`UpscaleDoor.check`)."""

@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
-from sdxl_refinery.config import Settings
 from sdxl_refinery.jobs.models import request_from_record
-from sdxl_refinery.jobs.sqlite_store import SQLiteJobStore
 from sdxl_refinery.jobs.store import JobStore
 from sdxl_refinery.upscale_request import UpscaleRequest
 
-from .redis_server import REDIS, redis_server
 
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        sqlite = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-        yield sqlite
-        sqlite.close()
-        return
-    if REDIS is None:
-        pytest.skip("Debian's redis-server is not installed")
-    from sdxl_refinery.jobs.celery_store import CeleryJobStore
-
-    (tmp_path / "redis").mkdir()
-    with redis_server(tmp_path / "redis") as (url, _process):
-        redis_store = CeleryJobStore(Settings(redis_url=url, data_dir=tmp_path))
-        redis_store._send = lambda job_id: None  # type: ignore[method-assign]  # no broker: the subject is the store
-        yield redis_store
-        redis_store.close()
+@pytest.fixture
+def store(each_store: JobStore) -> JobStore:
+    return each_store
 
 
 def test_an_upscale_is_stored_and_read_back_with_its_images(store: JobStore) -> None:

@@ -111,8 +111,6 @@ async def detect(state: State, http: Request, _: Authorized) -> dict[str, Any]:
     body = await parsed_body(http, DetectRequest, state.checks)
 
     def maps() -> list[str]:
-        from ...engine.control import control_map
-
         texts = body.controlnet_input_images or body.controlnet_images
         answers = []
         for index, text in enumerate(texts):
@@ -124,7 +122,7 @@ async def detect(state: State, http: Request, _: Authorized) -> dict[str, Any]:
                 raise InvalidRequest(f"controlnet_input_images.{index}", str(error)) from None
             assert unit.image is not None
             buffer = io.BytesIO()
-            control_map(unit, unit.image.width, unit.image.height).save(buffer, format="PNG")
+            state.service.control_map(unit, unit.image.width, unit.image.height).save(buffer, format="PNG")
             answers.append(base64.b64encode(buffer.getvalue()).decode())
         return answers
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from ...jobs.models import Job, JobStatus
+from ...jobs.models import Job, JobRequest, JobStatus
 from ...jobs.store import Dedup, JobNotFound
 from ...limits import request_schema
 from ...request import MAX_SEED, GenerationRequest
@@ -49,15 +49,20 @@ def schema(state: State, _: Authorized) -> dict[str, Any]:
 @router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED, openapi_extra=json_body_schema(GenerationRequest))
 async def submit_job(state: State, request: Request, caller: Authorized) -> JSONResponse:
     """Queue a generation (a `GenerationRequest`); answers once the job is stored, with its id and queue position."""
-    body = await parsed_body(request, GenerationRequest, state.checks)
-    dedup = dedup_for(request, body, "native", retries_attach=False)
+    return await queued(state, request, await parsed_body(request, GenerationRequest, state.checks), caller)
+
+
+async def queued(state: AppState, http: Request, body: JobRequest, caller: Caller) -> JSONResponse:
+    """Store a native job (the checks and the store write in a worker thread) and answer 202 with its id, queue
+    position and URL (also in `Location`)."""
+    dedup = dedup_for(http, body, "native", retries_attach=False)
     job, position = await off_loop(state.checks, _submitted, state, body, dedup, caller)
     view: dict[str, Any] = {"id": job.id, "status": job.status.value, "position": position,
-                            "url": str(request.url_for("get_job", job_id=job.id))}  # fmt: skip
+                            "url": str(http.url_for("get_job", job_id=job.id))}  # fmt: skip
     return JSONResponse(view, status_code=202, headers={"Location": view["url"]})
 
 
-def _submitted(state: AppState, body: GenerationRequest, dedup: Dedup | None, caller: Caller) -> tuple[Job, int | None]:
+def _submitted(state: AppState, body: JobRequest, dedup: Dedup | None, caller: Caller) -> tuple[Job, int | None]:
     job = state.submit(body, client="native", dedup=dedup, caller=caller)
     return job, state.store.position(job.id)
 

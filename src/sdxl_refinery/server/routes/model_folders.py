@@ -12,14 +12,11 @@ from fastapi import APIRouter, Request, status
 from fastapi.responses import JSONResponse
 
 from ...editing import HiresUpscaler
-from ...jobs.models import Job
-from ...jobs.store import Dedup
 from ...upscale_request import NONE, UpscaleRequest
-from ..dedup import dedup_for
-from ..keys import Caller
-from ..offload import json_body_schema, off_loop, parsed_body
+from ..offload import json_body_schema, parsed_body
 from ..security import Authorized
-from ..state import AppState, State
+from ..state import State
+from .jobs import queued
 
 router = APIRouter(tags=["model folders"])
 
@@ -28,7 +25,7 @@ router = APIRouter(tags=["model folders"])
 def upscalers(state: State, _: Authorized) -> dict[str, Any]:
     """Upscaler models an upscale job or hires fix may name, with architecture and factor; the resamplers that
     need no file; and files that cannot be used, with the reason."""
-    entries = state.service.upscalers.entries()
+    entries = state.service.upscaler_entries()
     models = [{"name": entry.name, "architecture": entry.info.architecture, "scale": entry.info.scale}
               for entry in entries if entry.info is not None]  # fmt: skip
     unusable = {entry.name: entry.reason for entry in entries if entry.info is None}
@@ -43,24 +40,14 @@ def a1111_upscalers(state: State, _: Authorized) -> list[dict[str, Any]]:
              for name in (NONE, HiresUpscaler.LANCZOS.value, HiresUpscaler.NEAREST.value)]  # fmt: skip
     models = [{"name": entry.name, "model_name": entry.info.architecture, "model_path": str(entry.path),
                "model_url": None, "scale": entry.info.scale}
-              for entry in state.service.upscalers.entries() if entry.info is not None]  # fmt: skip
+              for entry in state.service.upscaler_entries() if entry.info is not None]  # fmt: skip
     return plain + models
 
 
 @router.post("/v1/upscales", status_code=status.HTTP_202_ACCEPTED, openapi_extra=json_body_schema(UpscaleRequest))
 async def submit_upscale(state: State, request: Request, caller: Authorized) -> JSONResponse:
     """Queue an upscale (an `UpscaleRequest`): a job like a generation's, followed at `/v1/jobs/{id}`."""
-    body = await parsed_body(request, UpscaleRequest, state.checks)
-    dedup = dedup_for(request, body, "native", retries_attach=False)
-    job, position = await off_loop(state.checks, _submitted, state, body, dedup, caller)
-    view: dict[str, Any] = {"id": job.id, "status": job.status.value, "position": position,
-                            "url": str(request.url_for("get_job", job_id=job.id))}  # fmt: skip
-    return JSONResponse(view, status_code=202, headers={"Location": view["url"]})
-
-
-def _submitted(state: AppState, body: UpscaleRequest, dedup: Dedup | None, caller: Caller) -> tuple[Job, int | None]:
-    job = state.submit(body, client="native", dedup=dedup, caller=caller)
-    return job, state.store.position(job.id)
+    return await queued(state, request, await parsed_body(request, UpscaleRequest, state.checks), caller)
 
 
 @router.get("/v1/ip-adapters")
