@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import sys
+import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ..results import CancelToken
 SUFFIXES = (".safetensors", ".pth", ".pt")
 TILE = 512  # input pixels per tile side, context margins included
 MARGIN = 32  # input pixels of context around each tile's core, run through the model and then discarded
+BUILD_ATTEMPTS = 5
 
 
 class UnusableUpscaler(Exception):
@@ -120,18 +122,38 @@ def load_upscaler(path: Path) -> Any:
         spandrel = _spandrel()
     except ImportError:
         raise UnusableUpscaler("spandrel is not installed (pip install 'sdxl-refinery[upscalers]')") from None
-    try:
-        model = spandrel.ModelLoader(device="cpu").load_from_state_dict(state_dict)
-    except spandrel.UnsupportedModelError:
-        raise UnusableUpscaler("not a model architecture spandrel knows") from None
-    except Exception as error:  # noqa: BLE001 - a known architecture whose weights do not fit it
-        raise UnusableUpscaler(f"weights that fit no architecture ({str(error)[:300]})") from None
+    model = _built(spandrel, state_dict)
     if not isinstance(model, spandrel.ImageModelDescriptor) or model.purpose != "SR" or model.scale < 2:
         what = getattr(model, "purpose", type(model).__name__)
         raise UnusableUpscaler(f"a {model.architecture.name} model for {what}, not an upscaler")
     if model.input_channels != 3 or model.output_channels != 3:
         raise UnusableUpscaler(f"a {model.architecture.name} model for {model.input_channels}-channel images")
     return model.eval()
+
+
+def _built(spandrel: Any, state_dict: dict[str, torch.Tensor]) -> Any:
+    """spandrel's model of `state_dict`, with real weights. accelerate's `init_empty_weights` (diffusers' loads,
+    model inventories) patches module construction for every thread while it runs: a model built meanwhile
+    holds meta tensors (or fails moving them), so it is built again, a few times, before giving up.
+
+    Raises:
+        UnusableUpscaler: an architecture spandrel does not know, or weights that fit none.
+    """
+    failure = "its weights stayed on the meta device while other models were loading; try again"
+    for attempt in range(BUILD_ATTEMPTS):
+        try:
+            model = spandrel.ModelLoader(device="cpu").load_from_state_dict(state_dict)
+        except spandrel.UnsupportedModelError:
+            raise UnusableUpscaler("not a model architecture spandrel knows") from None
+        except Exception as error:  # noqa: BLE001 - a known architecture whose weights do not fit it, or a meta race
+            if "meta" not in str(error):
+                raise UnusableUpscaler(f"weights that fit no architecture ({str(error)[:300]})") from None
+            failure = str(error)[:300]
+        else:
+            if not any(parameter.is_meta for parameter in model.model.parameters()):
+                return model
+        time.sleep(0.05 * (attempt + 1))
+    raise UnusableUpscaler(f"could not be built ({failure})")
 
 
 def describe(path: Path) -> UpscalerInfo:

@@ -76,14 +76,14 @@ class Upscalers:
                 found.append(UpscalerEntry(name, path, None, f"unreadable ({error.strerror or error})"))
         return found
 
-    def check(self, name: str, field: str) -> None:
-        """Whether `name` is a resampler or a usable model of the folder.
+    def check(self, name: str, field: str) -> UpscalerEntry | None:
+        """The usable model file `name` names (None for a resampler).
 
         Raises:
             InvalidRequest: naming `field`: an unknown name, or a file that cannot be used and why.
         """
         if name in RESAMPLERS:
-            return
+            return None
         entries = self.entries()
         entry = next((entry for entry in entries if entry.name == name), None)
         if entry is None:
@@ -92,12 +92,11 @@ class Upscalers:
             raise InvalidRequest(field, f"no upscaler {name!r}; known: {known} (GET /sdapi/v1/upscalers)")
         if entry.info is None:
             raise InvalidRequest(field, f"upscaler {name!r} cannot be used: {entry.reason}")
+        return entry
 
     def _model(self, name: str) -> Any:
-        entry = next((entry for entry in self.entries() if entry.name == name), None)
-        if entry is None or entry.info is None:
-            self.check(name, "upscaler")  # raises, naming why
-        assert entry is not None
+        entry = self.check(name, "upscaler")
+        assert entry is not None  # a model's name: resamplers never get here
         with self._lock:
             model = self._loaded.pop(entry.path, None)
             if model is None:
@@ -108,18 +107,15 @@ class Upscalers:
             return model
 
     def _load(self, name: str, path: Path) -> Any:
-        """The model on this device. accelerate's `init_empty_weights` (model inventories, diffusers' loads) patches
-        module construction for every thread while it runs: a model built then holds meta tensors, so it is
-        built again."""
-        for _ in range(MAX_MODEL_PASSES):
-            try:
-                model = load_upscaler(path)
-            except UnusableUpscaler as error:  # replaced by another file since it was listed
-                raise InvalidRequest("upscaler", f"upscaler {name!r} cannot be used: {error}") from None
-            if not any(parameter.is_meta for parameter in model.model.parameters()):
-                return model.to(self.device)
-        raise InvalidRequest("upscaler", f"upscaler {name!r} could not be built while other models were being "
-                                         "planned; try again")  # fmt: skip
+        """The model on this device.
+
+        Raises:
+            InvalidRequest: the file was replaced by one that cannot be used since it was listed.
+        """
+        try:
+            return load_upscaler(path).to(self.device)
+        except UnusableUpscaler as error:
+            raise InvalidRequest("upscaler", f"upscaler {name!r} cannot be used: {error}") from None
 
     # -- running -----------------------------------------------------------------------------------------
     def _dtype(self, model: Any) -> torch.dtype:
@@ -129,8 +125,9 @@ class Upscalers:
         """How many tiles enlarging a `width` x `height` image to `target` runs (0 for a resampler)."""
         if name in RESAMPLERS:
             return 0
-        scale = next(entry.info.scale for entry in self.entries() if entry.name == name and entry.info)
-        total = 0
+        entry = self.check(name, "upscaler")
+        assert entry is not None and entry.info is not None
+        scale, total = entry.info.scale, 0
         for _ in range(MAX_MODEL_PASSES):
             if width >= target[0] and height >= target[1]:
                 break
