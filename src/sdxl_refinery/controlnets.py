@@ -1,15 +1,15 @@
 """The ControlNet folder, read without any model: which entries are SDXL ControlNets, and why others are not.
 
-Entries are diffusers folders (`config.json` and `diffusion_pytorch_model.safetensors`), named by their path
-in the folder. A ControlNet fits the base when its cross-attention width is the base's (2048 for SDXL; SD 1.x
-ControlNets have 768, SD 2.x 1024) and it takes SDXL's added time embedding. Single files are listed as
-unusable, with the reason: only diffusers folders are loaded so far.
+Entries are diffusers folders (`config.json` and `diffusion_pytorch_model.safetensors`) and single
+`.safetensors` files (diffusers' names or the original ControlNet names, judged from the header without
+reading tensors), named by their path in the folder. A ControlNet fits the base when its cross-attention width
+is the base's (2048 for SDXL; SD 1.x ControlNets have 768, SD 2.x 1024) and it takes SDXL's added time
+embedding. Control-LoRAs, ControlNet-LLLite, Union models and T2I-Adapters are listed unusable, named.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,19 +49,34 @@ def _folder_entry(name: str, folder: Path, context_width: int) -> ControlNetEntr
     return ControlNetEntry(name, folder, width)
 
 
-def _file_entry(name: str, path: Path) -> ControlNetEntry:
+# Other guidance models in the same folders, by a tensor name only they have.
+FOREIGN = (
+    ("lora_controlnet", "a Control-LoRA (Stability's): not supported"),
+    ("lllite", "a ControlNet-LLLite (kohya's): not supported"),
+    ("task_embedding", "a ControlNet Union model: not supported yet"),
+    ("adapter.body.", "a T2I-Adapter, not a ControlNet"),
+    ("body.0.resnets.", "a T2I-Adapter, not a ControlNet"),
+)
+
+
+def _file_entry(name: str, path: Path, context_width: int) -> ControlNetEntry:
     try:
         header = read_header(path, name)
     except InvalidRequest as error:
         return ControlNetEntry(name, path, None, error.rule)
-    for key, entry in header.items():
-        if re.search(r"attn2\.to_k\.weight$", key) and len(entry["shape"]) == 2:
-            width = int(entry["shape"][1])
-            if width != SDXL_CONTEXT_DIM:
-                return ControlNetEntry(name, path, width, f"made for {made_for(width)}, not SDXL")
-            break
-    return ControlNetEntry(name, path, None, "a single-file ControlNet: only diffusers folders (config.json and "
-                                             "diffusion_pytorch_model.safetensors) are loaded so far")  # fmt: skip
+    keys = {key.removeprefix("control_model.") for key in header if key != "__metadata__"}
+    for mark, reason in FOREIGN:
+        if any(mark in key for key in keys):
+            return ControlNetEntry(name, path, None, reason)
+    if not keys & {"controlnet_cond_embedding.conv_in.weight", "input_hint_block.0.weight"}:
+        return ControlNetEntry(name, path, None, "not a ControlNet (no hint encoder: neither "
+                                                 "controlnet_cond_embedding nor input_hint_block)")  # fmt: skip
+    width = next((int(entry["shape"][1]) for key, entry in header.items()
+                  if key.endswith("attn2.to_k.weight") and len(entry["shape"]) == 2), None)  # fmt: skip
+    if width != context_width or not keys & {"add_embedding.linear_1.weight", "label_emb.0.0.weight"}:
+        made = made_for(width) if width is not None else "a model without cross-attention"
+        return ControlNetEntry(name, path, width, f"made for {made}, not for this SDXL base model")
+    return ControlNetEntry(name, path, width)
 
 
 class ControlNetFolder:
@@ -82,11 +97,11 @@ class ControlNetFolder:
             elif (
                 path.is_file() and path.suffix.lower() == ".safetensors" and not (path.parent / "config.json").exists()
             ):
-                found.append(_file_entry(name, path))
+                found.append(_file_entry(name, path, context_width))
         return found
 
     def check(self, name: str, field: str, context_width: int = SDXL_CONTEXT_DIM) -> Path:
-        """The folder of a usable ControlNet named `name`.
+        """The folder (or single file) of a usable ControlNet named `name`.
 
         Raises:
             InvalidRequest: naming `field`: an unknown name, or an entry that cannot be used and why.

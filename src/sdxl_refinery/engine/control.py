@@ -1,6 +1,6 @@
 """ControlNet in the engine: the control maps (fitted to the image's size, then preprocessed), the ControlNet
-models (loaded from their folders on first use, a few kept), and the arguments diffusers' ControlNet pipelines
-take for a request's units.
+models (loaded from their folders or single files on first use, a few kept), and the arguments diffusers'
+ControlNet pipelines take for a request's units.
 
 Control acts on the base's pass that hands over to the refiner; the refiner runs uncontrolled, as in A1111,
 ComfyUI's usual graphs and Fooocus: its UNet is another architecture, for which SDXL ControlNets have no
@@ -10,6 +10,7 @@ weights, and it only redraws the finest detail of an image whose structure the b
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from diffusers import ControlNetModel, MultiControlNetModel
 from PIL import Image, ImageOps
 
 from ..control import ControlUnit, Preprocessor
+from .controlnet_files import load_single_file
 from .image_prep import fit
 
 LOADED_CONTROLNETS = 2
@@ -42,18 +44,26 @@ class ControlNets:
     """ControlNet models by folder, loaded in the engine's dtype on its device; the least recently used goes
     past `LOADED_CONTROLNETS`."""
 
-    def __init__(self, device: str, dtype: Any) -> None:
-        self.device, self.dtype = device, dtype
+    def __init__(self, device: str, dtype: Any, base_config: Mapping[str, Any]) -> None:
+        self.device, self.dtype, self.base_config = device, dtype, base_config
         self._loaded: OrderedDict[Path, Any] = OrderedDict()
 
-    def get(self, folder: Path) -> Any:
-        model = self._loaded.pop(folder, None)
-        if model is None:
-            variant = "fp16" if (folder / "diffusion_pytorch_model.fp16.safetensors").is_file() else None
-            model = ControlNetModel.from_pretrained(folder, torch_dtype=self.dtype, variant=variant,
+    def get(self, source: Path) -> Any:
+        """The ControlNet of a diffusers folder or a single file (whose architecture is read beside the base's
+        config), loaded once.
+
+        Raises:
+            ModelLoadError: a single file whose tensors do not form an SDXL ControlNet.
+        """
+        model = self._loaded.pop(source, None)
+        if model is None and source.is_file():
+            model = load_single_file(source, self.base_config).to(self.device, self.dtype).eval()
+        elif model is None:
+            variant = "fp16" if (source / "diffusion_pytorch_model.fp16.safetensors").is_file() else None
+            model = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype, variant=variant,
                                                     use_safetensors=True, local_files_only=True)  # fmt: skip
             model = model.to(self.device).eval()
-        self._loaded[folder] = model
+        self._loaded[source] = model
         while len(self._loaded) > LOADED_CONTROLNETS:
             self._loaded.popitem(last=False)
         return model

@@ -83,7 +83,7 @@ class TwoStageRunner:
         self.base_prompts = PromptEncoder([base.tokenizer, base.tokenizer_2], [base.text_encoder, base.text_encoder_2])
         self.refiner_prompts = PromptEncoder([refiner.tokenizer_2], [refiner.text_encoder_2])
         self.lora_weights = LoraWeights(base)
-        self.controlnets = ControlNets(placement.device, placement.dtype)
+        self.controlnets = ControlNets(placement.device, placement.dtype, base.unet.config)
 
     def _condition(self, encoder: PromptEncoder, pipe: object, request: GenerationRequest,
                    tracker: BatchTracker) -> Conditioning:  # fmt: skip
