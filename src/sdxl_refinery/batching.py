@@ -21,6 +21,7 @@ from .results import CancelToken, ProgressCallback
 from .upscale_request import UpscaleRequest
 
 if TYPE_CHECKING:
+    from .controlnets import ControlSource
     from .embeddings import EmbeddingFile
     from .loras import LoraFile
     from .request import GenerationRequest
@@ -94,7 +95,7 @@ class RunItem:
     cancel: CancelToken | None = None
     preview_every: int = 0
     hires_enlarge: Enlarge | None = None  # hires fix by an upscaler model (None: latent or a resampler)
-    control_models: list[Path] = field(default_factory=list)  # the folder of each ControlNet unit's model
+    control_sources: list[ControlSource] = field(default_factory=list)  # each ControlNet unit's model and annotator
     image_prompt_files: list[Path] = field(default_factory=list)  # each image prompt's IP-Adapter file
 
 

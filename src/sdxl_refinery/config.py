@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     models_dir: Path | None = None  # checkpoints chosen per request by name; default <data_dir>/models
     upscaler_dir: Path | None = None  # upscaler models (ESRGAN and kin); default <data_dir>/upscalers
     embeddings_dir: Path | None = None  # SDXL textual-inversion embeddings; default <data_dir>/embeddings
-    controlnet_dir: Path | None = None  # SDXL ControlNets (diffusers folders); default <data_dir>/controlnet
+    controlnet_dir: Path | None = None  # SDXL ControlNets (folders, single files); default <data_dir>/controlnet
     ip_adapter_dir: Path | None = None  # SDXL IP-Adapters with their image encoders; default <data_dir>/ip-adapter
+    annotator_dir: Path | None = None  # depth models of the depth preprocessors; default <data_dir>/annotators
     max_loaded_pairs: int = Field(1, ge=1, le=8)  # base + refiner pairs kept loaded; the oldest goes first
     api_key: str | None = None  # the single key of a private server: sees everything (an admin key)
     api_keys_file: Path | None = None  # named keys of a shared server, each seeing its own jobs (server/keys.py)
@@ -152,6 +153,11 @@ class Settings(BaseSettings):
     def ip_adapters_folder(self) -> Path:
         """Where IP-Adapters are found by name: `ip_adapter_dir`, else `<data_dir>/ip-adapter`."""
         return self.ip_adapter_dir if self.ip_adapter_dir is not None else self.data_dir / "ip-adapter"
+
+    def annotators_folder(self) -> Path:
+        """Where depth preprocessors find their models (`<folder>/<module>`): `annotator_dir`, else
+        `<data_dir>/annotators`."""
+        return self.annotator_dir if self.annotator_dir is not None else self.data_dir / "annotators"
 
     def speed(self) -> SpeedOptions:
         """The speed options these settings ask for."""

@@ -2,7 +2,8 @@
 
 A unit names a ControlNet model of the server's folder, gives a control image, and says how strongly and
 over which part of the schedule it guides the base. The image is first turned into the map the model was
-trained on by a preprocessor (A1111's `module`): the ones that need no downloaded weights run in-process.
+trained on by a preprocessor (A1111's `module`): pure image processing in-process, depth estimators with
+weights from the annotator folder.
 """
 
 from __future__ import annotations
@@ -28,17 +29,26 @@ class ControlMode(_Named):
 
 
 class Preprocessor(_Named):
-    """Preprocessors that are pure image processing, by A1111's module names."""
+    """Preprocessors by A1111's module names: pure image processing, and depth estimators whose weights come
+    from the annotator folder (annotators.py)."""
 
     NONE = "none"  # the image is the map already (an edge map, a depth map, a pose skeleton...)
     CANNY = "canny"  # OpenCV's Canny edges, thresholds threshold_a (low) and threshold_b (high)
     INVERT = "invert"  # white background, black lines -> black background, white lines (a sketch)
+    DEPTH_MIDAS = "depth_midas"  # the depth preprocessors: a transformers depth model from the annotator folder
+    DEPTH_ANYTHING = "depth_anything"
+    DEPTH_ANYTHING_V2 = "depth_anything_v2"
+    DEPTH_ZOE = "depth_zoe"
 
 
-# A1111 module names that need annotator weights (depth, pose, segmentation...): refused, naming the folder.
-NEEDS_WEIGHTS = ("depth", "openpose", "dw_openpose", "lineart", "softedge", "hed", "pidinet", "mlsd", "normal",
-                 "seg", "scribble_hed", "tile_colorfix", "reference", "instant_id")  # fmt: skip
-A1111_ALIASES = {"invert (from white bg & black line)": "invert", "canny": "canny", "none": "none"}
+DEPTH_PREPROCESSORS = ("depth_midas", "depth_anything", "depth_anything_v2", "depth_zoe")
+# A1111 module names of annotators whose models are not depth estimators (pose, lines, segmentation...).
+OTHER_ANNOTATORS = ("depth_leres", "depth_hand", "openpose", "dw_openpose", "animal_openpose", "densepose",
+                    "lineart", "softedge", "hed", "pidinet", "mlsd", "normal", "seg", "scribble_hed",
+                    "scribble_pidinet", "teed", "mediapipe_face", "tile_colorfix", "reference", "instant_id",
+                    "inpaint_only", "recolor", "revision", "clip_vision", "t2ia")  # fmt: skip
+A1111_ALIASES = {"invert (from white bg & black line)": "invert", "canny": "canny", "none": "none",
+                 "depth": "depth_midas"}  # fmt: skip
 
 
 class ControlUnit(BaseModel):
@@ -59,7 +69,9 @@ class ControlUnit(BaseModel):
     resize_mode: ResizeMode = Field(ResizeMode.CROP_AND_RESIZE, description="How the control image is fitted "
                                     "to the image's size (A1111's default: Crop and resize).")  # fmt: skip
     preprocessor: Annotated[Preprocessor, Field(description="What turns the image into the map: none, canny, "
-                                                "invert.")] = Preprocessor.NONE  # fmt: skip
+                                                "invert, or a depth estimator (depth_midas, depth_anything, "
+                                                "depth_anything_v2, depth_zoe; weights from the annotator "
+                                                "folder).")] = Preprocessor.NONE  # fmt: skip
     threshold_a: float = Field(100, ge=0, le=255, description="canny's low threshold.")
     threshold_b: float = Field(200, ge=0, le=255, description="canny's high threshold.")
 
@@ -70,12 +82,14 @@ class ControlUnit(BaseModel):
             text = A1111_ALIASES.get(value.strip().lower(), value.strip().lower())
             if text.startswith("ip-adapter"):
                 raise ValueError(f"{value!r}: IP-Adapters are image prompts (the request's image_prompts)")
-            if any(text.startswith(name) for name in NEEDS_WEIGHTS):
-                raise ValueError(f"{value!r} needs annotator weights, which Refinery does not load; give a map "
-                                 "made already with preprocessor 'none' (or canny, invert)")  # fmt: skip
-            if text not in {member.value for member in Preprocessor}:
-                known = ", ".join(member.value for member in Preprocessor)
-                raise ValueError(f"{value!r} is not a preprocessor Refinery runs; known: {known}")
+            known = {member.value for member in Preprocessor}
+            if text not in known and any(text.startswith(name) for name in OTHER_ANNOTATORS):
+                raise ValueError(f"{value!r} needs annotator weights of a kind Refinery does not load (it loads "
+                                 f"depth estimators: {', '.join(DEPTH_PREPROCESSORS)}); give a map made already "
+                                 "with preprocessor 'none'")  # fmt: skip
+            if text not in known:
+                names = ", ".join(member.value for member in Preprocessor)
+                raise ValueError(f"{value!r} is not a preprocessor Refinery runs; known: {names}")
             return text
         return value
 

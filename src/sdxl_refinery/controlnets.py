@@ -79,6 +79,14 @@ def _file_entry(name: str, path: Path, context_width: int) -> ControlNetEntry:
     return ControlNetEntry(name, path, width)
 
 
+@dataclass(frozen=True)
+class ControlSource:
+    """What a ControlNet unit runs with, found before any work: the model and its preprocessor's weights."""
+
+    model: Path  # a diffusers folder or a single file
+    annotator: Path | None = None  # the depth model folder of a depth preprocessor (None: image processing)
+
+
 class ControlNetFolder:
     """The ControlNet folder (`REFINERY_CONTROLNET_DIR`), judged entry by entry."""
 

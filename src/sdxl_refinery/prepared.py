@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .batching import BatchCall, Enlarge, RunItem
+from .controlnets import ControlSource
 from .embeddings import EmbeddingFile
 from .loras import LoraFile
 from .png import numbered_paths, write_png
@@ -32,14 +33,14 @@ class PreparedCall:
     loras: list[tuple[LoraFile, float]]
     hires_enlarge: Enlarge | None = None
     embeddings: list[EmbeddingFile] = field(default_factory=list)  # those its prompt and negative prompt use
-    control_models: list[Path] = field(default_factory=list)  # each ControlNet unit's model folder
+    control_sources: list[ControlSource] = field(default_factory=list)  # each ControlNet unit's model and annotator
     image_prompt_files: list[Path] = field(default_factory=list)  # each image prompt's IP-Adapter file
 
     def item(self) -> RunItem:
         call = self.call
         assert isinstance(call.request, GenerationRequest)
         return RunItem(call.request, self.seeds, call.on_progress, call.cancel, call.preview_every,
-                       self.hires_enlarge, self.control_models, self.image_prompt_files)  # fmt: skip
+                       self.hires_enlarge, self.control_sources, self.image_prompt_files)  # fmt: skip
 
 
 def finish_call(entry: PreparedCall, output: EngineOutput, engine: RunsRequests) -> GenerationResult:

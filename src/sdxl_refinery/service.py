@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from PIL import Image
 
 from . import model_facts
+from .annotators import AnnotatorFolder
 from .batching import BatchCall, Run, batch_key
 from .config import Settings
 from .control import ControlUnit
-from .controlnets import ControlNetFolder
+from .controlnets import ControlNetFolder, ControlSource
 from .embeddings import EmbeddingFolder
 from .engine.catalog import ModelFolder
 from .errors import Cancelled, GenerationFailed, InvalidRequest, RefineryError, StorageError
@@ -109,6 +110,7 @@ class ImageService:
         embeddings_dir: Path | None = None,
         controlnet_dir: Path | None = None,
         ip_adapter_dir: Path | None = None,
+        annotator_dir: Path | None = None,
     ) -> None:
         if base_model is None or refiner_model is None:
             # Not given: REFINERY_BASE_MODEL / REFINERY_REFINER_MODEL, else SDXL base and refiner 1.0.
@@ -125,6 +127,7 @@ class ImageService:
         self.embedding_folder = EmbeddingFolder(embeddings_dir)
         self.controlnet_folder = ControlNetFolder(controlnet_dir)
         self.ip_adapter_folder = IpAdapterFolder(ip_adapter_dir)
+        self.annotator_folder = AnnotatorFolder(annotator_dir)
         self._engine: RunsRequests | None = None  # the engine of the latest run (or load)
         self._pairs = LoadedPairs(max_loaded_pairs, self._room_for, self._released)
         self._engine_factory = engine_factory or self._load_engine
@@ -140,7 +143,8 @@ class ImageService:
                    max_loaded_pairs=settings.max_loaded_pairs,
                    upscaler_dir=settings.upscalers_folder(), embeddings_dir=settings.embeddings_folder(),
                    controlnet_dir=settings.controlnets_folder(),
-                   ip_adapter_dir=settings.ip_adapters_folder())  # fmt: skip
+                   ip_adapter_dir=settings.ip_adapters_folder(),
+                   annotator_dir=settings.annotators_folder())  # fmt: skip
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -395,11 +399,16 @@ class ImageService:
         """Every file of the upscaler folder: name, architecture and factor, or why it cannot be used."""
         return self.upscaling.upscalers.entries()
 
-    def control_map(self, unit: ControlUnit, width: int, height: int) -> Image.Image:
-        """The map a ControlNet unit's model would see at `width` x `height` (its image fitted, preprocessed)."""
+    def control_map(self, unit: ControlUnit, width: int, height: int, field: str = "preprocessor") -> Image.Image:
+        """The map a ControlNet unit's model would see at `width` x `height` (its image fitted, preprocessed;
+        a depth preprocessor runs on the CPU, leaving the engine's device to runs).
+
+        Raises:
+            InvalidRequest: naming `field`: a depth preprocessor whose annotator folder is missing.
+        """
         from .engine.control import control_map
 
-        return control_map(unit, width, height)
+        return control_map(unit, width, height, self.annotator_folder.check(unit.preprocessor, field))
 
     def check_upscalers(self, request: GenerationRequest | UpscaleRequest) -> None:
         """Raises: InvalidRequest: an upscaler that is not a resampler or a usable model (`UpscaleDoor.check`)."""
@@ -436,13 +445,17 @@ class ImageService:
             return error
         return await self.upscaling.run(call)
 
-    def check_controlnets(self, request: GenerationRequest) -> list[Path]:
-        """The folder of each ControlNet unit's model, checked before any work (names from the folder only).
+    def check_controlnets(self, request: GenerationRequest) -> list[ControlSource]:
+        """Each ControlNet unit's model and preprocessor weights, checked before any work (names from the
+        folders only).
 
         Raises:
-            InvalidRequest: field `controlnets.N.model`: unknown, or not a ControlNet for this base, and why.
+            InvalidRequest: field `controlnets.N.model`: unknown, or not a ControlNet for this base, and why;
+                `controlnets.N.preprocessor`: a depth preprocessor whose annotator folder is missing.
         """
-        return [self.controlnet_folder.check(unit.model, f"controlnets.{index}.model", self._context_width())
+        return [ControlSource(self.controlnet_folder.check(unit.model, f"controlnets.{index}.model",
+                                                           self._context_width()),
+                              self.annotator_folder.check(unit.preprocessor, f"controlnets.{index}.preprocessor"))
                 for index, unit in enumerate(request.controlnets)]  # fmt: skip
 
     def check_image_prompts(self, request: GenerationRequest) -> list[Path]:

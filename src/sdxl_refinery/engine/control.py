@@ -18,18 +18,25 @@ import numpy as np
 from diffusers import ControlNetModel, MultiControlNetModel
 from PIL import Image, ImageOps
 
-from ..control import ControlUnit, Preprocessor
+from ..control import DEPTH_PREPROCESSORS, ControlUnit, Preprocessor
+from ..controlnets import ControlSource
+from .annotators import depth_map
 from .controlnet_files import load_single_file
 from .image_prep import fit
 
 LOADED_CONTROLNETS = 2
 
 
-def control_map(unit: ControlUnit, width: int, height: int) -> Image.Image:
+def control_map(unit: ControlUnit, width: int, height: int, annotator: Path | None = None,
+                device: str = "cpu") -> Image.Image:  # fmt: skip
     """The unit's image fitted to `width` x `height` (its resize mode), then preprocessed at that size (A1111's
-    pixel perfect: the map has exactly the image's pixels)."""
+    pixel perfect: the map has exactly the image's pixels); `annotator` is the depth model folder a depth
+    preprocessor runs (the service's checks found it), run on `device`."""
     assert unit.image is not None  # the unit's own rule
     fitted = fit(unit.image.open().convert("RGB"), width, height, unit.resize_mode)
+    if unit.preprocessor.value in DEPTH_PREPROCESSORS:
+        assert annotator is not None, "the service checks a depth preprocessor's folder before any work"
+        return depth_map(fitted, annotator, device)
     if unit.preprocessor is Preprocessor.CANNY:
         import cv2
 
@@ -68,12 +75,13 @@ class ControlNets:
             self._loaded.popitem(last=False)
         return model
 
-    def arguments(self, units: tuple[ControlUnit, ...], folders: list[Path], width: int, height: int,
+    def arguments(self, units: tuple[ControlUnit, ...], sources: list[ControlSource], width: int, height: int,
                   map_key: str) -> tuple[Any, dict[str, Any]]:  # fmt: skip
         """The ControlNet module (one, or diffusers' MultiControlNet for several units) and the pipeline's
         control arguments; `map_key` is `image` (text to image) or `control_image` (image to image, inpainting)."""
-        models = [self.get(folder) for folder in folders]
-        maps = [control_map(unit, width, height) for unit in units]
+        models = [self.get(source.model) for source in sources]
+        maps = [control_map(unit, width, height, source.annotator, self.device)
+                for unit, source in zip(units, sources, strict=True)]  # fmt: skip
         single = len(units) == 1
         arguments = {
             map_key: maps[0] if single else maps,

@@ -378,7 +378,7 @@ class TwoStageRunner:
         if common.pop("guidance_rescale", 0.0):
             raise InvalidRequest("controlnets", "this base model samples with guidance rescale (zero terminal SNR), "
                                                 "which diffusers' ControlNet pipelines do not apply")  # fmt: skip
-        controlnet, arguments = self.controlnets.arguments(request.controlnets, run.items[0].control_models,
+        controlnet, arguments = self.controlnets.arguments(request.controlnets, run.items[0].control_sources,
                                                            request.width, request.height, map_key)  # fmt: skip
         return arguments, controlnet
 

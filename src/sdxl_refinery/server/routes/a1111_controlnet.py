@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...control import ControlUnit, Preprocessor
+from ...control import DEPTH_PREPROCESSORS, ControlUnit, Preprocessor
 from ...errors import InvalidRequest
 from ...input_images import http_input_image
 from ..offload import json_body_schema, off_loop, parsed_body
@@ -85,9 +85,12 @@ def model_list(state: State, _: Authorized) -> dict[str, list[str]]:
 
 
 @router.get("/controlnet/module_list")
-def module_list(_: Authorized) -> dict[str, Any]:
-    """The preprocessors Refinery runs (those that need annotator weights are not among them)."""
-    modules = [member.value for member in Preprocessor]
+def module_list(state: State, _: Authorized) -> dict[str, Any]:
+    """The preprocessors Refinery runs now: the image-processing ones, and the depth estimators whose models
+    are in the annotator folder."""
+    ready = state.service.annotator_folder.ready()
+    modules = [member.value for member in Preprocessor if member.value not in DEPTH_PREPROCESSORS or
+               member.value in ready]  # fmt: skip
     detail = {"canny": {"sliders": [{"name": "Low Threshold", "value": 100, "min": 1, "max": 255},
                                     {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}  # fmt: skip
     return {"module_list": modules, "module_detail": {name: detail.get(name, {"sliders": []}) for name in modules}}
@@ -122,7 +125,8 @@ async def detect(state: State, http: Request, _: Authorized) -> dict[str, Any]:
                 raise InvalidRequest(f"controlnet_input_images.{index}", str(error)) from None
             assert unit.image is not None
             buffer = io.BytesIO()
-            state.service.control_map(unit, unit.image.width, unit.image.height).save(buffer, format="PNG")
+            map_ = state.service.control_map(unit, unit.image.width, unit.image.height, "controlnet_module")
+            map_.save(buffer, format="PNG")
             answers.append(base64.b64encode(buffer.getvalue()).decode())
         return answers
 
