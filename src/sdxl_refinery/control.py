@@ -2,8 +2,8 @@
 
 A unit names a ControlNet model of the server's folder, gives a control image, and says how strongly and
 over which part of the schedule it guides the base. The image is first turned into the map the model was
-trained on by a preprocessor (A1111's `module`): pure image processing in-process, depth estimators with
-weights from the annotator folder.
+trained on by a preprocessor (A1111's `module`): pure image processing in-process, depth estimators and
+openpose with weights from the annotator folder.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ class ControlMode(_Named):
 
 
 class Preprocessor(_Named):
-    """Preprocessors by A1111's module names: pure image processing, and depth estimators whose weights come
-    from the annotator folder (annotators.py)."""
+    """Preprocessors by A1111's module names: pure image processing, and depth and pose estimators whose
+    weights come from the annotator folder (annotators.py)."""
 
     NONE = "none"  # the image is the map already (an edge map, a depth map, a pose skeleton...)
     CANNY = "canny"  # OpenCV's Canny edges, thresholds threshold_a (low) and threshold_b (high)
@@ -39,10 +39,12 @@ class Preprocessor(_Named):
     DEPTH_ANYTHING = "depth_anything"
     DEPTH_ANYTHING_V2 = "depth_anything_v2"
     DEPTH_ZOE = "depth_zoe"
+    OPENPOSE = "openpose"  # bodies: a transformers person detector and VitPose from the annotator folder
 
 
 DEPTH_PREPROCESSORS = ("depth_midas", "depth_anything", "depth_anything_v2", "depth_zoe")
-# A1111 module names of annotators whose models are not depth estimators (pose, lines, segmentation...).
+MODEL_PREPROCESSORS = (*DEPTH_PREPROCESSORS, "openpose")  # those whose weights come from the annotator folder
+# A1111 module names of annotators whose models Refinery does not load (hands and faces, lines, segmentation...).
 OTHER_ANNOTATORS = ("depth_leres", "depth_hand", "openpose", "dw_openpose", "animal_openpose", "densepose",
                     "lineart", "softedge", "hed", "pidinet", "mlsd", "normal", "seg", "scribble_hed",
                     "scribble_pidinet", "teed", "mediapipe_face", "tile_colorfix", "reference", "instant_id",
@@ -69,9 +71,9 @@ class ControlUnit(BaseModel):
     resize_mode: ResizeMode = Field(ResizeMode.CROP_AND_RESIZE, description="How the control image is fitted "
                                     "to the image's size (A1111's default: Crop and resize).")  # fmt: skip
     preprocessor: Annotated[Preprocessor, Field(description="What turns the image into the map: none, canny, "
-                                                "invert, or a depth estimator (depth_midas, depth_anything, "
-                                                "depth_anything_v2, depth_zoe; weights from the annotator "
-                                                "folder).")] = Preprocessor.NONE  # fmt: skip
+                                                "invert, a depth estimator (depth_midas, depth_anything, "
+                                                "depth_anything_v2, depth_zoe) or openpose (weights from the "
+                                                "annotator folder).")] = Preprocessor.NONE  # fmt: skip
     threshold_a: float = Field(100, ge=0, le=255, description="canny's low threshold.")
     threshold_b: float = Field(200, ge=0, le=255, description="canny's high threshold.")
 
@@ -85,8 +87,8 @@ class ControlUnit(BaseModel):
             known = {member.value for member in Preprocessor}
             if text not in known and any(text.startswith(name) for name in OTHER_ANNOTATORS):
                 raise ValueError(f"{value!r} needs annotator weights of a kind Refinery does not load (it loads "
-                                 f"depth estimators: {', '.join(DEPTH_PREPROCESSORS)}); give a map made already "
-                                 "with preprocessor 'none'")  # fmt: skip
+                                 f"{', '.join(MODEL_PREPROCESSORS)}); give a map made already with preprocessor "
+                                 "'none'")  # fmt: skip
             if text not in known:
                 names = ", ".join(member.value for member in Preprocessor)
                 raise ValueError(f"{value!r} is not a preprocessor Refinery runs; known: {names}")

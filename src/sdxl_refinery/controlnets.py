@@ -84,7 +84,7 @@ class ControlSource:
     """What a ControlNet unit runs with, found before any work: the model and its preprocessor's weights."""
 
     model: Path  # a diffusers folder or a single file
-    annotator: Path | None = None  # the depth model folder of a depth preprocessor (None: image processing)
+    annotator: Path | None = None  # the models of a depth or pose preprocessor (None: image processing)
 
 
 class ControlNetFolder:

@@ -401,10 +401,10 @@ class ImageService:
 
     def control_map(self, unit: ControlUnit, width: int, height: int, field: str = "preprocessor") -> Image.Image:
         """The map a ControlNet unit's model would see at `width` x `height` (its image fitted, preprocessed;
-        a depth preprocessor runs on the CPU, leaving the engine's device to runs).
+        a depth or pose preprocessor runs on the CPU, leaving the engine's device to runs).
 
         Raises:
-            InvalidRequest: naming `field`: a depth preprocessor whose annotator folder is missing.
+            InvalidRequest: naming `field`: a depth or pose preprocessor whose annotator folder is missing.
         """
         from .engine.control import control_map
 
@@ -451,7 +451,7 @@ class ImageService:
 
         Raises:
             InvalidRequest: field `controlnets.N.model`: unknown, or not a ControlNet for this base, and why;
-                `controlnets.N.preprocessor`: a depth preprocessor whose annotator folder is missing.
+                `controlnets.N.preprocessor`: a depth or pose preprocessor whose annotator folder is missing.
         """
         return [ControlSource(self.controlnet_folder.check(unit.model, f"controlnets.{index}.model",
                                                            self._context_width()),

@@ -85,7 +85,7 @@ def test_the_folder_says_which_depth_preprocessors_are_ready(annotators: Path, t
 
 
 def test_other_annotators_are_refused_naming_what_is_loaded() -> None:
-    with pytest.raises(ValueError, match="openpose_full.*depth estimators: depth_midas"):
+    with pytest.raises(ValueError, match="openpose_full.*it loads depth_midas.*openpose"):
         ControlUnit(model="m", image=photo(), preprocessor="openpose_full")
     assert ControlUnit(model="m", image=photo(), preprocessor="depth").preprocessor is Preprocessor.DEPTH_MIDAS
 

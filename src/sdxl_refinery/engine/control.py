@@ -18,11 +18,12 @@ import numpy as np
 from diffusers import ControlNetModel, MultiControlNetModel
 from PIL import Image, ImageOps
 
-from ..control import DEPTH_PREPROCESSORS, ControlUnit, Preprocessor
+from ..control import MODEL_PREPROCESSORS, ControlUnit, Preprocessor
 from ..controlnets import ControlSource
 from .annotators import depth_map
 from .controlnet_files import load_single_file
 from .image_prep import fit
+from .pose import pose_map
 
 LOADED_CONTROLNETS = 2
 
@@ -30,12 +31,14 @@ LOADED_CONTROLNETS = 2
 def control_map(unit: ControlUnit, width: int, height: int, annotator: Path | None = None,
                 device: str = "cpu") -> Image.Image:  # fmt: skip
     """The unit's image fitted to `width` x `height` (its resize mode), then preprocessed at that size (A1111's
-    pixel perfect: the map has exactly the image's pixels); `annotator` is the depth model folder a depth
+    pixel perfect: the map has exactly the image's pixels); `annotator` is the models' folder a depth or pose
     preprocessor runs (the service's checks found it), run on `device`."""
     assert unit.image is not None  # the unit's own rule
     fitted = fit(unit.image.open().convert("RGB"), width, height, unit.resize_mode)
-    if unit.preprocessor.value in DEPTH_PREPROCESSORS:
-        assert annotator is not None, "the service checks a depth preprocessor's folder before any work"
+    if unit.preprocessor.value in MODEL_PREPROCESSORS:
+        assert annotator is not None, "the service checks a model preprocessor's folder before any work"
+        if unit.preprocessor is Preprocessor.OPENPOSE:
+            return pose_map(fitted, annotator, device)
         return depth_map(fitted, annotator, device)
     if unit.preprocessor is Preprocessor.CANNY:
         import cv2

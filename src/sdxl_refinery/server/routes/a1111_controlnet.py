@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...control import DEPTH_PREPROCESSORS, ControlUnit, Preprocessor
+from ...control import MODEL_PREPROCESSORS, ControlUnit, Preprocessor
 from ...errors import InvalidRequest
 from ...input_images import http_input_image
 from ..offload import json_body_schema, off_loop, parsed_body
@@ -86,10 +86,10 @@ def model_list(state: State, _: Authorized) -> dict[str, list[str]]:
 
 @router.get("/controlnet/module_list")
 def module_list(state: State, _: Authorized) -> dict[str, Any]:
-    """The preprocessors Refinery runs now: the image-processing ones, and the depth estimators whose models
-    are in the annotator folder."""
+    """The preprocessors Refinery runs now: the image-processing ones, and the depth and pose estimators whose
+    models are in the annotator folder."""
     ready = state.service.annotator_folder.ready()
-    modules = [member.value for member in Preprocessor if member.value not in DEPTH_PREPROCESSORS or
+    modules = [member.value for member in Preprocessor if member.value not in MODEL_PREPROCESSORS or
                member.value in ready]  # fmt: skip
     detail = {"canny": {"sliders": [{"name": "Low Threshold", "value": 100, "min": 1, "max": 255},
                                     {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}  # fmt: skip
