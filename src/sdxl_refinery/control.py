@@ -21,7 +21,9 @@ MAX_WEIGHT = 2.0  # A1111's slider
 
 
 class ControlMode(_Named):
-    """A1111's control modes (0-2). Refinery runs Balanced, what diffusers' ControlNet pipelines compute."""
+    """A1111's control modes (0-2): Balanced is what diffusers' ControlNet pipelines compute; the others weaken
+    the shallow residuals as diffusers' guess mode does, and "ControlNet is more important" also leaves the
+    unconditional half of guidance uncontrolled (engine/control.py)."""
 
     BALANCED = "Balanced"
     PROMPT = "My prompt is more important"
@@ -67,7 +69,8 @@ class ControlUnit(BaseModel):
     weight: float = Field(1.0, ge=0.0, le=MAX_WEIGHT, description="How strongly it guides (0 = not at all).")
     guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Share of the schedule before it starts.")
     guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Share of the schedule where it stops.")
-    control_mode: ControlMode = Field(ControlMode.BALANCED, description="Balanced (A1111's 0) only.")
+    control_mode: ControlMode = Field(ControlMode.BALANCED, description="A1111's Balanced (0), My prompt is more "
+                                      "important (1), ControlNet is more important (2).")  # fmt: skip
     resize_mode: ResizeMode = Field(ResizeMode.CROP_AND_RESIZE, description="How the control image is fitted "
                                     "to the image's size (A1111's default: Crop and resize).")  # fmt: skip
     preprocessor: Annotated[Preprocessor, Field(description="What turns the image into the map: none, canny, "
@@ -99,9 +102,6 @@ class ControlUnit(BaseModel):
     def _schedule_and_mode(self) -> ControlUnit:
         if self.guidance_end <= self.guidance_start:
             raise ValueError(f"guidance_end {self.guidance_end:g} must be after guidance_start {self.guidance_start:g}")
-        if self.control_mode is not ControlMode.BALANCED:
-            raise ValueError(f"control_mode {self.control_mode.value!r}: only Balanced runs (diffusers' ControlNet "
-                             "pipelines have no other mode)")  # fmt: skip
         if self.image is None:
             raise ValueError("image: a control image is required")
         return self

@@ -21,6 +21,7 @@ from diffusers import (
 from PIL import Image
 
 from sdxl_refinery import GenerationRequest, ImageService
+from sdxl_refinery.control import ControlUnit
 from sdxl_refinery.controlnets import ControlNetFolder
 from sdxl_refinery.errors import InvalidRequest
 from sdxl_refinery.png import a1111_parameters
@@ -125,6 +126,34 @@ async def test_weight_zero_equals_no_control(with_folder: ImageService) -> None:
     assert np.abs(pixels(zero.images) - pixels(plain.images)).max() <= 2.0
 
 
+@pytest.mark.parametrize(("mode", "guidance"), [("ControlNet is more important", 5.0),
+                                               ("My prompt is more important", 1.0)])  # fmt: skip
+async def test_control_modes_equal_diffusers_guess_mode(with_folder: ImageService, hand: HandDriven, folder: Path,
+                                                        mode: str, guidance: float) -> None:  # fmt: skip
+    """diffusers' guess mode is A1111's "ControlNet is more important" (log-spaced residuals, the unconditional
+    half uncontrolled); without guidance's unconditional half, "My prompt is more important" is the same."""
+    request = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, guidance_scale=guidance,
+                                controlnets=[_unit(control_mode=mode)])  # fmt: skip
+    result = await with_folder.generate(request)
+    controlnet = ControlNetModel.from_pretrained(folder / "tiny-canny")
+    expected = _hand(hand, controlnet, request, {"image": edges(), "guess_mode": True})
+    assert np.abs(pixels(result.images) - expected).max() <= 2.0
+    balanced = await with_folder.generate(request.model_copy(update={"controlnets": (ControlUnit(**_unit()),)}))
+    assert np.abs(pixels(result.images) - pixels(balanced.images)).max() > 2.0
+
+
+async def test_the_modes_differ_under_guidance_and_end_with_their_pass(with_folder: ImageService) -> None:
+    balanced = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, controlnets=[_unit()])
+    before = await with_folder.generate(balanced)
+    images = {}
+    for mode in ("My prompt is more important", "ControlNet is more important"):
+        request = balanced.model_copy(update={"controlnets": (ControlUnit(**_unit(control_mode=mode)),)})
+        images[mode] = pixels((await with_folder.generate(request)).images)
+    assert np.abs(images["My prompt is more important"] - images["ControlNet is more important"]).max() > 2.0
+    after = await with_folder.generate(balanced)
+    assert np.array_equal(pixels(before.images), pixels(after.images))  # no mode left on the shared model
+
+
 async def test_two_units_equal_diffusers_multicontrolnet(with_folder: ImageService, hand: HandDriven,
                                                          folder: Path) -> None:  # fmt: skip
     second = picture()
@@ -166,7 +195,6 @@ async def test_bad_units_are_refused_naming_the_field_before_any_work(with_folde
              ({"model": "sd15-canny"}, "controlnets.0.model", "made for SD 1.x"),
              ({"preprocessor": "blur"}, "controlnets.0.preprocessor", "not a preprocessor Refinery runs"),
              ({"preprocessor": "depth_midas"}, "controlnets.0.preprocessor", "needs annotator weights"),
-             ({"control_mode": 2}, "controlnets.0", "only Balanced runs"),
              ({"image": Image.new("RGB", (5000, 4000))}, "controlnets.0.image",
               "at most 16777216 are taken")]  # fmt: skip
     for change, field, words in cases:

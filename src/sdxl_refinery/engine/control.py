@@ -9,17 +9,20 @@ weights, and it only redraws the finest detail of an image whose structure the b
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from diffusers import ControlNetModel, MultiControlNetModel
 from PIL import Image, ImageOps
 
-from ..control import MODEL_PREPROCESSORS, ControlUnit, Preprocessor
+from ..control import MODEL_PREPROCESSORS, ControlMode, ControlUnit, Preprocessor
 from ..controlnets import ControlSource
+from ..errors import InvalidRequest
 from .annotators import depth_map
 from .controlnet_files import load_single_file
 from .image_prep import fit
@@ -50,6 +53,33 @@ def control_map(unit: ControlUnit, width: int, height: int, annotator: Path | No
     return fitted
 
 
+def _mode_hook(mode: ControlMode, guided: bool) -> Callable[..., tuple[list[torch.Tensor], torch.Tensor]]:
+    """A forward hook giving a ControlNet A1111's control mode `mode` (not Balanced).
+
+    Both modes weaken the residuals from the deepest block (x1) to the shallowest (x0.1), log-spaced: A1111's
+    soft injection (0.825 ** (12 - i)), diffusers' guess mode (logspace(-1, 0)). "ControlNet is more
+    important" also leaves the unconditional half of a guided batch uncontrolled (A1111's CFG injection,
+    diffusers' guess mode), so guidance pushes towards the control; "My prompt is more important" controls
+    both halves, so the prompt keeps the upper hand.
+    """
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        down, middle = output if isinstance(output, tuple) else (output.down_block_res_samples,
+                                                                  output.mid_block_res_sample)  # fmt: skip
+        scales = torch.logspace(-1, 0, len(down) + 1, device=middle.device)
+        down = [residual * scale for residual, scale in zip(down, scales, strict=False)]
+        middle = middle * scales[-1]
+        if mode is ControlMode.CONTROLNET and guided:  # diffusers' CFG batch: [unconditional, conditional]
+            down = [
+                torch.cat([torch.zeros_like(half), kept]) for half, kept in (residual.chunk(2) for residual in down)
+            ]
+            unconditional, conditional = middle.chunk(2)
+            middle = torch.cat([torch.zeros_like(unconditional), conditional])
+        return down, middle
+
+    return hook
+
+
 class ControlNets:
     """ControlNet models by folder, loaded in the engine's dtype on its device; the least recently used goes
     past `LOADED_CONTROLNETS`."""
@@ -57,6 +87,31 @@ class ControlNets:
     def __init__(self, device: str, dtype: Any, base_config: Mapping[str, Any]) -> None:
         self.device, self.dtype, self.base_config = device, dtype, base_config
         self._loaded: OrderedDict[Path, Any] = OrderedDict()
+        self._mode_hooks: list[Any] = []  # removed when the pass that set them ends (`for_pass`)
+
+    @contextlib.contextmanager
+    def for_pass(self) -> Iterator[None]:
+        """A base pass: the control modes its `arguments` set on the models are taken off when it ends."""
+        try:
+            yield
+        finally:
+            while self._mode_hooks:
+                self._mode_hooks.pop().remove()
+
+    def _set_modes(self, units: tuple[ControlUnit, ...], models: list[Any], guided: bool) -> None:
+        """Hooks for the units' control modes (Balanced needs none).
+
+        Raises:
+            InvalidRequest: one ControlNet in two units with different modes (the model is shared).
+        """
+        modes: dict[int, ControlMode] = {}
+        for index, (unit, model) in enumerate(zip(units, models, strict=True)):
+            if modes.setdefault(id(model), unit.control_mode) is not unit.control_mode:
+                raise InvalidRequest(f"controlnets.{index}.control_mode", "one ControlNet in two units needs one "
+                                                                          "control mode")  # fmt: skip
+        for model in {id(model): model for model in models}.values():
+            if modes[id(model)] is not ControlMode.BALANCED:
+                self._mode_hooks.append(model.register_forward_hook(_mode_hook(modes[id(model)], guided)))
 
     def get(self, source: Path) -> Any:
         """The ControlNet of a diffusers folder or a single file (whose architecture is read beside the base's
@@ -79,10 +134,13 @@ class ControlNets:
         return model
 
     def arguments(self, units: tuple[ControlUnit, ...], sources: list[ControlSource], width: int, height: int,
-                  map_key: str) -> tuple[Any, dict[str, Any]]:  # fmt: skip
-        """The ControlNet module (one, or diffusers' MultiControlNet for several units) and the pipeline's
-        control arguments; `map_key` is `image` (text to image) or `control_image` (image to image, inpainting)."""
+                  map_key: str, guided: bool) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+        """The ControlNet module (one, or diffusers' MultiControlNet for several units) with the units' control
+        modes set until the pass ends (`for_pass`), and the pipeline's control arguments; `map_key` is `image`
+        (text to image) or `control_image` (image to image, inpainting); `guided`: the batch holds classifier-free
+        guidance's unconditional half."""
         models = [self.get(source.model) for source in sources]
+        self._set_modes(units, models, guided)
         maps = [control_map(unit, width, height, source.annotator, self.device)
                 for unit, source in zip(units, sources, strict=True)]  # fmt: skip
         single = len(units) == 1

@@ -250,9 +250,11 @@ class TwoStageRunner:
         with self._fp32_eager() if fp32 else contextlib.nullcontext():
             # 1. Stage 1: the base, into latents.
             with vae_dtype_kept(self.pair.base.vae):
-                prompts = run.request.image_prompts  # IP-Adapters in the base for its pass only
-                with ip_adapters_applied(self.pair.base, run.items[0].image_prompt_files,
-                                         [prompt.weight for prompt in prompts]):  # fmt: skip
+                weights = [prompt.weight for prompt in run.request.image_prompts]  # IP-Adapters: the base's pass only
+                with (
+                    ip_adapters_applied(self.pair.base, run.items[0].image_prompt_files, weights),
+                    self.controlnets.for_pass(),  # the units' control modes: this pass only
+                ):
                     latents = self._run_base(run, generators, tracker, timings)
             if not all_finite(latents):
                 raise NonFinite("NaN/Inf in the base stage's latents")
@@ -379,7 +381,8 @@ class TwoStageRunner:
             raise InvalidRequest("controlnets", "this base model samples with guidance rescale (zero terminal SNR), "
                                                 "which diffusers' ControlNet pipelines do not apply")  # fmt: skip
         controlnet, arguments = self.controlnets.arguments(request.controlnets, run.items[0].control_sources,
-                                                           request.width, request.height, map_key)  # fmt: skip
+                                                           request.width, request.height, map_key,
+                                                           guided=request.guidance_scale > 1)  # fmt: skip
         return arguments, controlnet
 
     def guidance_rescale(self, request: GenerationRequest) -> float:
