@@ -92,6 +92,12 @@ class AnnotatorFolder:
                                         f"there ({SUGGESTED[name]})")  # fmt: skip
         return folder
 
+    def runnable(self) -> list[str]:
+        """Every preprocessor a unit may name now: the image-processing ones and the model ones that are ready."""
+        ready = self.ready()
+        return [member.value for member in Preprocessor if member.value not in MODEL_PREPROCESSORS or
+                member.value in ready]  # fmt: skip
+
     def ready(self) -> list[str]:
         """The model preprocessors whose folders are usable now."""
         if self.folder is None:

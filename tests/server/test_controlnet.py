@@ -15,7 +15,9 @@ import webuiapi
 from PIL import Image
 
 from sdxl_refinery import ImageService
+from sdxl_refinery.annotators import AnnotatorFolder
 from sdxl_refinery.controlnets import ControlNetFolder
+from tests.engine.test_annotators import by_hand, photo, write_tiny_dpt
 from tests.engine.test_controlnet import _tiny_controlnet, edges
 
 from .conftest import RunningServer, ServerFactory
@@ -121,3 +123,28 @@ def test_ip_adapter_units_as_the_extension_takes_them_become_image_prompts(
         refused = requests.post(real.url + "/sdapi/v1/txt2img", json={**common, "alwayson_scripts": {
             "ControlNet": {"args": [bad.to_dict()]}}}, timeout=60)  # fmt: skip
         assert refused.status_code == 422 and "alwayson_scripts.controlnet.ip-adapters.0.model" in refused.text
+
+
+def test_depth_preprocessing_and_control_modes_over_http(real: RunningServer, service: ImageService, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    write_tiny_dpt(tmp_path / "annotators" / "depth_midas")
+    monkeypatch.setattr(service, "annotator_folder", AnnotatorFolder(tmp_path / "annotators"))
+    listed = requests.get(real.url + "/v1/controlnets", timeout=60).json()
+    assert listed["controlnets"] == ["tiny-canny"] and listed["preprocessors"] == ["none", "canny", "invert",
+                                                                                    "depth_midas"]  # fmt: skip
+    modules = requests.get(real.url + "/controlnet/module_list", timeout=60).json()["module_list"]
+    assert "depth_midas" in modules and "openpose" not in modules  # openpose's models are not in the folder
+    buffer = io.BytesIO()
+    photo().save(buffer, format="PNG")
+    body = {"controlnet_module": "depth", "controlnet_input_images": [base64.b64encode(buffer.getvalue()).decode()]}
+    detected = requests.post(real.url + "/controlnet/detect", json=body, timeout=60).json()
+    depth = np.asarray(decoded(detected["images"][0]), dtype=np.float64)[..., 0]
+    assert np.abs(depth - by_hand(photo(), tmp_path / "annotators" / "depth_midas")).max() <= 1
+    api = webuiapi.WebUIApi(baseurl=real.url + "/sdapi/v1")
+    unit = webuiapi.ControlNetUnit(image=photo(), module="depth_midas", model="tiny-canny", control_mode=2)
+    guided = api.txt2img(prompt="a tower", width=64, height=64, steps=4, seed=5, controlnet_units=[unit])
+    assert "Module: depth_midas, Model: tiny-canny, Weight: 1" in guided.info["infotexts"][0]
+    assert "Control Mode: ControlNet is more important" in guided.info["infotexts"][0]
+    body["controlnet_module"] = "openpose"
+    refused = requests.post(real.url + "/controlnet/detect", json=body, timeout=60)
+    assert refused.status_code == 422 and "openpose/detector" in refused.text

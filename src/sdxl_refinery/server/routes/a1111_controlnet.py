@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...control import MODEL_PREPROCESSORS, ControlUnit, Preprocessor
+from ...control import ControlUnit
 from ...errors import InvalidRequest
 from ...input_images import http_input_image
 from ..offload import json_body_schema, off_loop, parsed_body
@@ -88,9 +88,7 @@ def model_list(state: State, _: Authorized) -> dict[str, list[str]]:
 def module_list(state: State, _: Authorized) -> dict[str, Any]:
     """The preprocessors Refinery runs now: the image-processing ones, and the depth and pose estimators whose
     models are in the annotator folder."""
-    ready = state.service.annotator_folder.ready()
-    modules = [member.value for member in Preprocessor if member.value not in MODEL_PREPROCESSORS or
-               member.value in ready]  # fmt: skip
+    modules = state.service.annotator_folder.runnable()
     detail = {"canny": {"sliders": [{"name": "Low Threshold", "value": 100, "min": 1, "max": 255},
                                     {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}  # fmt: skip
     return {"module_list": modules, "module_detail": {name: detail.get(name, {"sliders": []}) for name in modules}}

@@ -61,8 +61,9 @@ def ip_adapters(state: State, _: Authorized) -> dict[str, Any]:
 
 @router.get("/v1/controlnets")
 def controlnets(state: State, _: Authorized) -> dict[str, Any]:
-    """ControlNets a unit may name (`controlnets: [{model, image, ...}]`), and entries that cannot be used, with
-    the reason."""
+    """ControlNets a unit may name (`controlnets: [{model, image, ...}]`), entries that cannot be used, with the
+    reason, and the preprocessors a unit may name now (model ones only when the annotator folder has them)."""
     entries = state.service.controlnet_folder.entries(state.service.base_context_width())
     return {"controlnets": [entry.name for entry in entries if entry.reason is None],
-            "unusable": {entry.name: entry.reason for entry in entries if entry.reason is not None}}  # fmt: skip
+            "unusable": {entry.name: entry.reason for entry in entries if entry.reason is not None},
+            "preprocessors": state.service.annotator_folder.runnable()}  # fmt: skip
