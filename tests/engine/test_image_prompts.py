@@ -109,6 +109,23 @@ async def test_an_image_prompt_equals_diffusers_ip_adapter_and_leaves_nothing(
     assert np.array_equal(pixels(plain_after.images), pixels(plain_before.images))  # the UNet as it was
 
 
+async def test_the_image_encoder_is_kept_between_runs(with_folder: ImageService,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    request = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS,
+                                image_prompts=[{"model": "tiny-ip", "image": picture(), "weight": 0.8}])  # fmt: skip
+    first = await with_folder.generate(request)
+    loads = []
+    real_load = CLIPVisionModelWithProjection.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        loads.append(args)
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPVisionModelWithProjection, "from_pretrained", classmethod(counted))
+    second = await with_folder.generate(request)
+    assert loads == [] and np.array_equal(pixels(first.images), pixels(second.images))
+
+
 async def test_two_image_prompts_from_an_init_image(with_folder: ImageService, tiny_pair: tuple[Path, Path],
                                                     folder: Path) -> None:  # fmt: skip
     init, first, second = picture(), picture(48, 48), picture(32, 80)

@@ -2,7 +2,8 @@
 and taken out after, the UNet's own attention processors put back (fused ones included).
 
 The refiner runs without them, as with ControlNet: its UNet is another architecture, for which SDXL
-IP-Adapters have no weights. Each run with image prompts loads its adapters and their image encoder.
+IP-Adapters have no weights. Each run with image prompts loads its adapters (small next to the encoder); the
+image encoder (a CLIP vision model of 0.6 to 1.8 billion parameters) is kept between runs, the last one used.
 """
 
 from __future__ import annotations
@@ -13,19 +14,45 @@ from pathlib import Path
 from typing import Any
 
 
+class ImageEncoders:
+    """The image encoder of the last run with image prompts, by its folder and the pipeline's dtype and device
+    (a run in another dtype, such as the fp32 retry, loads its own)."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[tuple[Path, str], Any] | None = None
+
+    def lend(self, pipe: Any, folder: Path) -> None:
+        """Register the kept encoder of `folder` in `pipe` when there is one (then diffusers loads none)."""
+        key = (folder, f"{pipe.dtype}@{pipe.device}")
+        if self._kept is not None and self._kept[0] == key:
+            pipe.register_modules(image_encoder=self._kept[1])
+
+    def keep(self, pipe: Any, folder: Path) -> None:
+        """Keep `pipe`'s encoder (loaded from `folder`) for the next run."""
+        self._kept = ((folder, f"{pipe.dtype}@{pipe.device}"), pipe.image_encoder)
+
+
 @contextlib.contextmanager
-def ip_adapters_applied(pipe: Any, files: list[Path], weights: list[float]) -> Iterator[dict[str, Any]]:
+def ip_adapters_applied(pipe: Any, files: list[Path], weights: list[float],
+                        encoders: ImageEncoders | None = None) -> Iterator[dict[str, Any]]:  # fmt: skip
     """The adapters in `pipe`'s UNet (scales `weights`) for the length of the block, which gets nothing to add
-    to the pipeline's arguments but the images (`ip_adapter_image`); no adapters: nothing happens."""
+    to the pipeline's arguments but the images (`ip_adapter_image`); no adapters: nothing happens. The image
+    encoder (one for all, in `image_encoder` beside the files: the folder's check) comes from `encoders` when
+    it holds it, and is kept there after."""
     if not files:
         yield {}
         return
     unet = pipe.unet
     own_processors = dict(unet.attn_processors)
-    pipe.load_ip_adapter([str(path.parent) for path in files], subfolder=[""] * len(files),
-                         weight_name=[path.name for path in files], image_encoder_folder="image_encoder",
-                         local_files_only=True)  # fmt: skip
+    encoder_folder = files[0].parent / "image_encoder"
+    if encoders is not None:
+        encoders.lend(pipe, encoder_folder)
     try:
+        pipe.load_ip_adapter([str(path.parent) for path in files], subfolder=[""] * len(files),
+                             weight_name=[path.name for path in files], image_encoder_folder="image_encoder",
+                             local_files_only=True)  # fmt: skip
+        if encoders is not None:
+            encoders.keep(pipe, encoder_folder)
         pipe.set_ip_adapter_scale(weights)
         yield {"image_encoder": pipe.image_encoder, "feature_extractor": pipe.feature_extractor}
     finally:

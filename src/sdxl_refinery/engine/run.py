@@ -30,7 +30,7 @@ from .device import Placement
 from .edits import EditPipelines, inpaint_inputs, is_inpainting_unet, masked_image_latents, upscale, vae_dtype_kept
 from .embedding_vectors import EmbeddingMismatch, embeddings_applied
 from .image_prep import EditInputs
-from .image_prompts import ip_adapters_applied
+from .image_prompts import ImageEncoders, ip_adapters_applied
 from .loader import LoadedPair, pair_modules
 from .lora_weights import LoraMismatch, LoraWeights
 from .passes import EngineOutput, Outcome, Pass, solo_pass
@@ -84,6 +84,7 @@ class TwoStageRunner:
         self.refiner_prompts = PromptEncoder([refiner.tokenizer_2], [refiner.text_encoder_2])
         self.lora_weights = LoraWeights(base)
         self.controlnets = ControlNets(placement.device, placement.dtype, base.unet.config)
+        self.image_encoders = ImageEncoders()
 
     def _condition(self, encoder: PromptEncoder, pipe: object, request: GenerationRequest,
                    tracker: BatchTracker) -> Conditioning:  # fmt: skip
@@ -252,7 +253,7 @@ class TwoStageRunner:
             with vae_dtype_kept(self.pair.base.vae):
                 weights = [prompt.weight for prompt in run.request.image_prompts]  # IP-Adapters: the base's pass only
                 with (
-                    ip_adapters_applied(self.pair.base, run.items[0].image_prompt_files, weights),
+                    ip_adapters_applied(self.pair.base, run.items[0].image_prompt_files, weights, self.image_encoders),
                     self.controlnets.for_pass(),  # the units' control modes: this pass only
                 ):
                     latents = self._run_base(run, generators, tracker, timings)
