@@ -349,13 +349,14 @@ def test_control_flags_guide_the_base_and_errors_name_the_flag(tiny_pair: tuple[
     edges().save(tmp_path / "edges.png")
     environment = {"REFINERY_CONTROLNET_DIR": str(tmp_path / "controlnet")}
     arguments = ["generate", "a tower", "--size", "64x64", "--steps", "4", "--refiner-steps", "2", "--seed", "3"]
-    done = _run([*arguments, "-o", str(tmp_path / "a.png"), "--control", f"tiny-canny:{tmp_path / 'edges.png'}:0.8"],
-                tiny_pair, **environment)  # fmt: skip
+    unit = f"tiny-canny:{tmp_path / 'edges.png'}:0.8::2"  # preprocessor left as none, mode 2
+    done = _run([*arguments, "-o", str(tmp_path / "a.png"), "--control", unit], tiny_pair, **environment)
     assert done.returncode == 0, done.stderr
     text = Image.open(tmp_path / "a.png").info["parameters"]
     assert 'ControlNet 0: "Module: none, Model: tiny-canny, Weight: 0.8' in text
+    assert "Control Mode: ControlNet is more important" in text
     again = _run(["generate", "--from", str(tmp_path / "a.png"), "-o", str(tmp_path / "again.png"), "--control",
-                  f"tiny-canny:{tmp_path / 'edges.png'}:0.8"], tiny_pair, **environment)  # fmt: skip
+                  unit], tiny_pair, **environment)  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "a.png")))
     asked = _run(["generate", "--from", str(tmp_path / "a.png"), "-o", str(tmp_path / "c.png")], tiny_pair,

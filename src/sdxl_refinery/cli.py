@@ -185,9 +185,11 @@ def _generate(
         list[str] | None,
         typer.Option(
             "--control",
-            help="A ControlNet unit: MODEL:IMAGE[:WEIGHT[:PREPROCESSOR]], a name from the ControlNet folder, a "
-            "control image file, weight 0..2 (default 1), preprocessor none, canny or invert (default none); "
-            "repeatable.",
+            help="A ControlNet unit: MODEL:IMAGE[:WEIGHT[:PREPROCESSOR[:MODE]]], a name from the ControlNet folder, "
+            "a control image file, weight 0..2 (default 1), preprocessor none, canny, invert, depth_midas, "
+            "depth_anything, depth_anything_v2, depth_zoe or openpose (default none; the model ones need the "
+            "annotator folder), control mode 0 Balanced (default), 1 prompt more important, 2 ControlNet more "
+            "important; repeatable.",
             rich_help_panel=_MODELS,
         ),
     ] = None,
@@ -278,10 +280,11 @@ def _generate(
 
 
 def _parse_control(text: str) -> dict[str, Any]:
-    """`MODEL:IMAGE[:WEIGHT[:PREPROCESSOR]]` as a ControlNet unit of the request (its rules are the request's)."""
+    """`MODEL:IMAGE[:WEIGHT[:PREPROCESSOR[:MODE]]]` as a ControlNet unit of the request (its rules are the
+    request's)."""
     parts = text.split(":")
-    if len(parts) < 2 or len(parts) > 4 or not parts[0] or not parts[1]:
-        raise InvalidRequest("controlnets", f"--control {text}: give MODEL:IMAGE[:WEIGHT[:PREPROCESSOR]]")
+    if len(parts) < 2 or len(parts) > 5 or not parts[0] or not parts[1]:
+        raise InvalidRequest("controlnets", f"--control {text}: give MODEL:IMAGE[:WEIGHT[:PREPROCESSOR[:MODE]]]")
     unit: dict[str, Any] = {"model": parts[0], "image": Path(parts[1])}
     if len(parts) > 2 and parts[2]:
         try:
@@ -290,6 +293,8 @@ def _parse_control(text: str) -> dict[str, Any]:
             raise InvalidRequest("controlnets", f"--control {text}: the weight must be a number") from None
     if len(parts) > 3 and parts[3]:
         unit["preprocessor"] = parts[3]
+    if len(parts) > 4 and parts[4]:
+        unit["control_mode"] = parts[4]
     return unit
 
 

@@ -629,10 +629,12 @@ def test_a_controlnet_unit_from_the_page_shows_its_map_before_generating(
         p.locator("#control-picker").scroll_into_view_if_needed()
         shot(p, "30-controlnet")
         p.fill("#control-weight", "0.6")
+        p.select_option("#control-mode", "ControlNet is more important")
         p.click("#submit")
         poll(lambda: web.client.get("/v1/jobs").json()["total"] == 1, "the job")
         unit = web.client.get("/v1/jobs").json()["items"][0]["request"]["controlnets"][0]
         assert (unit["model"], unit["preprocessor"], unit["weight"]) == ("canny-sdxl", "canny", 0.6)
+        assert unit["control_mode"] == "ControlNet is more important"
         assert (unit["image"]["width"], unit["image"]["height"]) == (128, 96)
 
 

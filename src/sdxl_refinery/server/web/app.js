@@ -275,6 +275,7 @@ function formRequest() {
     request.controlnets = [{
       model: $("#control-model").value, image: state.control.dataUrl,
       weight: Number($("#control-weight").value), preprocessor: $("#control-preprocessor").value,
+      control_mode: $("#control-mode").value,
     }];
   }
   if (state.reference && $("#image-prompt-model").value) {
