@@ -37,6 +37,14 @@ class Preprocessor(_Named):
     NONE = "none"  # the image is the map already (an edge map, a depth map, a pose skeleton...)
     CANNY = "canny"  # OpenCV's Canny edges, thresholds threshold_a (low) and threshold_b (high)
     INVERT = "invert"  # white background, black lines -> black background, white lines (a sketch)
+    THRESHOLD = "threshold"  # white where every channel passes threshold_a
+    SCRIBBLE_XDOG = "scribble_xdog"  # a scribble by difference of Gaussians, threshold_a
+    LINEART_STANDARD = "lineart_standard"  # dark lines on a light ground as line art
+    T2IA_COLOR_GRID = "t2ia_color_grid"  # the colours in 64-pixel cells
+    TILE_RESAMPLE = "tile_resample"  # down-sampled by threshold_a (for tile models)
+    BLUR_GAUSSIAN = "blur_gaussian"  # blurred, sigma threshold_a
+    RECOLOR_LUMINANCE = "recolor_luminance"  # lightness as grey, gamma threshold_a
+    RECOLOR_INTENSITY = "recolor_intensity"  # HSV value as grey, gamma threshold_a
     DEPTH_MIDAS = "depth_midas"  # the depth preprocessors: a transformers depth model from the annotator folder
     DEPTH_ANYTHING = "depth_anything"
     DEPTH_ANYTHING_V2 = "depth_anything_v2"
@@ -52,7 +60,15 @@ OTHER_ANNOTATORS = ("depth_leres", "depth_hand", "openpose", "dw_openpose", "ani
                     "scribble_pidinet", "teed", "mediapipe_face", "tile_colorfix", "reference", "instant_id",
                     "inpaint_only", "recolor", "revision", "clip_vision", "t2ia")  # fmt: skip
 A1111_ALIASES = {"invert (from white bg & black line)": "invert", "canny": "canny", "none": "none",
-                 "depth": "depth_midas"}  # fmt: skip
+                 "depth": "depth_midas", "lineart_standard (from white bg & black line)": "lineart_standard",
+                 "binary": "threshold", "color": "t2ia_color_grid"}  # fmt: skip
+# The preprocessors' sliders (A1111's threshold_a, threshold_b): name, default, lowest, highest.
+SLIDERS_A = {"canny": ("low threshold", 100.0, 1.0, 255.0),
+             "threshold": ("binarization threshold", 127.0, 0.0, 255.0),
+             "scribble_xdog": ("XDoG threshold", 32.0, 1.0, 64.0),
+             "tile_resample": ("down-sampling rate", 1.0, 1.0, 8.0), "blur_gaussian": ("sigma", 9.0, 0.01, 64.0),
+             "recolor_luminance": ("gamma", 1.0, 0.1, 2.0), "recolor_intensity": ("gamma", 1.0, 0.1, 2.0)}  # fmt: skip
+SLIDERS_B = {"canny": ("high threshold", 200.0, 1.0, 255.0)}
 
 
 class ControlUnit(BaseModel):
@@ -77,8 +93,13 @@ class ControlUnit(BaseModel):
                                                 "invert, a depth estimator (depth_midas, depth_anything, "
                                                 "depth_anything_v2, depth_zoe) or openpose (weights from the "
                                                 "annotator folder).")] = Preprocessor.NONE  # fmt: skip
-    threshold_a: float = Field(100, ge=0, le=255, description="canny's low threshold.")
-    threshold_b: float = Field(200, ge=0, le=255, description="canny's high threshold.")
+    threshold_a: float | None = Field(None, description="The preprocessor's first slider (A1111's threshold_a): "
+                                      "canny's low threshold (1..255, default 100), threshold's level (0..255, "
+                                      "127), scribble_xdog's (1..64, 32), tile_resample's rate (1..8, 1), "
+                                      "blur_gaussian's sigma (0.01..64, 9), recolor's gamma (0.1..2, 1); absent: "
+                                      "the default.")  # fmt: skip
+    threshold_b: float | None = Field(None, description="The second slider: canny's high threshold (1..255, "
+                                      "default 200).")  # fmt: skip
 
     @field_validator("preprocessor", mode="before")
     @classmethod
@@ -104,7 +125,20 @@ class ControlUnit(BaseModel):
             raise ValueError(f"guidance_end {self.guidance_end:g} must be after guidance_start {self.guidance_start:g}")
         if self.image is None:
             raise ValueError("image: a control image is required")
+        for name, value, sliders in (("threshold_a", self.threshold_a, SLIDERS_A),
+                                     ("threshold_b", self.threshold_b, SLIDERS_B)):  # fmt: skip
+            slider = sliders.get(self.preprocessor.value)
+            if value is not None and slider is not None and not slider[2] <= value <= slider[3]:
+                raise ValueError(f"{name} {value:g}: {self.preprocessor.value}'s {slider[0]} is "
+                                 f"{slider[2]:g}..{slider[3]:g}")  # fmt: skip
         return self
+
+    def sliders(self) -> tuple[float, float]:
+        """threshold_a and threshold_b as the preprocessor runs them (its defaults where not given)."""
+        first, second = SLIDERS_A.get(self.preprocessor.value), SLIDERS_B.get(self.preprocessor.value)
+        a = self.threshold_a if self.threshold_a is not None else (first[1] if first else 0.0)
+        b = self.threshold_b if self.threshold_b is not None else (second[1] if second else 0.0)
+        return a, b
 
     def recorded(self) -> dict[str, Any]:
         """The unit as results record it: the image by hash and size."""

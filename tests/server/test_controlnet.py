@@ -23,6 +23,9 @@ from tests.engine.test_controlnet import _tiny_controlnet, edges
 from .conftest import RunningServer, ServerFactory
 from .test_edits import decoded, picture
 
+IMAGE_MODULES = ["none", "canny", "invert", "threshold", "scribble_xdog", "lineart_standard", "t2ia_color_grid",
+                 "tile_resample", "blur_gaussian", "recolor_luminance", "recolor_intensity"]  # fmt: skip
+
 
 @pytest.fixture
 def real(real_server_factory: ServerFactory, service: ImageService, tiny_pair: tuple[Path, Path], tmp_path: Path,
@@ -53,7 +56,7 @@ def test_the_extensions_routes(real: RunningServer) -> None:
     assert requests.get(real.url + "/controlnet/version", timeout=60).json() == {"version": 2}
     assert requests.get(real.url + "/controlnet/model_list", timeout=60).json() == {"model_list": ["tiny-canny"]}
     modules = requests.get(real.url + "/controlnet/module_list", timeout=60).json()["module_list"]
-    assert modules == ["none", "canny", "invert"]
+    assert modules == IMAGE_MODULES
     buffer = io.BytesIO()
     picture().save(buffer, format="PNG")
     body = {"controlnet_module": "canny", "controlnet_input_images": [base64.b64encode(buffer.getvalue()).decode()],
@@ -61,6 +64,15 @@ def test_the_extensions_routes(real: RunningServer) -> None:
     detected = requests.post(real.url + "/controlnet/detect", json=body, timeout=60).json()
     edge_map = np.asarray(decoded(detected["images"][0]))
     assert edge_map.shape == (64, 64, 3) and set(np.unique(edge_map)) == {0, 255}  # an edge map, white on black
+    gradient = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))).convert("RGB").save(gradient, "PNG")
+    body["controlnet_input_images"] = [base64.b64encode(gradient.getvalue()).decode()]
+    levels = {}
+    for level in (-1, 127, 30):  # the extension's -1: the module's default (threshold's 127)
+        body.update(controlnet_module="threshold", controlnet_threshold_a=level)
+        answer = requests.post(real.url + "/controlnet/detect", json=body, timeout=60).json()
+        levels[level] = int((np.asarray(decoded(answer["images"][0]))[..., 0] == 255).sum())
+    assert levels[-1] == levels[127] == 64 * 32 and levels[30] > levels[127]
 
 
 def test_bad_units_are_refused_naming_the_a1111_field(real: RunningServer) -> None:
@@ -130,8 +142,7 @@ def test_depth_preprocessing_and_control_modes_over_http(real: RunningServer, se
     write_tiny_dpt(tmp_path / "annotators" / "depth_midas")
     monkeypatch.setattr(service, "annotator_folder", AnnotatorFolder(tmp_path / "annotators"))
     listed = requests.get(real.url + "/v1/controlnets", timeout=60).json()
-    assert listed["controlnets"] == ["tiny-canny"] and listed["preprocessors"] == ["none", "canny", "invert",
-                                                                                    "depth_midas"]  # fmt: skip
+    assert listed["controlnets"] == ["tiny-canny"] and listed["preprocessors"] == [*IMAGE_MODULES, "depth_midas"]
     modules = requests.get(real.url + "/controlnet/module_list", timeout=60).json()["module_list"]
     assert "depth_midas" in modules and "openpose" not in modules  # openpose's models are not in the folder
     buffer = io.BytesIO()

@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import ControlNetModel, MultiControlNetModel
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..control import MODEL_PREPROCESSORS, ControlMode, ControlUnit, Preprocessor
 from ..controlnets import ControlSource
 from ..errors import InvalidRequest
 from .annotators import depth_map
 from .controlnet_files import load_single_file
+from .image_maps import IMAGE_MAPS
 from .image_prep import fit
 from .pose import pose_map
 
@@ -43,14 +44,9 @@ def control_map(unit: ControlUnit, width: int, height: int, annotator: Path | No
         if unit.preprocessor is Preprocessor.OPENPOSE:
             return pose_map(fitted, annotator, device)
         return depth_map(fitted, annotator, device)
-    if unit.preprocessor is Preprocessor.CANNY:
-        import cv2
-
-        edges = cv2.Canny(np.asarray(fitted), unit.threshold_a, unit.threshold_b)
-        return Image.fromarray(edges).convert("RGB")
-    if unit.preprocessor is Preprocessor.INVERT:
-        return ImageOps.invert(fitted)
-    return fitted
+    if unit.preprocessor is Preprocessor.NONE:
+        return fitted
+    return Image.fromarray(IMAGE_MAPS[unit.preprocessor.value](np.asarray(fitted), *unit.sliders()))
 
 
 def _mode_hook(mode: ControlMode, guided: bool) -> Callable[..., tuple[list[torch.Tensor], torch.Tensor]]:

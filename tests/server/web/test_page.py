@@ -619,7 +619,7 @@ def test_a_controlnet_unit_from_the_page_shows_its_map_before_generating(
         p.wait_for_selector("#app:not([hidden])")
         fill_small_job(p, prompt="a round window")
         p.wait_for_selector("#control-form:not([hidden])")
-        assert p.eval_on_selector_all("#control-preprocessor option", "os => os.map(o => o.value)") == [
+        assert p.eval_on_selector_all("#control-preprocessor option", "os => os.map(o => o.value)")[:3] == [
             "none", "canny", "invert"]  # fmt: skip
         p.set_input_files("#control-file", str(tmp_path / "photo.png"))
         p.wait_for_selector("#control-preview:not([hidden]) #control-map[src^='data:image/png']")

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...control import ControlUnit
+from ...control import SLIDERS_A, SLIDERS_B, ControlUnit
 from ...errors import InvalidRequest
 from ...input_images import http_input_image
 from ..offload import json_body_schema, off_loop, parsed_body
@@ -66,6 +66,9 @@ def controlnet_units(scripts: dict[str, Any]) -> tuple[list[dict[str, Any]], lis
             prompts.append({"model": model, "image": decoded, "weight": unit.get("weight", 1.0)})
             continue
         fields = {name: unit[name] for name in _UNIT_FIELDS if unit.get(name) is not None}
+        for slider in ("threshold_a", "threshold_b"):  # the extension's -1: the preprocessor's default
+            if isinstance(fields.get(slider), (int, float)) and fields[slider] < 0:
+                del fields[slider]
         units.append({"model": model, "image": decoded, "preprocessor": module, **fields})
     return units, prompts
 
@@ -89,9 +92,12 @@ def module_list(state: State, _: Authorized) -> dict[str, Any]:
     """The preprocessors Refinery runs now: the image-processing ones, and the depth and pose estimators whose
     models are in the annotator folder."""
     modules = state.service.annotator_folder.runnable()
-    detail = {"canny": {"sliders": [{"name": "Low Threshold", "value": 100, "min": 1, "max": 255},
-                                    {"name": "High Threshold", "value": 200, "min": 1, "max": 255}]}}  # fmt: skip
-    return {"module_list": modules, "module_detail": {name: detail.get(name, {"sliders": []}) for name in modules}}
+
+    def sliders(name: str) -> list[dict[str, Any]]:
+        found = [table[name] for table in (SLIDERS_A, SLIDERS_B) if name in table]
+        return [{"name": label, "value": value, "min": low, "max": high} for label, value, low, high in found]
+
+    return {"module_list": modules, "module_detail": {name: {"sliders": sliders(name)} for name in modules}}
 
 
 class DetectRequest(BaseModel):
@@ -102,8 +108,13 @@ class DetectRequest(BaseModel):
     controlnet_module: str = "none"
     controlnet_input_images: list[str] = Field(default_factory=list)
     controlnet_images: list[str] = Field(default_factory=list)  # webuiapi's name for the same
-    controlnet_threshold_a: float = 100
-    controlnet_threshold_b: float = 200
+    controlnet_threshold_a: float | None = None  # None or negative (the extension's -1): the module's default
+    controlnet_threshold_b: float | None = None
+
+
+def _slider(value: float | None) -> float | None:
+    """A slider of the extension's API: negative means the preprocessor's default (None)."""
+    return None if value is None or value < 0 else value
 
 
 @router.post("/controlnet/detect", openapi_extra=json_body_schema(DetectRequest))
@@ -117,7 +128,8 @@ async def detect(state: State, http: Request, _: Authorized) -> dict[str, Any]:
         for index, text in enumerate(texts):
             try:
                 unit = ControlUnit(model="-", image=http_input_image(text), preprocessor=body.controlnet_module,
-                                   threshold_a=body.controlnet_threshold_a, threshold_b=body.controlnet_threshold_b,
+                                   threshold_a=_slider(body.controlnet_threshold_a),
+                                   threshold_b=_slider(body.controlnet_threshold_b),
                                    resize_mode="Just resize")  # fmt: skip
             except ValueError as error:
                 raise InvalidRequest(f"controlnet_input_images.{index}", str(error)) from None
