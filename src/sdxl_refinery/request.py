@@ -308,11 +308,11 @@ class GenerationRequest(BaseModel):
     def _controlnets_fit_the_run(self) -> GenerationRequest:
         if not self.controlnets:
             return self
-        if self.enable_hr:
-            raise ValueError("controlnets: not with hires fix yet (the control maps would need the hires size too)")
-        if self.init_image is not None and self.mask_image is None and self.mode is Mode.HANDOFF:
-            raise ValueError("controlnets: image to image with ControlNet runs in sequential mode only (diffusers' "
-                             "ControlNet img2img pipeline cannot hand over mid-schedule)")  # fmt: skip
+        from_image = self.enable_hr or (self.init_image is not None and self.mask_image is None)
+        if from_image and self.mode is Mode.HANDOFF:
+            raise ValueError("controlnets: image to image (hires fix's second pass too) with ControlNet runs in "
+                             "sequential mode only (diffusers' ControlNet img2img pipeline cannot hand over "
+                             "mid-schedule)")  # fmt: skip
         if self.mask_image is not None and self.inpaint_full_res:
             raise ValueError("controlnets: not with inpaint_full_res (only masked) yet: the maps cover the whole image")
         if self.guidance_rescale:

@@ -154,6 +154,31 @@ async def test_the_modes_differ_under_guidance_and_end_with_their_pass(with_fold
     assert np.array_equal(pixels(before.images), pixels(after.images))  # no mode left on the shared model
 
 
+async def test_hires_fix_with_a_unit_equals_diffusers(with_folder: ImageService, hand: HandDriven,
+                                                      folder: Path) -> None:  # fmt: skip
+    """Both passes controlled, as A1111 does: the first by the map at the image's size, the second (image to
+    image at the hires size) by the map made at that size."""
+    request = GenerationRequest(prompt=PROMPT, enable_hr=True, hr_scale=2, hr_upscaler="Latent", strength=0.5,
+                                **SIZE, **STEPS, controlnets=[_unit(weight=0.8)])  # fmt: skip
+    result = await with_folder.generate(request)
+    assert result.images[0].size == (128, 128)
+    controlnet = ControlNetModel.from_pretrained(folder / "tiny-canny")
+    text = StableDiffusionXLControlNetPipeline.from_pipe(hand.base, controlnet=controlnet)
+    img2img = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(hand.base, controlnet=controlnet)
+    fresh_schedulers(text, img2img, hand.refiner)
+    common: dict[str, Any] = {"guidance_scale": request.guidance_scale, "generator": generators(result.seeds),
+                              "controlnet_conditioning_scale": 0.8}  # fmt: skip
+    first = text(prompt=PROMPT, image=edges(), num_inference_steps=6, output_type="latent", **SIZE, **common).images
+    upscaled = torch.nn.functional.interpolate(first, size=(16, 16), mode="bilinear", antialias=False)
+    hires_map = with_folder.control_map(ControlUnit(**_unit()), 128, 128)
+    second = img2img(prompt=PROMPT, image=upscaled, control_image=hires_map, strength=0.5, num_inference_steps=6,
+                     output_type="latent", **common).images  # fmt: skip
+    del common["controlnet_conditioning_scale"]
+    expected = hand.refiner(prompt=PROMPT, image=second, strength=0.3, num_inference_steps=10, output_type="pil",
+                            **common).images  # fmt: skip
+    assert np.abs(pixels(result.images) - pixels(expected)).max() <= 2.0
+
+
 async def test_two_units_equal_diffusers_multicontrolnet(with_folder: ImageService, hand: HandDriven,
                                                          folder: Path) -> None:  # fmt: skip
     second = picture()
@@ -202,8 +227,8 @@ async def test_bad_units_are_refused_naming_the_field_before_any_work(with_folde
             request = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, controlnets=[_unit(**change)])
             await with_folder.generate(request)
         assert caught.value.field == field and words in caught.value.rule, (change, caught.value)
-    with pytest.raises(InvalidRequest, match="not with hires fix"):
-        GenerationRequest(prompt=PROMPT, **SIZE, enable_hr=True, controlnets=[_unit()])
+    with pytest.raises(InvalidRequest, match="hires fix's second pass too.*sequential mode only"):
+        GenerationRequest(prompt=PROMPT, **SIZE, enable_hr=True, mode="handoff", controlnets=[_unit()])
 
 
 async def test_inpainting_with_a_unit_equals_diffusers_and_keeps_unmasked_pixels(

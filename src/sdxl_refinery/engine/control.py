@@ -84,6 +84,7 @@ class ControlNets:
         self.device, self.dtype, self.base_config = device, dtype, base_config
         self._loaded: OrderedDict[Path, Any] = OrderedDict()
         self._mode_hooks: list[Any] = []  # removed when the pass that set them ends (`for_pass`)
+        self._hooked: dict[int, ControlMode] = {}  # models given a mode in this pass (hires fix asks twice)
 
     @contextlib.contextmanager
     def for_pass(self) -> Iterator[None]:
@@ -93,6 +94,7 @@ class ControlNets:
         finally:
             while self._mode_hooks:
                 self._mode_hooks.pop().remove()
+            self._hooked.clear()
 
     def _set_modes(self, units: tuple[ControlUnit, ...], models: list[Any], guided: bool) -> None:
         """Hooks for the units' control modes (Balanced needs none).
@@ -106,8 +108,9 @@ class ControlNets:
                 raise InvalidRequest(f"controlnets.{index}.control_mode", "one ControlNet in two units needs one "
                                                                           "control mode")  # fmt: skip
         for model in {id(model): model for model in models}.values():
-            if modes[id(model)] is not ControlMode.BALANCED:
+            if modes[id(model)] is not ControlMode.BALANCED and id(model) not in self._hooked:
                 self._mode_hooks.append(model.register_forward_hook(_mode_hook(modes[id(model)], guided)))
+                self._hooked[id(model)] = modes[id(model)]
 
     def get(self, source: Path) -> Any:
         """The ControlNet of a diffusers folder or a single file (whose architecture is read beside the base's

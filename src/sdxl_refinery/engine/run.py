@@ -332,8 +332,11 @@ class TwoStageRunner:
         image: object = None
         if request.enable_hr:
             tracker.begin_pass(plan.first_pass_steps)
-            first = self.pair.base(**common, width=request.width, height=request.height,
-                                   num_inference_steps=request.num_inference_steps).images  # fmt: skip
+            first_control, first_net = self._control(run, common, "image", (request.width, request.height))
+            first_pipe = self.edits.base_control("text", first_net) if first_control else self.pair.base
+            first_pipe.scheduler = self.pair.base.scheduler
+            first = first_pipe(**common, **first_control, width=request.width, height=request.height,
+                               num_inference_steps=request.num_inference_steps).images  # fmt: skip
             if tracker.interrupted:  # kept as it stands: the first pass, at its own size
                 timings["base"] = time.perf_counter() - stage_started
                 return first
@@ -345,7 +348,9 @@ class TwoStageRunner:
         #    guided by the request's ControlNet units when it has some.
         latents: torch.Tensor
         mask = self._base_mask(edit)
-        control, controlnet = self._control(run, common, "image" if edit is None else "control_image")
+        size = request.hires_size if request.enable_hr else (request.width, request.height)
+        map_key = "control_image" if edit is not None or request.enable_hr else "image"
+        control, controlnet = self._control(run, common, map_key, size)
         if edit is not None and mask is not None:
             pipe = self.edits.base_control("inpaint", controlnet) if control else self.edits.base_inpaint()
             pipe.scheduler = self.pair.base.scheduler
@@ -371,19 +376,20 @@ class TwoStageRunner:
         log.info("   Stage 1 complete: base latents generated (%.1f s)", timings["base"])
         return latents
 
-    def _control(self, run: Pass, common: dict[str, object], map_key: str) -> tuple[dict[str, Any], Any]:
-        """The pipeline's control arguments and ControlNet module for the pass's request ({} and None without
-        units). diffusers' ControlNet pipelines do not rescale guidance: the common arguments lose it, and a
-        model that needs it (zero terminal SNR) is refused."""
+    def _control(self, run: Pass, common: dict[str, object], map_key: str,
+                 size: tuple[int, int]) -> tuple[dict[str, Any], Any]:  # fmt: skip
+        """The pipeline's control arguments (maps of `size`) and ControlNet module for the pass's request ({} and
+        None without units). diffusers' ControlNet pipelines do not rescale guidance: the common arguments lose
+        it, and a model that needs it (zero terminal SNR) is refused."""
         request = run.request
         if not request.controlnets:
             return {}, None
         if common.pop("guidance_rescale", 0.0):
             raise InvalidRequest("controlnets", "this base model samples with guidance rescale (zero terminal SNR), "
                                                 "which diffusers' ControlNet pipelines do not apply")  # fmt: skip
-        controlnet, arguments = self.controlnets.arguments(request.controlnets, run.items[0].control_sources,
-                                                           request.width, request.height, map_key,
-                                                           guided=request.guidance_scale > 1)  # fmt: skip
+        controlnet, arguments = self.controlnets.arguments(
+            request.controlnets, run.items[0].control_sources, *size, map_key, guided=request.guidance_scale > 1
+        )
         return arguments, controlnet
 
     def guidance_rescale(self, request: GenerationRequest) -> float:
