@@ -19,7 +19,8 @@ from ..jobs.store import Dedup, JobStore
 from ..jobs.worker import Worker
 from ..limits import Limits, enforce_limits
 from ..request import GenerationRequest
-from ..service import ImageService, check_images
+from ..service import ImageService
+from ..service_checks import check_images
 from .keys import OPEN, ApiKeys, Caller
 from .offload import checks_limiter
 from .signing import UrlSigner
