@@ -313,8 +313,6 @@ class GenerationRequest(BaseModel):
             raise ValueError("controlnets: image to image (hires fix's second pass too) with ControlNet runs in "
                              "sequential mode only (diffusers' ControlNet img2img pipeline cannot hand over "
                              "mid-schedule)")  # fmt: skip
-        if self.mask_image is not None and self.inpaint_full_res:
-            raise ValueError("controlnets: not with inpaint_full_res (only masked) yet: the maps cover the whole image")
         if self.guidance_rescale:
             raise ValueError("controlnets: guidance_rescale is not available with ControlNet (diffusers' ControlNet "
                              "pipelines do not rescale)")  # fmt: skip

@@ -260,3 +260,24 @@ async def test_inpainting_with_a_unit_equals_diffusers_and_keeps_unmasked_pixels
     assert np.abs(ours - pixels([expected])[0]).max() <= 2.0
     untouched = np.asarray(blurred) == 0
     assert np.array_equal(ours[untouched], np.asarray(init, dtype=np.float64)[untouched])  # exactly the original
+
+
+async def test_only_masked_inpainting_cuts_the_map_where_it_cuts_the_picture(with_folder: ImageService) -> None:
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import ImageDraw
+
+    init, mask, whole = picture(96, 80), Image.new("L", (96, 80), 0), Image.new("RGB", (96, 80))
+    ImageDraw.Draw(mask).rectangle((60, 10, 80, 30), fill=255)
+    for x in range(4, 96, 12):
+        ImageDraw.Draw(whole).line((x, 0, 95 - x, 79), fill="white", width=2)
+    common: dict[str, Any] = {"prompt": PROMPT, "init_image": init, "mask_image": mask, "inpaint_full_res": True,
+                              "inpaint_full_res_padding": 8, "mask_blur": 2, **SIZE, **STEPS}  # fmt: skip
+    unit = {"model": "tiny-canny", "resize_mode": "Just resize"}
+    guided = await with_folder.generate(GenerationRequest(**common, controlnets=[{**unit, "image": whole}]))
+    box = tuple(int(edge) for edge in VaeImageProcessor.get_crop_region(mask, 64, 64, pad=8))
+    cut = whole.crop(box).resize((64, 64), Image.Resampling.LANCZOS)  # what the picture's box becomes
+    given = await with_folder.generate(GenerationRequest(**common, controlnets=[{**unit, "image": cut}]))
+    assert np.array_equal(pixels(guided.images), pixels(given.images))
+    plain = await with_folder.generate(GenerationRequest(**common))
+    assert np.abs(pixels(guided.images) - pixels(plain.images)).max() > 2.0  # the map guided the box
+    assert np.array_equal(pixels(guided.images)[0][60:, :40], np.asarray(init, dtype=np.float64)[60:, :40])

@@ -32,13 +32,25 @@ from .pose import pose_map
 LOADED_CONTROLNETS = 2
 
 
+# "Only masked" inpainting's region: the whole picture's size and the box cut from it (x1, y1, x2, y2).
+Region = tuple[tuple[int, int], tuple[int, int, int, int]]
+
+
 def control_map(unit: ControlUnit, width: int, height: int, annotator: Path | None = None,
-                device: str = "cpu") -> Image.Image:  # fmt: skip
+                device: str = "cpu", region: Region | None = None) -> Image.Image:  # fmt: skip
     """The unit's image fitted to `width` x `height` (its resize mode), then preprocessed at that size (A1111's
     pixel perfect: the map has exactly the image's pixels); `annotator` is the models' folder a depth or pose
-    preprocessor runs (the service's checks found it), run on `device`."""
+    preprocessor runs (the service's checks found it), run on `device`. With a `region` ("only masked"
+    inpainting), the image is fitted to the whole picture, then the box is cut out and stretched to the size,
+    as the picture's own box is, so that the map lies where the pixels it guides lie."""
     assert unit.image is not None  # the unit's own rule
-    fitted = fit(unit.image.open().convert("RGB"), width, height, unit.resize_mode)
+    source = unit.image.open().convert("RGB")
+    if region is None:
+        fitted = fit(source, width, height, unit.resize_mode)
+    else:
+        (whole_width, whole_height), box = region
+        fitted = fit(source, whole_width, whole_height, unit.resize_mode).crop(box)
+        fitted = fitted.resize((width, height), Image.Resampling.LANCZOS)
     if unit.preprocessor.value in MODEL_PREPROCESSORS:
         assert annotator is not None, "the service checks a model preprocessor's folder before any work"
         if unit.preprocessor is Preprocessor.OPENPOSE:
@@ -133,14 +145,14 @@ class ControlNets:
         return model
 
     def arguments(self, units: tuple[ControlUnit, ...], sources: list[ControlSource], width: int, height: int,
-                  map_key: str, guided: bool) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+                  map_key: str, guided: bool, region: Region | None = None) -> tuple[Any, dict[str, Any]]:  # fmt: skip
         """The ControlNet module (one, or diffusers' MultiControlNet for several units) with the units' control
         modes set until the pass ends (`for_pass`), and the pipeline's control arguments; `map_key` is `image`
         (text to image) or `control_image` (image to image, inpainting); `guided`: the batch holds classifier-free
-        guidance's unconditional half."""
+        guidance's unconditional half; `region`: "only masked" inpainting's (`control_map`)."""
         models = [self.get(source.model) for source in sources]
         self._set_modes(units, models, guided)
-        maps = [control_map(unit, width, height, source.annotator, self.device)
+        maps = [control_map(unit, width, height, source.annotator, self.device, region)
                 for unit, source in zip(units, sources, strict=True)]  # fmt: skip
         single = len(units) == 1
         arguments = {
