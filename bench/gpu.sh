@@ -16,20 +16,23 @@
 #    (bench/random_pair.py), then bench/throughput.py: 1 and 8 concurrent HTTP clients against a real
 #    `refinery serve`, batching (8 images, 100 ms) against one job at a time, at 1024 and 512 (20 + 6 steps);
 #    in QUICK the tiny pair at 64;
-# 5. compiled (only with COMPILED=1): ours with compile on (max-autotune, CUDA graphs) at 1024, its warm-up
+# 5. controlnet (issue 28; not in QUICK): one 1024 CFG step of the full-size base UNet in fp16, plain and
+#    with a full-size ControlNet (bench/controlnet_step.py);
+# 6. compiled (only with COMPILED=1): ours with compile on (max-autotune, CUDA graphs) at 1024, its warm-up
 #    apart from the per-step times. On an H200 this warm-up did not finish in 200 s, so it is left out unless
 #    asked for, to keep the device time for the stages that give figures.
 #
 # Writes, under $OUT (default bench/results): smoke-$DEVICE.json, precision-$DEVICE.json,
-# bench-$DEVICE.json (+ .png), throughput-$DEVICE-{1024,512}.json, bench-$DEVICE-compiled.json (COMPILED=1)
-# and gpu-$DEVICE.log (every stage's whole output): at most eight files, what a device call brings back. Needs a CUDA build of
+# bench-$DEVICE.json (+ .png), throughput-$DEVICE-{1024,512}.json, controlnet-step-$DEVICE.json,
+# bench-$DEVICE-compiled.json (COMPILED=1)
+# and gpu-$DEVICE.log (every stage's whole output): at most eight files (nine with COMPILED=1), what a device call brings back. Needs a CUDA build of
 # torch in $PYTHON (default python) and the package importable (PYTHONPATH=src works).
 set -uo pipefail
 DEVICE="${DEVICE:-cuda}"
 OUT="${OUT:-bench/results}"
 PYTHON="${PYTHON:-python}"
 SMOKE_S="${SMOKE_S:-90}" PRECISION_S="${PRECISION_S:-90}" EAGER_S="${EAGER_S:-130}" COMPILED_S="${COMPILED_S:-200}"
-THROUGHPUT_S="${THROUGHPUT_S:-330}"
+THROUGHPUT_S="${THROUGHPUT_S:-330}" CONTROLNET_S="${CONTROLNET_S:-90}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu',
@@ -74,6 +77,10 @@ else
                 --clients 1 8 --jobs 2 --size \$size --steps 20 --refiner-steps 6 --max-batch 8 --window-ms 100 \
                 --json '$OUT/throughput-$DEVICE-'\$size.json || exit 1
         done"
+fi
+if [[ "${QUICK:-0}" != "1" ]]; then  # full-size models only: too slow for the CPU rehearsal
+    stage controlnet "$CONTROLNET_S" "$PYTHON" bench/controlnet_step.py --device "$DEVICE" --dtype fp16 \
+        --size 1024 --repeats 10 --json "$OUT/controlnet-step-$DEVICE.json"
 fi
 if [[ "${COMPILED:-0}" == "1" ]]; then
     stage compiled "$COMPILED_S" "$PYTHON" bench/run.py --device "$DEVICE" --compile on --resolution 1024 \
