@@ -9,7 +9,6 @@ diffusers' `ControlNetModel.from_unet` makes one) adding its residuals, in the s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.machine import cpu_name
+from bench.machine import cpu_name, report
 
 
 def main() -> None:
@@ -79,10 +78,7 @@ def main() -> None:
         "controlnet_step_seconds": round(statistics.median(seconds["controlnet"]), 4),
     }  # fmt: skip
     result["controlnet_over_plain"] = round(result["controlnet_step_seconds"] / result["plain_step_seconds"], 3)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

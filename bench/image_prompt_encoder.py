@@ -9,7 +9,6 @@ first run does.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.machine import cpu_name
+from bench.machine import cpu_name, report
 
 # h94/IP-Adapter sdxl_models/image_encoder/config.json (ViT-H/14), the encoder of ip-adapter_sdxl_vit-h and
 # ip-adapter-plus_sdxl_vit-h.
@@ -57,10 +56,7 @@ def main() -> None:
             "encode_seconds": round(statistics.median(seconds["encode"]), 3),
         }  # fmt: skip
     result["load_over_encode"] = round(result["load_seconds"] / result["encode_seconds"], 1)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ tiles (context margins cut away), in the same run: seconds, output memory, and t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from sdxl_refinery.engine.upscaler_models import _spandrel, tile_count, upscale_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.machine import cpu_name
+from bench.machine import cpu_name, report
 
 
 def main() -> None:
@@ -57,10 +56,7 @@ def main() -> None:
         "whole_output_float_mb": round(whole.numel() * 4 / 2**20, 1),
         "tiled_output_uint8_mb": round(tiled.size[0] * tiled.size[1] * 3 / 2**20, 1),
     }  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":
