@@ -63,7 +63,7 @@ def draw_openpose(people: list[list[Point | None]], width: int, height: int) -> 
     return Image.fromarray(canvas)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)  # the previews' CPU copy and the engine device's
 def _models(folder: Path, device: str) -> tuple[Any, Any, Any, Any]:
     """The detector's and VitPose's processors and models of an openpose annotator folder, loaded once."""
     from transformers import AutoImageProcessor, AutoModelForObjectDetection, VitPoseForPoseEstimation
