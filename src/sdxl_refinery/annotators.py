@@ -100,6 +100,12 @@ class AnnotatorFolder:
 
     def ready(self) -> list[str]:
         """The model preprocessors whose folders are usable now."""
+        return [name for name, reason in self.reasons().items() if reason is None]
+
+    def reasons(self) -> dict[str, str | None]:
+        """Each model preprocessor: None when its folder is usable, else why not (what to put where)."""
         if self.folder is None:
-            return []
-        return [name for name in MODEL_PREPROCESSORS if _reason(name, self.folder / name) is None]
+            return dict.fromkeys(MODEL_PREPROCESSORS, "no annotator folder is set (REFINERY_ANNOTATOR_DIR)")
+        found = {name: _reason(name, self.folder / name) for name in MODEL_PREPROCESSORS}
+        return {name: f"{reason}; put transformers models there ({SUGGESTED[name]})" if reason else None
+                for name, reason in found.items()}  # fmt: skip

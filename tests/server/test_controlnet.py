@@ -137,12 +137,22 @@ def test_ip_adapter_units_as_the_extension_takes_them_become_image_prompts(
         assert refused.status_code == 422 and "alwayson_scripts.controlnet.ip-adapters.0.model" in refused.text
 
 
-def test_depth_preprocessing_and_control_modes_over_http(real: RunningServer, service: ImageService, tmp_path: Path,
+@pytest.fixture(scope="module")
+def annotators(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A tiny depth model and the photo's depth map by hand, both made before any server of the module starts
+    (a load of theirs in another thread would leave a model built meanwhile on the meta device)."""
+    root = tmp_path_factory.mktemp("annotators")
+    write_tiny_dpt(root / "depth_midas")
+    return root, by_hand(photo(), root / "depth_midas")
+
+
+def test_depth_preprocessing_and_control_modes_over_http(annotators: tuple[Path, np.ndarray], real: RunningServer,
+                                                         service: ImageService,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    write_tiny_dpt(tmp_path / "annotators" / "depth_midas")
-    monkeypatch.setattr(service, "annotator_folder", AnnotatorFolder(tmp_path / "annotators"))
+    monkeypatch.setattr(service, "annotator_folder", AnnotatorFolder(annotators[0]))
     listed = requests.get(real.url + "/v1/controlnets", timeout=60).json()
     assert listed["controlnets"] == ["tiny-canny"] and listed["preprocessors"] == [*IMAGE_MODULES, "depth_midas"]
+    assert listed["annotators"]["depth_midas"] is None and "openpose/detector" in listed["annotators"]["openpose"]
     modules = requests.get(real.url + "/controlnet/module_list", timeout=60).json()["module_list"]
     assert "depth_midas" in modules and "openpose" not in modules  # openpose's models are not in the folder
     buffer = io.BytesIO()
@@ -150,7 +160,7 @@ def test_depth_preprocessing_and_control_modes_over_http(real: RunningServer, se
     body = {"controlnet_module": "depth", "controlnet_input_images": [base64.b64encode(buffer.getvalue()).decode()]}
     detected = requests.post(real.url + "/controlnet/detect", json=body, timeout=60).json()
     depth = np.asarray(decoded(detected["images"][0]), dtype=np.float64)[..., 0]
-    assert np.abs(depth - by_hand(photo(), tmp_path / "annotators" / "depth_midas")).max() <= 1
+    assert np.abs(depth - annotators[1]).max() <= 1
     api = webuiapi.WebUIApi(baseurl=real.url + "/sdapi/v1")
     unit = webuiapi.ControlNetUnit(image=photo(), module="depth_midas", model="tiny-canny", control_mode=2)
     guided = api.txt2img(prompt="a tower", width=64, height=64, steps=4, seed=5, controlnet_units=[unit])

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from ..annotators import is_metric
+from ..errors import ModelLoadError
+from .meta_race import built_off_meta
 
 LOADED_ESTIMATORS = 2
 _loading = threading.Lock()
@@ -25,11 +27,19 @@ _loading = threading.Lock()
 
 @functools.lru_cache(maxsize=LOADED_ESTIMATORS)
 def _estimator(folder: Path, device: str) -> tuple[Any, Any]:
-    """The image processor and model of a depth-estimation folder, loaded once (fp32, eval)."""
+    """The image processor and model of a depth-estimation folder, loaded once (fp32, eval).
+
+    Raises:
+        ModelLoadError: the model kept meta tensors however often it was built (other threads' loads).
+    """
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForDepthEstimation.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    model = built_off_meta(
+        lambda: AutoModelForDepthEstimation.from_pretrained(folder, local_files_only=True, use_safetensors=True),
+        lambda built: [built],
+        lambda reason: ModelLoadError(f"depth model {folder} could not be built ({reason})"),
+    )
     return processor, model.to(device).eval()
 
 

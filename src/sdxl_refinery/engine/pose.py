@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ModelLoadError
+from .meta_race import built_off_meta
+
 PERSON_THRESHOLD = 0.3  # a detection's score to count as a person (transformers' VitPose example)
 KEYPOINT_THRESHOLD = 0.3  # a keypoint's score to be drawn (DWPose's visibility threshold)
 STICK_WIDTH = 4
@@ -65,16 +68,25 @@ def draw_openpose(people: list[list[Point | None]], width: int, height: int) -> 
 
 @functools.lru_cache(maxsize=2)  # the previews' CPU copy and the engine device's
 def _models(folder: Path, device: str) -> tuple[Any, Any, Any, Any]:
-    """The detector's and VitPose's processors and models of an openpose annotator folder, loaded once."""
+    """The detector's and VitPose's processors and models of an openpose annotator folder, loaded once.
+
+    Raises:
+        ModelLoadError: a model kept meta tensors however often it was built (other threads' loads).
+    """
     from transformers import AutoImageProcessor, AutoModelForObjectDetection, VitPoseForPoseEstimation
 
-    def loaded(model: Any) -> Any:
+    def loaded(kind: Any, part: str) -> Any:
+        model = built_off_meta(
+            lambda: kind.from_pretrained(folder / part, local_files_only=True),
+            lambda built: [built],
+            lambda reason: ModelLoadError(f"{folder / part} could not be built ({reason})"),
+        )
         return model.to(device).eval()
 
     return (AutoImageProcessor.from_pretrained(folder / "detector", local_files_only=True),
-            loaded(AutoModelForObjectDetection.from_pretrained(folder / "detector", local_files_only=True)),
+            loaded(AutoModelForObjectDetection, "detector"),
             AutoImageProcessor.from_pretrained(folder / "pose", local_files_only=True),
-            loaded(VitPoseForPoseEstimation.from_pretrained(folder / "pose", local_files_only=True)))  # fmt: skip
+            loaded(VitPoseForPoseEstimation, "pose"))  # fmt: skip
 
 
 def people_in(image: Image.Image, folder: Path, device: str = "cpu") -> list[list[Point | None]]:

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import importlib
 import sys
-import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from PIL import Image
 
 from ..errors import Cancelled
 from ..results import CancelToken
+from .meta_race import built_off_meta
 
 SUFFIXES = (".safetensors", ".pth", ".pt")
 TILE = 512  # input pixels per tile side, context margins included
 MARGIN = 32  # input pixels of context around each tile's core, run through the model and then discarded
-BUILD_ATTEMPTS = 5
 
 
 class UnusableUpscaler(Exception):
@@ -132,28 +131,26 @@ def load_upscaler(path: Path) -> Any:
 
 
 def _built(spandrel: Any, state_dict: dict[str, torch.Tensor]) -> Any:
-    """spandrel's model of `state_dict`, with real weights. accelerate's `init_empty_weights` (diffusers' loads,
-    model inventories) patches module construction for every thread while it runs: a model built meanwhile
-    holds meta tensors (or fails moving them), so it is built again, a few times, before giving up.
+    """spandrel's model of `state_dict`, with real weights (built again while other threads' loads leave it
+    meta tensors: `meta_race`).
 
     Raises:
         UnusableUpscaler: an architecture spandrel does not know, or weights that fit none.
     """
-    failure = "its weights stayed on the meta device while other models were loading; try again"
-    for attempt in range(BUILD_ATTEMPTS):
+
+    def build() -> Any:
         try:
-            model = spandrel.ModelLoader(device="cpu").load_from_state_dict(state_dict)
+            return spandrel.ModelLoader(device="cpu").load_from_state_dict(state_dict)
         except spandrel.UnsupportedModelError:
             raise UnusableUpscaler("not a model architecture spandrel knows") from None
-        except Exception as error:  # noqa: BLE001 - a known architecture whose weights do not fit it, or a meta race
-            if "meta" not in str(error):
-                raise UnusableUpscaler(f"weights that fit no architecture ({str(error)[:300]})") from None
-            failure = str(error)[:300]
-        else:
-            if not any(parameter.is_meta for parameter in model.model.parameters()):
-                return model
-        time.sleep(0.05 * (attempt + 1))
-    raise UnusableUpscaler(f"could not be built ({failure})")
+
+    try:
+        return built_off_meta(build, lambda model: [model.model], lambda reason: UnusableUpscaler(
+            f"could not be built ({reason})"))  # fmt: skip
+    except UnusableUpscaler:
+        raise
+    except Exception as error:  # noqa: BLE001 - a known architecture whose weights do not fit it
+        raise UnusableUpscaler(f"weights that fit no architecture ({str(error)[:300]})") from None
 
 
 def describe(path: Path) -> UpscalerInfo:

@@ -62,8 +62,10 @@ def ip_adapters(state: State, _: Authorized) -> dict[str, Any]:
 @router.get("/v1/controlnets")
 def controlnets(state: State, _: Authorized) -> dict[str, Any]:
     """ControlNets a unit may name (`controlnets: [{model, image, ...}]`), entries that cannot be used, with the
-    reason, and the preprocessors a unit may name now (model ones only when the annotator folder has them)."""
+    reason, the preprocessors a unit may name now (model ones only when the annotator folder has them), and for
+    each model preprocessor why it cannot run yet (null: it can)."""
     entries = state.service.controlnet_folder.entries(state.service.base_context_width())
     return {"controlnets": [entry.name for entry in entries if entry.reason is None],
             "unusable": {entry.name: entry.reason for entry in entries if entry.reason is not None},
-            "preprocessors": state.service.annotator_folder.runnable()}  # fmt: skip
+            "preprocessors": state.service.annotator_folder.runnable(),
+            "annotators": state.service.annotator_folder.reasons()}  # fmt: skip
