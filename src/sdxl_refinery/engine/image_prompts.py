@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelLoadError
+from .meta_race import built_off_meta, on_meta
+
 
 class ImageEncoders:
     """The image encoder of the last run with image prompts, by its folder and the pipeline's dtype and device
@@ -38,7 +41,12 @@ def ip_adapters_applied(pipe: Any, files: list[Path], weights: list[float],
     """The adapters in `pipe`'s UNet (scales `weights`) for the length of the block, which gets nothing to add
     to the pipeline's arguments but the images (`ip_adapter_image`); no adapters: nothing happens. The image
     encoder (one for all, in `image_encoder` beside the files: the folder's check) comes from `encoders` when
-    it holds it, and is kept there after."""
+    it holds it, and is kept there after.
+
+    Raises:
+        ModelLoadError: the adapters or their encoder kept meta tensors however often they were loaded (other
+            threads' loads meanwhile: `meta_race`).
+    """
     if not files:
         yield {}
         return
@@ -47,10 +55,19 @@ def ip_adapters_applied(pipe: Any, files: list[Path], weights: list[float],
     encoder_folder = files[0].parent / "image_encoder"
     if encoders is not None:
         encoders.lend(pipe, encoder_folder)
-    try:
+
+    def load() -> Any:
+        if getattr(pipe, "image_encoder", None) is not None and on_meta([pipe.image_encoder, unet]):
+            pipe.unload_ip_adapter()  # an attempt that another thread's load left on the meta device
+            unet.set_attn_processor(own_processors)
         pipe.load_ip_adapter([str(path.parent) for path in files], subfolder=[""] * len(files),
                              weight_name=[path.name for path in files], image_encoder_folder="image_encoder",
                              local_files_only=True)  # fmt: skip
+        return pipe
+
+    try:
+        built_off_meta(load, lambda loaded: [loaded.image_encoder, unet],
+                       lambda reason: ModelLoadError(f"IP-Adapters could not be loaded ({reason})"))  # fmt: skip
         if encoders is not None:
             encoders.keep(pipe, encoder_folder)
         pipe.set_ip_adapter_scale(weights)
