@@ -624,8 +624,19 @@ def test_a_controlnet_unit_from_the_page_shows_its_map_before_generating(
         p.set_input_files("#control-file", str(tmp_path / "photo.png"))
         p.wait_for_selector("#control-preview:not([hidden]) #control-map[src^='data:image/png']")
         first = p.get_attribute("#control-map", "src")
+        assert p.is_hidden("#control-slider-a")  # "none" has no sliders
         p.select_option("#control-preprocessor", "canny")
         p.wait_for_function(f"document.querySelector('#control-map').src !== {first!r}")  # the edges, shown
+        assert p.inner_text("label[for='control-threshold-a']") == "low threshold"
+        assert p.input_value("#control-threshold-a") == "100" and p.input_value("#control-threshold-b") == "200"
+        edges = p.get_attribute("#control-map", "src")
+        p.select_option("#control-preprocessor", "blur_gaussian")
+        p.wait_for_function(f"document.querySelector('#control-map').src !== {edges!r}")
+        assert p.is_hidden("#control-slider-b") and p.input_value("#control-threshold-a") == "9"
+        blurred = p.get_attribute("#control-map", "src")
+        p.fill("#control-threshold-a", "2")
+        p.dispatch_event("#control-threshold-a", "change")
+        p.wait_for_function(f"document.querySelector('#control-map').src !== {blurred!r}")  # redrawn with sigma 2
         p.locator("#control-picker").scroll_into_view_if_needed()
         shot(p, "30-controlnet")
         p.fill("#control-weight", "0.6")
@@ -633,8 +644,9 @@ def test_a_controlnet_unit_from_the_page_shows_its_map_before_generating(
         p.click("#submit")
         poll(lambda: web.client.get("/v1/jobs").json()["total"] == 1, "the job")
         unit = web.client.get("/v1/jobs").json()["items"][0]["request"]["controlnets"][0]
-        assert (unit["model"], unit["preprocessor"], unit["weight"]) == ("canny-sdxl", "canny", 0.6)
+        assert (unit["model"], unit["preprocessor"], unit["weight"]) == ("canny-sdxl", "blur_gaussian", 0.6)
         assert unit["control_mode"] == "ControlNet is more important"
+        assert (unit["threshold_a"], unit["threshold_b"]) == (2, None)
         assert (unit["image"]["width"], unit["image"]["height"]) == (128, 96)
 
 

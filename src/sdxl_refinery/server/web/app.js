@@ -16,6 +16,7 @@ const state = {
   schema: null, // GET /v1/schema: every request field with its default, bounds and face names
   loras: [], // the LoRAs chosen for the next job: [{name, weight}]
   control: null, // the control image for the next job's ControlNet unit: {dataUrl}
+  controlSliders: {}, // each preprocessor's sliders, from GET /controlnet/module_list's module_detail
   reference: null, // the reference image for the next job's image prompt: {dataUrl}
   init: null, // the image to start from: {dataUrl, image, width, height}
   mask: null, // an offscreen canvas the size of the image: white where the image is repainted
@@ -275,7 +276,7 @@ function formRequest() {
     request.controlnets = [{
       model: $("#control-model").value, image: state.control.dataUrl,
       weight: Number($("#control-weight").value), preprocessor: $("#control-preprocessor").value,
-      control_mode: $("#control-mode").value,
+      control_mode: $("#control-mode").value, ...controlSliders(),
     }];
   }
   if (state.reference && $("#image-prompt-model").value) {
@@ -588,11 +589,37 @@ async function loadControlNets() {
   const [models, modules] = await Promise.all([api("/controlnet/model_list"), api("/controlnet/module_list")]);
   if (!models.ok || !modules.ok) return;
   const { model_list: names } = await models.json();
-  const { module_list: preprocessors } = await modules.json();
+  const { module_list: preprocessors, module_detail: detail } = await modules.json();
+  state.controlSliders = detail || {};
   $("#control-model").replaceChildren(...names.map((name) => new Option(name, name)));
   $("#control-preprocessor").replaceChildren(...preprocessors.map((name) => new Option(name, name)));
   $("#control-empty").hidden = names.length > 0;
   $("#control-form").hidden = names.length === 0;
+  showControlSliders();
+}
+
+// The preprocessor's own sliders (canny's thresholds, a blur's sigma...), named and bounded as the server's
+// module list says, at their defaults whenever the preprocessor changes.
+function showControlSliders() {
+  const sliders = (state.controlSliders[$("#control-preprocessor").value] || {}).sliders || [];
+  ["a", "b"].forEach((letter, index) => {
+    const slider = sliders[index];
+    $(`#control-slider-${letter}`).hidden = !slider;
+    if (!slider) return;
+    const input = $(`#control-threshold-${letter}`);
+    $(`label[for="control-threshold-${letter}"]`).textContent = slider.name;
+    Object.assign(input, { min: slider.min, max: slider.max, step: "any",
+      value: slider.value });
+  });
+}
+
+function controlSliders() {
+  const values = {};
+  ["a", "b"].forEach((letter) => {
+    const input = $(`#control-threshold-${letter}`);
+    if (!$(`#control-slider-${letter}`).hidden) values[`threshold_${letter}`] = Number(input.value);
+  });
+  return values;
 }
 
 async function showControlMap() {
@@ -602,8 +629,10 @@ async function showControlMap() {
     $("#control-preview").hidden = true;
     return;
   }
+  const sliders = controlSliders();
   const body = { controlnet_module: $("#control-preprocessor").value,
-    controlnet_input_images: [state.control.dataUrl] };
+    controlnet_input_images: [state.control.dataUrl], controlnet_threshold_a: sliders.threshold_a,
+    controlnet_threshold_b: sliders.threshold_b };
   const response = await api("/controlnet/detect", { method: "POST", body: JSON.stringify(body),
     headers: { "Content-Type": "application/json" } });
   if (!response.ok) {
@@ -980,7 +1009,11 @@ function wire() {
   });
   $("#lora-add").addEventListener("click", addLora);
   $("#control-file").addEventListener("change", (event) => useControlFile(event.target.files[0]));
-  $("#control-preprocessor").addEventListener("change", showControlMap);
+  $("#control-preprocessor").addEventListener("change", () => {
+    showControlSliders();
+    showControlMap();
+  });
+  ["#control-threshold-a", "#control-threshold-b"].forEach((id) => $(id).addEventListener("change", showControlMap));
   $("#control-clear").addEventListener("click", clearControl);
   $("#image-prompt-file").addEventListener("change", (event) => useReferenceFile(event.target.files[0]));
   $("#image-prompt-clear").addEventListener("click", clearReference);
