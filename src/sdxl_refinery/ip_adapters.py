@@ -37,6 +37,9 @@ def _entry(name: str, path: Path, context_width: int) -> IpAdapterEntry:
     keys = [key for key in header if key != "__metadata__"]
     if not any(key.startswith("image_proj.") for key in keys) or not any(key.startswith("ip_adapter.") for key in keys):
         return IpAdapterEntry(name, path, "no image_proj and ip_adapter tensors: not an IP-Adapter")
+    if any(key.startswith("ip_adapter.") and "_lora." in key for key in keys):
+        return IpAdapterEntry(name, path, "an IP-Adapter FaceID: it takes face embeddings (insightface's), which "
+                                          "Refinery does not make")  # fmt: skip
     width = next((int(header[key]["shape"][1]) for key in keys if key.endswith(".to_k_ip.weight")), None)
     if width != context_width:
         return IpAdapterEntry(name, path, f"made for {made_for(width or 0)}, not for this SDXL base model")

@@ -59,6 +59,12 @@ def folder(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
     (root / "sd15").mkdir()
     sd15 = {"image_proj.proj.weight": torch.zeros(3072, 1024), "ip_adapter.1.to_k_ip.weight": torch.zeros(320, 768)}
     save_file(sd15, str(root / "sd15" / "ip-adapter_sd15.safetensors"))
+    faceid = {
+        "image_proj.proj.0.weight": torch.zeros(4, 4),
+        "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 80),
+        "ip_adapter.1.to_k_lora.down.weight": torch.zeros(4, 8),
+    }  # h94's FaceID keys (LoRA in the adapter)
+    save_file(faceid, str(root / "ip-adapter-faceid_sdxl.safetensors"))
     return root
 
 
@@ -91,6 +97,7 @@ def test_the_folder_lists_ip_adapters_and_says_why_others_are_not(folder: Path) 
     entries = {entry.name: entry for entry in IpAdapterFolder(folder).entries(context_width=80)}
     assert entries["tiny-ip"].reason is None and entries["tiny-ip-b"].reason is None
     assert "made for SD 1.x" in str(entries["sd15/ip-adapter_sd15"].reason)
+    assert "FaceID" in str(entries["ip-adapter-faceid_sdxl"].reason)
     assert not any("image_encoder" in name for name in entries)
 
 
