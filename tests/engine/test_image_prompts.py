@@ -51,11 +51,47 @@ def write_tiny_ip_adapter(base: Path, folder: Path, name: str, seed: int) -> Pat
     return folder / f"{name}.safetensors"
 
 
+def plus_projection(width: int, seed: int) -> dict[str, torch.Tensor]:
+    """An IP-Adapter Plus image projection (a 4-layer resampler to 4 tokens, from the encoder's penultimate
+    hidden states) with random weights, under the names h94's Plus files use (`layers.N.0.to_kv`...),
+    renamed here from diffusers' module independently of diffusers' loader."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    torch.manual_seed(seed)
+    module = IPAdapterPlusImageProjection(embed_dims=32, output_dims=width, hidden_dims=32, heads=1, num_queries=4)
+    original: dict[str, torch.Tensor] = {}
+    for key, tensor in module.state_dict().items():
+        for new, old in ((".ln0.", ".0.norm1."), (".ln1.", ".0.norm2."), (".attn.to_q.", ".0.to_q."),
+                         (".attn.to_out.0.", ".0.to_out."), (".ff.0.", ".1.0."), (".ff.1.net.0.proj.", ".1.1."),
+                         (".ff.1.net.2.", ".1.3.")):  # fmt: skip
+            key = key.replace(new, old)
+        if ".attn.to_v." in key:
+            continue  # joined with to_k below
+        if ".attn.to_k." in key:
+            value = module.state_dict()[key.replace(".attn.to_k.", ".attn.to_v.")]
+            key, tensor = key.replace(".attn.to_k.", ".0.to_kv."), torch.cat([tensor, value])
+        original[f"image_proj.{key}"] = tensor.contiguous()
+    return original
+
+
+def write_tiny_ip_adapter_plus(base: Path, folder: Path, name: str, seed: int) -> Path:
+    """`folder/name.safetensors`: a Plus image projection and the same per-layer weights as the plain adapter's
+    (beside the plain adapter's tiny image encoder)."""
+    plain = write_tiny_ip_adapter(base, folder, name, seed)
+    from safetensors.torch import load_file
+
+    tensors = {key: value for key, value in load_file(plain).items() if not key.startswith("image_proj.")}
+    width = int(tensors["ip_adapter.1.to_k_ip.weight"].shape[1])
+    save_file({**tensors, **plus_projection(width, seed)}, str(plain))
+    return plain
+
+
 @pytest.fixture(scope="module")
 def folder(tiny_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ip-adapter")
     write_tiny_ip_adapter(tiny_pair[0], root, "tiny-ip", 1)
     write_tiny_ip_adapter(tiny_pair[0], root, "tiny-ip-b", 2)
+    write_tiny_ip_adapter_plus(tiny_pair[0], root, "tiny-ip-plus", 3)
     (root / "sd15").mkdir()
     sd15 = {"image_proj.proj.weight": torch.zeros(3072, 1024), "ip_adapter.1.to_k_ip.weight": torch.zeros(320, 768)}
     save_file(sd15, str(root / "sd15" / "ip-adapter_sd15.safetensors"))
@@ -114,6 +150,18 @@ async def test_an_image_prompt_equals_diffusers_ip_adapter_and_leaves_nothing(
     assert np.abs(pixels(result.images) - pixels(plain_before.images)).max() > 10  # the reference changed it
     plain_after = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS))
     assert np.array_equal(pixels(plain_after.images), pixels(plain_before.images))  # the UNet as it was
+
+
+async def test_an_ip_adapter_plus_equals_diffusers(with_folder: ImageService, tiny_pair: tuple[Path, Path],
+                                                   folder: Path) -> None:  # fmt: skip
+    reference = picture()
+    prompts = [{"model": "tiny-ip-plus", "image": reference, "weight": 0.7}]
+    request = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, image_prompts=prompts)
+    result = await with_folder.generate(request)
+    expected = _hand(tiny_pair, folder, ["tiny-ip-plus"], [0.7], request, reference)
+    assert np.abs(pixels(result.images) - expected).max() <= 2.0
+    plain = await with_folder.generate(GenerationRequest(prompt=PROMPT, **SIZE, **STEPS))
+    assert np.abs(pixels(result.images) - pixels(plain.images)).max() > 10  # the reference changed it
 
 
 async def test_the_image_encoder_is_kept_between_runs(with_folder: ImageService,
