@@ -161,9 +161,7 @@ class RequestChecks:
 def check_images(request: GenerationRequest | UpscaleRequest) -> None:
     """Raises: InvalidRequest: an image field holds only a recorded hash; the image itself must be given."""
     for name in request.missing_images:
-        image = (
-            request.images[int(name.split(".")[1])] if isinstance(request, UpscaleRequest) else getattr(request, name)
-        )
+        image = request.image_at(name)
         assert image is not None
         raise InvalidRequest(name, f"only its hash ({image.short_hash}, {image.width}x{image.height}) was recorded; "
                                    f"give the image itself")  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .editing import HiresUpscaler
-from .input_images import ImageField
+from .input_images import ImageField, InputImage
 from .request import MAX_IMAGES, invalid_request_from
 
 MAX_UPSCALE_FACTOR = 8.0
@@ -86,6 +86,10 @@ class UpscaleRequest(BaseModel):
     def missing_images(self) -> list[str]:
         """Images held only as a recorded hash."""
         return [f"images.{index}" for index, image in enumerate(self.images) if image and image.is_reference]
+
+    def image_at(self, name: str) -> InputImage | None:
+        """The image a `missing_images` name (`images.N`) points at."""
+        return self.images[int(name.split(".")[1])]
 
     def recorded(self) -> dict[str, Any]:
         """The request as results and PNGs record it: images by hash and size."""

@@ -281,3 +281,12 @@ async def test_only_masked_inpainting_cuts_the_map_where_it_cuts_the_picture(wit
     plain = await with_folder.generate(GenerationRequest(**common))
     assert np.abs(pixels(guided.images) - pixels(plain.images)).max() > 2.0  # the map guided the box
     assert np.array_equal(pixels(guided.images)[0][60:, :40], np.asarray(init, dtype=np.float64)[60:, :40])
+
+
+async def test_a_control_image_given_only_by_its_recorded_hash_is_refused_naming_it(
+    with_folder: ImageService,
+) -> None:
+    recorded = GenerationRequest(prompt=PROMPT, **SIZE, **STEPS, controlnets=[_unit()]).recorded()
+    with pytest.raises(InvalidRequest, match="only its hash") as caught:
+        await with_folder.generate(GenerationRequest(**recorded))
+    assert caught.value.field == "controlnets.0.image"
